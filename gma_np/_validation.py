@@ -1,0 +1,185 @@
+"""Input validation for the public API.
+
+Every public function checks its arguments here before any kernel sees them,
+so that bad input gets an error naming the argument, what was expected and
+what came, never a Numba typing traceback and never a silent wrong answer.
+"""
+
+import numbers
+
+import numpy as np
+
+from gma_np._numerics import SUPPORTED_DTYPES
+
+NORMS = ("row", "slot")
+
+
+def _describe(x):
+    """Short description of what came: type, and dtype/shape for arrays."""
+    if isinstance(x, np.ndarray):
+        return f"array of dtype {x.dtype} and shape {x.shape}"
+    return f"{type(x).__name__} {x!r}"[:120]
+
+
+def float_array(name, x, ndim=None, min_ndim=None):
+    """Return x as a C-contiguous float32/float64 ndarray, or raise.
+
+    Rejects integer, boolean, complex and object dtypes (TypeError), the wrong
+    number of dimensions (ValueError) and NaN or inf entries (ValueError).
+    """
+    if not isinstance(x, np.ndarray):
+        if isinstance(x, (list, tuple)) or np.isscalar(x):
+            x = np.asarray(x)
+        else:
+            raise TypeError(f"{name}: expected a NumPy array, got {_describe(x)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name}: expected dtype float32 or float64, got {x.dtype} "
+            f"(cast explicitly with .astype(np.float64) if that is what you mean)")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {x.shape}")
+    if min_ndim is not None and x.ndim < min_ndim:
+        raise ValueError(
+            f"{name}: expected at least {min_ndim} dimensions, got shape {x.shape}")
+    check_finite(name, x)
+    return np.ascontiguousarray(x)
+
+
+def check_finite(name, x):
+    """Raise ValueError naming the first NaN or inf entry of x."""
+    if not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        where = tuple(int(i) for i in bad)
+        raise ValueError(
+            f"{name}: expected finite values, got {x[where] if where else x} "
+            f"at index {where} ({int((~np.isfinite(x)).sum())} non-finite entries)")
+
+
+def check_shape(name, x, expected, what):
+    """Raise ValueError if x.shape != expected; `what` explains the expectation."""
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)} ({what}), got {x.shape}")
+
+
+def mixture(means, log_var, logits, dtype=None):
+    """Validate the mixture parameters of H heads and K components in R^d.
+
+    Returns (means, log_var, logits, covariance) with covariance "diag" when
+    log_var is (H, K, d) and "spherical" when it is (H, K). With dtype given,
+    the arrays are cast to it (the computation dtype of the caller's q, k, v).
+    """
+    means = float_array("means", means, ndim=3)
+    H, K, d = means.shape
+    if K < 1 or d < 1 or H < 1:
+        raise ValueError(f"means: expected shape (H, K, d) with H, K, d >= 1, got {means.shape}")
+    log_var = float_array("log_var", log_var)
+    if log_var.shape == (H, K, d):
+        covariance = "diag"
+    elif log_var.shape == (H, K):
+        covariance = "spherical"
+    else:
+        raise ValueError(
+            f"log_var: expected shape (H, K, d) = {(H, K, d)} for diagonal or (H, K) = "
+            f"{(H, K)} for spherical covariance (from means {means.shape}), got {log_var.shape}")
+    logits = float_array("logits", logits)
+    check_shape("logits", logits, (H, K), f"(H, K) from means {means.shape}")
+    if dtype is not None:
+        means, log_var, logits = (a.astype(dtype, copy=False) for a in (means, log_var, logits))
+    return means, log_var, logits, covariance
+
+
+def temperature(tau, H):
+    """Validate a temperature: a positive scalar or one positive value per head.
+
+    Returns (tau_per_head, per_head): tau_per_head is a float64 array (H,), and
+    per_head says whether the caller passed an (H,) array (so that the gradient
+    comes back in the shape that was passed in).
+    """
+    if isinstance(tau, bool) or isinstance(tau, np.bool_):
+        raise TypeError(f"temperature: expected a positive float or an array of shape ({H},), got {_describe(tau)}")
+    if isinstance(tau, numbers.Real):
+        arr, per_head = np.full(H, float(tau)), False
+    elif isinstance(tau, np.ndarray):
+        if tau.dtype.kind not in "fiu":
+            raise TypeError(
+                f"temperature: expected a real float dtype, got {tau.dtype}")
+        if tau.ndim == 0:
+            arr, per_head = np.full(H, float(tau)), False
+        elif tau.shape == (H,):
+            arr, per_head = tau.astype(np.float64), True
+        else:
+            raise ValueError(
+                f"temperature: expected a scalar or shape ({H},) (one per head), got shape {tau.shape}")
+    else:
+        raise TypeError(
+            f"temperature: expected a positive float or an array of shape ({H},), got {_describe(tau)}")
+    if not np.isfinite(arr).all() or (arr <= 0).any():
+        raise ValueError(f"temperature: expected finite values > 0, got {tau!r}")
+    return arr, per_head
+
+
+def eps_value(eps):
+    """Validate the read-out eps: a finite float >= 0."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a float >= 0, got {_describe(eps)}")
+    eps = float(eps)
+    if not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    return eps
+
+
+def norm_value(norm):
+    """Validate the read-out normalisation name."""
+    if norm not in NORMS:
+        raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
+    return norm
+
+
+def key_mask(mask, B, N):
+    """Validate a key mask (B, N) of booleans (or 0/1 numbers); None means all ones.
+
+    Returns a float64 array (B, N) of zeros and ones.
+    """
+    if mask is None:
+        return np.ones((B, N))
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"key_mask: expected a boolean array of shape ({B}, {N}) or None, got {_describe(mask)}")
+    if mask.shape != (B, N):
+        raise ValueError(f"key_mask: expected shape (B, N) = ({B}, {N}), got {mask.shape}")
+    if mask.dtype == np.bool_:
+        return mask.astype(np.float64)
+    if mask.dtype.kind in "iuf":
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("key_mask: expected only 0/1 (or True/False) values, got others")
+        return mask.astype(np.float64)
+    raise TypeError(f"key_mask: expected a boolean array, got dtype {mask.dtype}")
+
+
+def qkv(q, k, v):
+    """Validate q, k (B, H, N, d) and v (B, H, N, e): same dtype, matching dims."""
+    q = float_array("q", q, ndim=4)
+    k = float_array("k", k, ndim=4)
+    v = float_array("v", v, ndim=4)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"q, k, v: expected one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    check_shape("k", k, q.shape, f"the shape of q (B, H, N, d)")
+    B, H, N, d = q.shape
+    if v.shape[:3] != (B, H, N):
+        raise ValueError(
+            f"v: expected shape (B, H, N, e) with (B, H, N) = {(B, H, N)} from q, got {v.shape}")
+    if N < 1 or v.shape[3] < 1:
+        raise ValueError(f"q, v: expected N >= 1 and e >= 1, got q {q.shape}, v {v.shape}")
+    return q, k, v
+
+
+def mixture_matches(x_name, x_heads, x_dim, means):
+    """Check that x (..., H, N, d) and the mixture agree on H and d."""
+    H, K, d = means.shape
+    if x_heads != H:
+        raise ValueError(
+            f"{x_name}: has {x_heads} heads but means has {H} (means is (H, K, d) = {means.shape})")
+    if x_dim != d:
+        raise ValueError(
+            f"{x_name}: has feature size d = {x_dim} but means has d = {d} "
+            f"(means is (H, K, d) = {means.shape})")

@@ -1,0 +1,215 @@
+"""Finite-difference gradient checking, as a tool (docs/gradcheck.md).
+
+    report = gma_np.gradcheck(fun, grad, inputs)
+    assert report.ok, report
+
+`fun(**inputs)` returns an array `out`; `grad(dout, **inputs)` returns a dict of
+the gradients of the scalar f = sum(out * dout) keyed like `inputs`. Every
+input that `grad` returns a gradient for (or that `wrt` names) is checked.
+
+The numeric derivative is the 5-point central difference in float64,
+
+    f'(x) ~ [f(x - 2h) - 8 f(x - h) + 8 f(x + h) - f(x + 2h)] / (12 h),
+
+whose truncation error is O(h^4) and rounding error about eps_64 |f| / h: with
+h = 1e-3 * max(1, |x|) both are near 1e-12 relative, far below the 1e-6 the
+gradients are held to, so a wrong element stands out. An element passes when
+
+    |analytic - numeric| <= atol + rtol * max(|analytic|, |numeric|)
+
+with atol = GRADCHECK_NOISE_FACTOR * eps_64 * sum|out * dout| / h: the
+rounding noise of the stencil, below which no difference means anything.
+
+Modes: "full" perturbs every element (cost 4 evaluations per element);
+"random" compares <grad, t> with the derivative along random unit directions t,
+one input at a time (cost 4 per direction); "auto" picks "full" up to
+GRADCHECK_MAX_FULL_ELEMENTS elements in all. The random mode sees a wrong
+element only in proportion to its share of the dot product: use "full" to
+hunt a single bad element.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gma_np._numerics import (
+    FD_STEP,
+    GRADCHECK_MAX_FULL_ELEMENTS,
+    GRADCHECK_NOISE_FACTOR,
+    GRADCHECK_RTOL,
+)
+
+_EPS64 = np.finfo(np.float64).eps
+# 5-point central stencil: offsets (in units of h) and weights (times 1 / (12 h))
+_STENCIL = ((-2.0, 1.0), (-1.0, -8.0), (1.0, 8.0), (2.0, -1.0))
+
+
+@dataclass
+class InputCheck:
+    """The verdict on one input: its worst element (or direction)."""
+    name: str
+    checked: int          # elements (full) or directions (random) checked
+    worst_index: tuple    # index of the worst element; (direction number,) in random mode
+    analytic: float
+    numeric: float
+    rel_error: float      # |analytic - numeric| / max(|analytic|, |numeric|)
+    ratio: float          # |analytic - numeric| / (atol + rtol * max(...)): <= 1 passes
+    ok: bool
+
+
+@dataclass
+class GradcheckReport:
+    """What gradcheck found: `.ok` is True when every checked input passed."""
+    mode: str
+    rtol: float
+    evaluations: int
+    inputs: list = field(default_factory=list)   # InputCheck per input
+
+    @property
+    def ok(self):
+        return all(c.ok for c in self.inputs)
+
+    def __getitem__(self, name):
+        for c in self.inputs:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def __str__(self):
+        head = f"gradcheck ({self.mode}, rtol {self.rtol:g}, {self.evaluations} evaluations): " \
+               f"{'ok' if self.ok else 'FAILED'}"
+        rows = [f"  {'input':<12} {'checked':>7}  {'worst at':<16} {'analytic':>14} "
+                f"{'numeric':>14} {'rel err':>9}  verdict"]
+        for c in self.inputs:
+            rows.append(f"  {c.name:<12} {c.checked:>7}  {str(c.worst_index):<16} "
+                        f"{c.analytic:>14.6e} {c.numeric:>14.6e} {c.rel_error:>9.2e}  "
+                        f"{'ok' if c.ok else 'FAIL'}")
+        return "\n".join([head] + rows)
+
+
+def _as_float64(value):
+    """A float64 copy of a differentiable input (python floats stay python floats)."""
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float64)
+    return float(value)
+
+
+def _is_differentiable(value):
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind == "f"
+    return isinstance(value, (float, np.floating))
+
+
+def _verdict(name, checked, index, analytic, numeric, atol, rtol):
+    diff = np.abs(analytic - numeric)
+    scale = np.maximum(np.abs(analytic), np.abs(numeric))
+    ratio = diff / (atol + rtol * scale)
+    worst = int(np.argmax(ratio))
+    rel = diff[worst] / scale[worst] if scale[worst] > 0 else 0.0
+    return InputCheck(name=name, checked=checked, worst_index=index(worst),
+                      analytic=float(analytic[worst]), numeric=float(numeric[worst]),
+                      rel_error=float(rel), ratio=float(ratio[worst]),
+                      ok=bool(ratio[worst] <= 1.0))
+
+
+def gradcheck(fun, grad, inputs, *, dout=None, wrt=None, mode="auto", step=FD_STEP,
+              rtol=GRADCHECK_RTOL, n_directions=3, seed=0):
+    """Check `grad` against central finite differences of `fun`, in float64.
+
+    Parameters
+    ----------
+    fun : callable, fun(**inputs) -> array `out`
+    grad : callable, grad(dout, **inputs) -> dict of gradients of sum(out * dout)
+    inputs : dict of name -> array or float; floating inputs are cast to float64,
+        others (masks, flags) are passed through untouched
+    dout : cotangent of `out`; default a seeded standard normal array
+    wrt : names to check; default every floating input that `grad` returns
+    mode : "full", "random" or "auto"
+    step : relative finite-difference step h (h = step * max(1, |x|))
+    rtol : relative tolerance
+    n_directions : directions per input in random mode
+    seed : seeds dout and the random directions
+
+    Returns
+    -------
+    GradcheckReport, with .ok and a printable table naming, per input, the worst
+    element with its analytic value, numeric value and relative error.
+    """
+    if mode not in ("full", "random", "auto"):
+        raise ValueError(f"mode: expected 'full', 'random' or 'auto', got {mode!r}")
+    if not isinstance(inputs, dict):
+        raise TypeError(f"inputs: expected a dict of name -> array, got {type(inputs).__name__}")
+    rng = np.random.default_rng(seed)
+    base = {n: _as_float64(v) if _is_differentiable(v) else v for n, v in inputs.items()}
+    out = np.asarray(fun(**base), dtype=np.float64)
+    if dout is None:
+        dout = rng.standard_normal(out.shape)
+    dout = np.asarray(dout, dtype=np.float64)
+    if dout.shape != out.shape:
+        raise ValueError(f"dout: expected the shape of fun's output {out.shape}, got {dout.shape}")
+    analytic = grad(dout, **base)
+    if wrt is None:
+        wrt = [n for n in base if _is_differentiable(base[n]) and n in analytic]
+    for n in wrt:
+        if n not in base or not _is_differentiable(base[n]):
+            raise ValueError(f"wrt: {n!r} is not a floating input of `inputs`")
+        if n not in analytic:
+            raise ValueError(f"grad: returned no gradient for {n!r} (it returned {sorted(analytic)})")
+        if np.shape(analytic[n]) != np.shape(base[n]):
+            raise ValueError(f"grad: gradient of {n!r} has shape {np.shape(analytic[n])}, "
+                             f"expected the input's shape {np.shape(base[n])}")
+    if mode == "auto":
+        total = sum(np.size(base[n]) for n in wrt)
+        mode = "full" if total <= GRADCHECK_MAX_FULL_ELEMENTS else "random"
+
+    evaluations = [1]
+    # rounding error of one evaluation of f = sum(out * dout), times the safety factor
+    f_noise = GRADCHECK_NOISE_FACTOR * _EPS64 * float(np.abs(out * dout).sum())
+
+    def f_at(name, value):
+        evaluations[0] += 1
+        args = dict(base)
+        args[name] = value
+        return float((np.asarray(fun(**args), dtype=np.float64) * dout).sum())
+
+    def derivative(name, x, direction, h):
+        """5-point central difference of f along `direction` (same shape as x)."""
+        total = 0.0
+        for offset, weight in _STENCIL:
+            moved = x + offset * h * direction
+            total += weight * f_at(name, moved if isinstance(x, np.ndarray) else float(moved))
+        return total / (12.0 * h)
+
+    report = GradcheckReport(mode=mode, rtol=rtol, evaluations=0)
+    for name in wrt:
+        x = base[name]
+        g = np.asarray(analytic[name], dtype=np.float64)
+        if mode == "full":
+            flat = np.ravel(x)
+            numeric = np.empty(flat.size)
+            hs = step * np.maximum(1.0, np.abs(flat))
+            for i in range(flat.size):
+                e_i = np.zeros(flat.size)
+                e_i[i] = 1.0
+                direction = e_i.reshape(np.shape(x)) if isinstance(x, np.ndarray) else 1.0
+                numeric[i] = derivative(name, x, direction, hs[i])
+            shape = np.shape(x)
+            check = _verdict(name, flat.size, lambda i: tuple(int(j) for j in np.unravel_index(i, shape)),
+                             g.ravel(), numeric, f_noise / hs, rtol)
+        else:
+            an, nu, atol = [], [], []
+            h = step * max(1.0, float(np.sqrt(np.mean(np.square(x)))))
+            for _ in range(n_directions):
+                t = rng.standard_normal(np.shape(x))
+                t /= np.linalg.norm(t)
+                nu.append(derivative(name, x, t if isinstance(x, np.ndarray) else float(t), h))
+                an.append(float((g * t).sum()))
+                # the dot product is judged against the size of its terms, not of its sum
+                atol.append(f_noise / h + rtol * float(np.abs(g * t).sum()))
+            check = _verdict(name, n_directions, lambda i: (i,), np.array(an), np.array(nu),
+                             np.array(atol), rtol)
+        report.inputs.append(check)
+    report.evaluations = evaluations[0]
+    return report

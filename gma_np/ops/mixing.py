@@ -1,0 +1,225 @@
+"""GMA mixing through a K-slot memory: gma, gma_forward, gma_backward (definition, sections 2 and 5).
+
+Dimension legend: B batch, H heads, N tokens, d query/key size, e value size,
+K components; P = B*H sequences.
+
+Forward, per sequence (R_Q = r(q), R~_K = key_mask * r(k)):
+
+    write   S = R~_K^T V (K, e),  z = R~_K^T 1 (K,)      (prefix sums S_t, z_t if causal)
+    read    row:  O_i = (R_Q[i] S) / (R_Q[i] . z + eps)
+            slot: O_i = sum_k R_Q[i,k] S[k] / (z[k] + eps)
+
+Backward (docs/derivations.md, section 2), the same for both norms once the read
+is summarised by, per query i, the gradient of its routing dR_Q[i] and the two
+pieces of the gradient of the memory it read, dS_i = outer(c_i, dO_i), dz_i:
+
+    row:  c_i = R_Q[i] / den_i,  dz_i = -R_Q[i] (dO_i . O_i) / den_i
+          dR_Q[i] = S dO_i / den_i - z (dO_i . O_i) / den_i
+    slot: c_i = R_Q[i] / (z + eps),  dz_i = -R_Q[i] (S dO_i) / (z + eps)^2
+          dR_Q[i] = S dO_i / (z + eps)
+
+and every key j receives the sum of the dS_i, dz_i of the queries that read it
+(all i bidirectionally, i >= j causally): G_j, g_j, then
+
+    dV[j] = R~_K[j] G_j,   dR~_K[j,k] = G_j[k] . V[j] + g_j[k],   dR_K = key_mask * dR~_K.
+
+Three forms of the same math live in the package; this module is the fast one:
+bidirectional through BLAS matmuls (never an N x N matrix), causal through the
+Numba prefix scan of gma_np.kernels.scan (never an N x N nor an N x K x e
+array). gma_np.reference holds the dense N x N form and the loop over t.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gma_np import _validation as check
+from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
+from gma_np.kernels.scan import _causal_scan_backward, _causal_scan_forward
+from gma_np.ops.routing import prepare_mixture, route_backward, route_forward
+
+
+@dataclass
+class GMACache:
+    """Everything gma_backward needs. Stored: the routed queries and keys and V.
+    Recomputed in the backward: the memory S, z (bidirectional: two matmuls;
+    causal: the scan runs again, O(K e) memory instead of O(N K e))."""
+    shape: tuple            # (B, H, N, d, e, K)
+    dtype: np.dtype         # dtype of q, k, v and of the output
+    causal: bool
+    slot: bool              # norm == "slot"
+    eps: float
+    mask: np.ndarray        # (B, N) float64 of 0/1
+    rq: np.ndarray          # (P, N, K) routed queries, float64
+    rk: np.ndarray          # (P, N, K) routed keys, masked (R~_K), float64
+    v: np.ndarray           # (P, N, e) in dtype
+    routing: object         # RoutingCache of the stacked (q, k) points, (2B, H, N, d)
+
+
+def _validate(q, k, v, means, log_var, logits, causal, norm, temperature, eps, key_mask):
+    q, k, v = check.qkv(q, k, v)
+    mix = prepare_mixture(means, log_var, logits)
+    B, H, N, d = q.shape
+    check.mixture_matches("q", H, d, mix.means)
+    tau, per_head = check.temperature(temperature, H)
+    tau_dtype = temperature.dtype if isinstance(temperature, np.ndarray) else np.dtype(np.float64)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__} {causal!r}")
+    norm = check.norm_value(norm)
+    eps = check.eps_value(eps)
+    mask = check.key_mask(key_mask, B, N)
+    return q, k, v, mix, tau, per_head, tau_dtype, bool(causal), norm == "slot", eps, mask
+
+
+def _bidirectional_forward(rq, rk, v, slot, eps):
+    """O (P, N, e) float64 from routed rq, rk (P, N, K) and v (P, N, e), through BLAS."""
+    S = np.matmul(rk.transpose(0, 2, 1), v.astype(ACCUM_DTYPE))    # (P, K, e)  'pnk,pne->pke'
+    z = rk.sum(axis=1)                                             # (P, K)
+    if slot:
+        return np.matmul(rq, S / (z[:, :, None] + eps))            # (P, N, e)
+    den = np.matmul(rq, z[:, :, None]) + eps                       # (P, N, 1)
+    return np.matmul(rq, S) / den                                  # (P, N, e)
+
+
+def _bidirectional_backward(rq, rk, v, do, slot, eps):
+    """(drq, drk, dv) of sum(O * do) for O = _bidirectional_forward(...), through BLAS."""
+    v64 = v.astype(ACCUM_DTYPE)
+    do = do.astype(ACCUM_DTYPE)
+    S = np.matmul(rk.transpose(0, 2, 1), v64)                      # (P, K, e)
+    z = rk.sum(axis=1)                                             # (P, K)
+    if slot:
+        inv = 1.0 / (z + eps)                                      # (P, K)
+        M = S * inv[:, :, None]                                    # (P, K, e) slot averages
+        # in the forward pass this was: O = rq @ M
+        drq = np.matmul(do, M.transpose(0, 2, 1))                  # (P, N, K)
+        dM = np.matmul(rq.transpose(0, 2, 1), do)                  # (P, K, e)
+        # in the forward pass this was: M = S / (z + eps)
+        G = dM * inv[:, :, None]                                   # dS (P, K, e)
+        g = -(dM * S).sum(axis=-1) * inv * inv                     # dz (P, K)
+    else:
+        den = np.matmul(rq, z[:, :, None]) + eps                   # (P, N, 1)
+        O = np.matmul(rq, S) / den                                 # (P, N, e)
+        # in the forward pass this was: O = num / den, num = rq @ S, den = rq @ z + eps
+        dnum = do / den                                            # (P, N, e)
+        dden = -(do * O).sum(axis=-1, keepdims=True) / den         # (P, N, 1)
+        drq = np.matmul(dnum, S.transpose(0, 2, 1)) + dden * z[:, None, :]
+        G = np.matmul(rq.transpose(0, 2, 1), dnum)                 # dS (P, K, e)
+        g = np.matmul(rq.transpose(0, 2, 1), dden)[:, :, 0]        # dz (P, K)
+    # in the forward pass this was: S = rk^T v, z = rk^T 1
+    dv = np.matmul(rk, G)                                          # (P, N, e)
+    drk = np.matmul(v64, G.transpose(0, 2, 1)) + g[:, None, :]     # (P, N, K)
+    return drq, drk, dv
+
+
+def _causal_forward(rq, rk, v, slot, eps):
+    """O (P, N, e) in v's dtype, by the Numba prefix scan from a zero state."""
+    P, N, K = rq.shape
+    S = np.zeros((P, K, v.shape[2]), dtype=ACCUM_DTYPE)
+    z = np.zeros((P, K), dtype=ACCUM_DTYPE)
+    out = np.empty_like(v)
+    _causal_scan_forward(rq, rk, v, slot, eps, S, z, out)
+    return out
+
+
+def _causal_backward(rq, rk, v, do, slot, eps):
+    """(drq, drk, dv) of the causal scan: pass 1 forward again, pass 2 in reverse."""
+    P, N, K = rq.shape
+    e = v.shape[2]
+    S = np.empty((P, K, e), dtype=ACCUM_DTYPE)
+    z = np.empty((P, K), dtype=ACCUM_DTYPE)
+    coef = np.empty((P, N, K), dtype=ACCUM_DTYPE)
+    dzt = np.empty((P, N, K), dtype=ACCUM_DTYPE)
+    drq = np.empty((P, N, K), dtype=ACCUM_DTYPE)
+    drk = np.empty((P, N, K), dtype=ACCUM_DTYPE)
+    dv = np.empty_like(v)
+    _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, dv)
+    return drq, drk, dv
+
+
+def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
+                temperature=1.0, eps=DEFAULT_EPS, key_mask=None):
+    """Gaussian Mixture Attention, returning the output and the cache for gma_backward.
+
+    Parameters
+    ----------
+    q, k : arrays of shape (B, H, N, d), float32 or float64 (one dtype for q, k, v)
+    v : array of shape (B, H, N, e)
+    means : array of shape (H, K, d)
+    log_var : array of shape (H, K, d) (diagonal) or (H, K) (spherical covariance)
+    logits : array of shape (H, K)
+    causal : bool, query i reads keys j <= i only (prefix scan)
+    norm : "row" (default) or "slot", see the module docstring
+    temperature : float > 0 or array of shape (H,)
+    eps : float >= 0, added to the read-out denominators
+    key_mask : bool array of shape (B, N), or None; False keys write nothing
+
+    Returns
+    -------
+    o : array of shape (B, H, N, e), dtype of q
+    cache : GMACache
+    """
+    (q, k, v, mix, tau, per_head, tau_dtype,
+     causal, slot, eps, mask) = _validate(q, k, v, means, log_var, logits,
+                                          causal, norm, temperature, eps, key_mask)
+    B, H, N, d = q.shape
+    e = v.shape[3]
+    K = mix.means.shape[1]
+    P = B * H
+    # 1. route queries and keys through the same mixture in one call: (2B, H, N, d)
+    r, routing = route_forward(np.concatenate([q, k]), mix, tau, per_head, tau_dtype)
+    rq = r[:B].reshape(P, N, K)                                    # (P, N, K)
+    rk = (r[B:] * mask[:, None, :, None]).reshape(P, N, K)         # (P, N, K) R~_K
+    v3 = v.reshape(P, N, e)                                        # (P, N, e)
+    # 2. write the memory and read it out
+    if causal:
+        o = _causal_forward(rq, rk, v3, slot, eps)
+    else:
+        o = _bidirectional_forward(rq, rk, v3, slot, eps)
+    o = o.astype(q.dtype, copy=False).reshape(B, H, N, e)
+    cache = GMACache(shape=(B, H, N, d, e, K), dtype=q.dtype, causal=causal, slot=slot,
+                     eps=eps, mask=mask, rq=rq, rk=rk, v=v3, routing=routing)
+    return o, cache
+
+
+def gma_backward(do, cache):
+    """Gradients of sum(o * do) with respect to every differentiable input of gma_forward.
+
+    Parameters
+    ----------
+    do : array of shape (B, H, N, e), the cotangent of o
+    cache : GMACache from gma_forward
+
+    Returns
+    -------
+    dict with keys "q", "k", "v", "means", "log_var", "logits", "temperature",
+    each in the shape that was passed to gma_forward ("temperature" a float or
+    an (H,) array).
+    """
+    B, H, N, d, e, K = cache.shape
+    P = B * H
+    do = check.float_array("do", do, ndim=4)
+    check.check_shape("do", do, (B, H, N, e), "the shape of o, (B, H, N, e)")
+    do3 = do.astype(cache.dtype, copy=False).reshape(P, N, e)
+    # 2. backward through the memory read and write
+    if cache.causal:
+        drq, drk, dv = _causal_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps)
+    else:
+        drq, drk, dv = _bidirectional_backward(cache.rq, cache.rk, cache.v, do3,
+                                               cache.slot, cache.eps)
+    # in the forward pass this was: rk = mask * r(k)
+    drk = drk.reshape(B, H, N, K) * cache.mask[:, None, :, None]
+    # 1. backward through the routing of the stacked (q, k)
+    dr = np.concatenate([drq.reshape(B, H, N, K), drk])            # (2B, H, N, K)
+    grads = route_backward(dr, cache.routing)
+    dx = grads.pop("x")
+    grads["q"] = dx[:B]
+    grads["k"] = dx[B:]
+    grads["v"] = dv.astype(cache.dtype, copy=False).reshape(B, H, N, e)
+    return grads
+
+
+def gma(q, k, v, means, log_var, logits, *, causal=False, norm="row",
+        temperature=1.0, eps=DEFAULT_EPS, key_mask=None):
+    """Gaussian Mixture Attention: o (B, H, N, e). See gma_forward for the arguments."""
+    return gma_forward(q, k, v, means, log_var, logits, causal=causal, norm=norm,
+                       temperature=temperature, eps=eps, key_mask=key_mask)[0]

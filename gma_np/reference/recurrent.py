@@ -1,0 +1,49 @@
+"""Causal GMA as a loop over t with an explicit state: the recurrence of section 3, plainly.
+
+Dimension legend: B batch, H heads, N tokens, K components, e value size.
+
+    S = 0 (K, e); z = 0 (K,)
+    for t in 0..N-1:
+        S += outer(R~_K[t], V[t]);  z += R~_K[t]                       (write)
+        row:  O[t] = (R_Q[t] @ S) / (R_Q[t] . z + eps)                 (read)
+        slot: O[t] = R_Q[t] @ (S / (z + eps)[:, None])
+
+This is what the Numba scan of gma_np.kernels.scan computes, in NumPy, one
+(batch, head) at a time, with no attempt at speed.
+"""
+
+import numpy as np
+
+from gma_np.reference.routing import responsibilities_naive
+
+
+def causal_mix_loop(rq, rk, v, slot, eps, S=None, z=None):
+    """O (N, e) of one sequence and the final (S, z), from an optional initial state."""
+    N, K = rq.shape
+    e = v.shape[1]
+    S = np.zeros((K, e)) if S is None else S.copy()
+    z = np.zeros(K) if z is None else z.copy()
+    o = np.empty((N, e))
+    for t in range(N):
+        S += np.outer(rk[t], v[t])                                 # (K, e)
+        z += rk[t]                                                 # (K,)
+        if slot:
+            o[t] = rq[t] @ (S / (z + eps)[:, None])
+        else:
+            o[t] = (rq[t] @ S) / (rq[t] @ z + eps)
+    return o, S, z
+
+
+def gma_loop(q, k, v, means, log_var, logits, *, norm="row", temperature=1.0,
+             eps=1e-6, key_mask=None):
+    """Causal o (B, H, N, e) in float64, by the loop over t."""
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    B, H, N, _ = q.shape
+    mask = np.ones((B, N)) if key_mask is None else np.asarray(key_mask, dtype=np.float64)
+    rq = responsibilities_naive(q, means, log_var, logits, temperature)
+    rk = responsibilities_naive(k, means, log_var, logits, temperature) * mask[:, None, :, None]
+    o = np.empty(v.shape)
+    for b in range(B):
+        for h in range(H):
+            o[b, h] = causal_mix_loop(rq[b, h], rk[b, h], v[b, h], norm == "slot", eps)[0]
+    return o
