@@ -34,8 +34,10 @@ FD_STEP = 1e-3
 # Relative tolerance a float64 gradient must meet (issue figure: 1e-6).
 GRADCHECK_RTOL = 1e-6
 # Absolute floor of the comparison, in units of the estimated rounding error
-# of the stencil (eps_64 * max|f| / h): below it no difference is meaningful.
-GRADCHECK_NOISE_FACTOR = 100.0
+# of the stencil (eps_64 * sum|out * dout| / h): below it no difference is
+# meaningful. Measured noise on the gma_np.selfcheck problems is 10-100 times
+# below eps_64 * sum|out * dout| / h, so a factor 10 leaves a margin of 100+.
+GRADCHECK_NOISE_FACTOR = 10.0
 # Above this many scalar inputs, gradcheck(mode="auto") switches from
 # checking every element to random directional derivatives.
 GRADCHECK_MAX_FULL_ELEMENTS = 4096
