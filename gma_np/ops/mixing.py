@@ -175,6 +175,12 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
         o = _causal_forward(rq, rk, v3, slot, eps)
     else:
         o = _bidirectional_forward(rq, rk, v3, slot, eps)
+    if not np.isfinite(o).all():
+        # finite inputs (validated) and eps > 0 give a finite output; eps = 0 does not
+        # when a query reads a memory nothing was written to (all keys masked so far)
+        raise FloatingPointError(
+            f"gma: the output is not finite; with eps = {eps} a query that reads an empty memory "
+            f"(all keys masked so far) divides 0 by 0: pass eps > 0")
     o = o.astype(q.dtype, copy=False).reshape(B, H, N, e)
     cache = GMACache(shape=(B, H, N, d, e, K), dtype=q.dtype, causal=causal, slot=slot,
                      eps=eps, mask=mask, rq=rq, rk=rk, v=v3, routing=routing)
