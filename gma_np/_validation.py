@@ -28,7 +28,7 @@ def float_array(name, x, ndim=None, min_ndim=None):
     number of dimensions (ValueError) and NaN or inf entries (ValueError).
     """
     if not isinstance(x, np.ndarray):
-        if isinstance(x, (list, tuple)) or np.isscalar(x):
+        if isinstance(x, (list, tuple, numbers.Number)):
             x = np.asarray(x)
         else:
             raise TypeError(f"{name}: expected a NumPy array, got {_describe(x)}")
