@@ -1,0 +1,66 @@
+"""Validation in bits per byte, and text generation with the recurrent decode path.
+
+Bits per byte: the mean next-byte cross-entropy in nats over the fixed
+validation windows (gma_np.train.data.eval_batches), divided by ln 2. Each
+window starts from an empty GMA memory, as in training.
+
+Generation: the prompt is run through GMALanguageModel.decode in one chunk,
+then one byte at a time, each from the logits of the previous step divided by
+`temperature` (0 = greedy), optionally restricted to the `top_k` most likely.
+Every step costs the same whatever the position (benchmarks/sampling.py).
+"""
+
+import math
+
+import numpy as np
+
+from gma_np.nn.layers import cross_entropy_forward
+from gma_np.train.data import eval_batches
+
+# Validation windows per forward pass: bounds the activations' memory.
+EVAL_BATCH = 64
+
+
+def evaluate_bpb(model, data, context, max_tokens=0, batch_size=EVAL_BATCH):
+    """Validation bits per byte of `model` on the split `data` (uint8)."""
+    total_nats, total_tokens = 0.0, 0
+    for idx, targets in eval_batches(data, context, batch_size, max_tokens):
+        logits, _ = model.forward(idx)
+        loss, _ = cross_entropy_forward(logits, targets)
+        total_nats += loss * targets.size
+        total_tokens += targets.size
+    return total_nats / total_tokens / math.log(2.0)
+
+
+def generate(model, prompt, n_tokens, *, temperature=0.8, top_k=0, rng=None):
+    """prompt (bytes) followed by n_tokens sampled bytes, as bytes."""
+    if not isinstance(prompt, (bytes, bytearray)):
+        raise TypeError(f"prompt: expected bytes, got {type(prompt).__name__}")
+    if temperature < 0:
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k: expected an integer >= 0, got {top_k!r}")
+    rng = np.random.default_rng(0) if rng is None else rng
+    prompt = bytes(prompt) or b"\n"        # an empty prompt starts at a line break
+    state = model.decode_init(1)
+    logits, state = model.decode(np.frombuffer(prompt, dtype=np.uint8)[None, :].astype(np.int64), state)
+    out = bytearray(prompt)
+    last = logits[0, -1].astype(np.float64)                         # (V,)
+    for _ in range(n_tokens):
+        token = _pick(last, temperature, top_k, rng)
+        out.append(token)
+        logits, state = model.decode(np.array([[token]], dtype=np.int64), state)
+        last = logits[0, -1].astype(np.float64)
+    return bytes(out)
+
+
+def _pick(logits, temperature, top_k, rng):
+    """One token id from logits (V,) float64."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    if top_k:
+        cut = np.partition(z, -top_k)[-top_k] if top_k < z.size else -np.inf
+        z = np.where(z >= cut, z, -np.inf)
+    p = np.exp(z - z.max())
+    return int(rng.choice(z.size, p=p / p.sum()))

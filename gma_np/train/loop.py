@@ -1,0 +1,223 @@
+"""The training loop: train, validate, checkpoint, resume.
+
+    result = train(preset("tiny"), "runs/tiny")                 # a fresh run
+    result = train(None, "runs/tiny", resume=True)              # continue it
+
+One step: draw B windows with the run's Generator, forward, cross-entropy,
+backward, clip the global gradient norm, AdamW with the warm-up + cosine
+learning rate. Every `eval_interval` steps (and at the end) the validation
+bits per byte; every `checkpoint_interval` steps (and at the end, and at step 0)
+an atomic checkpoint (gma_np.train.checkpoint).
+
+Resume is exact: the checkpoint holds the parameters, the AdamW moments and
+step count, the Generator's state (hence the batch order) and the step, so
+10 steps + resume + 10 steps equal 20 straight steps bit for bit
+(tests/test_train.py). Validation uses fixed windows and no randomness.
+
+The run directory gets:
+    checkpoint.npz, checkpoint.json   the last checkpoint
+    config.json                       the TrainConfig
+    log.jsonl                         one JSON object a line: {"step", "loss", "lr", "grad_norm",
+                                      "tokens_per_s", "elapsed_s"} or {"step", "val_bpb", ...}
+    loss.png                          the loss curves (when matplotlib is installed)
+
+A NaN or inf loss (or gradient norm) stops the run with TrainingDiverged and
+leaves the last good checkpoint untouched. Ctrl-C finishes the current step,
+writes a checkpoint and returns.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from gma_np.nn.model import GMALanguageModel, decays
+from gma_np.optim import AdamW, clip_grad_norm, lr_at
+from gma_np.train import checkpoint as ckpt
+from gma_np.train.config import TrainConfig, config_differences
+from gma_np.train.data import load_corpus, sample_batch
+from gma_np.train.evaluate import evaluate_bpb
+from gma_np.train.runlog import RunLog
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    step: int                 # steps done in all (this run and the ones it resumed)
+    val_bpb: float            # last validation bits per byte (nan if never evaluated)
+    tokens_per_s: float       # training throughput of this invocation (median over its steps)
+    elapsed_s: float          # wall time of this invocation
+    model: object             # the GMALanguageModel at the end
+    stopped: str              # "done", "stop_after", "interrupted"
+
+
+def build(cfg):
+    """A fresh model and optimizer for cfg (mixtures not yet fitted)."""
+    model = GMALanguageModel(cfg.model_config(), seed=cfg.seed)
+    opt = AdamW(model.params, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                weight_decay=cfg.weight_decay, decay={n: decays(n) for n in model.params})
+    return model, opt
+
+
+def restore(run_dir):
+    """(cfg, model, opt, rng, step, meta) from run_dir's checkpoint."""
+    params, opt_arrays, meta = ckpt.load_checkpoint(run_dir)
+    try:
+        cfg = TrainConfig.from_dict(meta["config"])
+        model = GMALanguageModel(cfg.model_config(), params=params)
+    except (TypeError, ValueError) as err:
+        raise ckpt.CheckpointError(f"checkpoint: {run_dir!r} does not match its own config: {err}") from None
+    opt = AdamW(model.params, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                weight_decay=cfg.weight_decay, decay={n: decays(n) for n in model.params})
+    try:
+        opt.load_state_arrays(opt_arrays)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = meta["rng"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ckpt.CheckpointError(f"checkpoint: {run_dir!r} has an unusable optimizer or RNG "
+                                   f"state: {err}") from None
+    return cfg, model, opt, rng, int(meta["step"]), meta
+
+
+def _save(run_dir, cfg, model, opt, rng, step, val_bpb):
+    ckpt.save_checkpoint(run_dir, model.params, opt.state_arrays(),
+                         {"step": step, "config": cfg.to_dict(), "rng": rng.bit_generator.state,
+                          "val_bpb": None if val_bpb is None or math.isnan(val_bpb) else val_bpb})
+
+
+def _progress(total, initial, quiet):
+    from tqdm import tqdm
+    disable = quiet if quiet is not None else not sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, disable=disable, unit="step", dynamic_ncols=True,
+                desc="train")
+
+
+def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=print,
+          on_step=None):
+    """Train (or resume) the run in run_dir. Returns a TrainResult.
+
+    cfg : TrainConfig, or None with resume=True (use the checkpoint's). On resume
+        a given cfg must equal the checkpoint's in every field but the bookkeeping
+        ones (gma_np.train.config.BOOKKEEPING_FIELDS), else CheckpointError.
+    stop_after : stop (with a checkpoint) after this many steps of this invocation.
+    quiet : None = progress bar only on a terminal; True/False force it.
+    on_step : called as on_step(step) after each step (tests use it to kill a run).
+    """
+    if cfg is not None and not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg: expected a TrainConfig or None, got {type(cfg).__name__}")
+    if resume:
+        saved_cfg, model, opt, rng, step, meta = restore(run_dir)
+        if cfg is not None:
+            diff = config_differences(saved_cfg, cfg)
+            if diff:
+                lines = "; ".join(f"{n}: checkpoint {a!r}, requested {b!r}" for n, a, b in diff)
+                raise ckpt.CheckpointError(f"checkpoint: the config of {run_dir!r} does not match "
+                                           f"the requested one ({lines}); resume without those "
+                                           f"options, or train into a new --out directory")
+            saved_cfg = TrainConfig.from_dict({**saved_cfg.to_dict(),
+                                               **{n: getattr(cfg, n) for n in
+                                                  ("eval_interval", "eval_tokens",
+                                                   "checkpoint_interval", "log_interval")}})
+        cfg = saved_cfg
+        val_bpb = meta.get("val_bpb")
+        val_bpb = float("nan") if val_bpb is None else float(val_bpb)
+        corpus = load_corpus(cfg.data, cfg.val_fraction)
+        log = RunLog(run_dir)
+        log.truncate_after(step)
+        print_fn(f"resumed {run_dir} at step {step}/{cfg.steps} ({corpus.name})")
+    else:
+        if cfg is None:
+            raise ValueError("cfg: a new run needs a TrainConfig (cfg=None only with resume=True)")
+        if os.path.exists(ckpt.checkpoint_path(run_dir)):
+            raise ckpt.CheckpointError(f"checkpoint: {run_dir!r} already holds a run; pass "
+                                       f"--resume to continue it, or choose another --out")
+        corpus = load_corpus(cfg.data, cfg.val_fraction)
+        model, opt = build(cfg)
+        rng = np.random.default_rng(cfg.seed)
+        first, _ = sample_batch(corpus.train, cfg.batch_size, cfg.context, rng)
+        model.init_mixtures(first, np.random.default_rng(cfg.seed + 1))
+        step, val_bpb = 0, float("nan")
+        os.makedirs(run_dir, exist_ok=True)
+        ckpt.atomic_write(os.path.join(run_dir, "config.json"),
+                          lambda f: f.write(json.dumps(cfg.to_dict(), indent=1).encode()))
+        log = RunLog(run_dir)
+        log.truncate_after(-1)
+        _save(run_dir, cfg, model, opt, rng, step, None)
+        print_fn(f"training {model.n_params():,} parameters on {corpus.name}: "
+                 f"{len(corpus.train):,} train / {len(corpus.val):,} validation bytes, "
+                 f"{cfg.steps} steps of {cfg.batch_size} x {cfg.context} tokens")
+
+    stop = {"signal": False}
+    previous_handler = None
+    try:
+        previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))
+    except ValueError:            # not the main thread: Ctrl-C keeps its default behaviour
+        pass
+    tokens_per_step = cfg.batch_size * cfg.context
+    bar = _progress(cfg.steps, step, quiet)
+    say = print_fn if bar.disable else bar.write
+    rates, t_start, start_step, stopped = [], time.perf_counter(), step, "done"
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            idx, targets = sample_batch(corpus.train, cfg.batch_size, cfg.context, rng)
+            loss, grads = model.loss_and_grads(idx, targets)
+            grad_norm = clip_grad_norm(grads, cfg.grad_clip)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise TrainingDiverged(
+                    f"training diverged at step {step + 1}: loss {loss}, gradient norm {grad_norm}. "
+                    f"The last good checkpoint (step {_checkpoint_step(run_dir)}) is kept in "
+                    f"{run_dir}; lower --lr or raise warmup_steps and resume or restart.")
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+            opt.step(model.params, grads, lr)
+            step += 1
+            rates.append(tokens_per_step / (time.perf_counter() - t0))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rates[-1]:,.0f}",
+                            val_bpb=f"{val_bpb:.3f}", refresh=False)
+            if step % cfg.log_interval == 0 or step == cfg.steps:
+                log.write({"step": step, "loss": round(loss, 6), "lr": lr,
+                           "grad_norm": round(grad_norm, 6), "tokens_per_s": round(rates[-1], 1),
+                           "elapsed_s": round(time.perf_counter() - t_start, 3)})
+            if step % cfg.eval_interval == 0 or step == cfg.steps:
+                val_bpb = evaluate_bpb(model, corpus.val, cfg.context, cfg.eval_tokens)
+                log.write({"step": step, "val_bpb": round(val_bpb, 6),
+                           "elapsed_s": round(time.perf_counter() - t_start, 3)})
+                say(f"step {step}/{cfg.steps}: train {loss / math.log(2):.3f} bits/byte, "
+                    f"validation {val_bpb:.3f} bits/byte, {np.median(rates):,.0f} tokens/s")
+            if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
+                _save(run_dir, cfg, model, opt, rng, step, val_bpb)
+            if on_step is not None:
+                on_step(step)
+            if stop["signal"] or (stop_after is not None and step - start_step >= stop_after):
+                stopped = "interrupted" if stop["signal"] else "stop_after"
+                _save(run_dir, cfg, model, opt, rng, step, val_bpb)
+                break
+    finally:
+        bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+    elapsed = time.perf_counter() - t_start
+    rate = float(np.median(rates)) if rates else float("nan")
+    if step > start_step:
+        log.plot(print_fn)
+    print_fn(f"{stopped} at step {step}/{cfg.steps}: validation {val_bpb:.3f} bits/byte, "
+             f"{rate:,.0f} tokens/s (median), {elapsed:.1f} s; checkpoint in {run_dir}")
+    return TrainResult(step=step, val_bpb=val_bpb, tokens_per_s=rate, elapsed_s=elapsed,
+                       model=model, stopped=stopped)
+
+
+def _checkpoint_step(run_dir):
+    try:
+        with open(os.path.join(run_dir, ckpt.JSON_NAME)) as f:
+            return json.load(f)["step"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
