@@ -207,34 +207,43 @@ def softmax_backward_bound(case, inputs, mask, do, tensors):
     drq, drk = routing_cotangents(case, rq, rk * m[:, None, :, None], v, do)
     drk = drk * m[:, None, :, None]
     lv = log_var if log_var.ndim == 3 else np.repeat(log_var[:, :, None], d, axis=2)
-    bounds = {"dmeans": 0.0, "dlog_var": 0.0, "dlog_pi": 0.0, "dtemperature": 0.0}
+    sq = {"dmeans": 0.0, "dlog_var": 0.0, "dlog_pi": 0.0, "dtemperature": 0.0}
     pi = np.exp(logits - logsumexp(logits, axis=-1, keepdims=True))
     lv_terms = 0.5 * (np.abs(lv).sum(-1) + d * LOG_2PI) + np.abs(np.log(pi))  # (H, K)
     for x, r, dr, l, dx_name in ((q, rq, drq, tensors["log_density_q"], "dq"),
                                  (k, rk, drk, tensors["log_density_k"], "dk")):
         diff = x[..., :, None, :] - means[:, None, :, :]                       # (B, H, N, K, d)
         w = np.abs(diff) * np.exp(-lv)[:, None]                                # |x - mu| / sigma^2
-        # A: the sum of the absolute terms of a = l / tau, per row. a is computed with an
-        # absolute error up to (d + 4) u A, so r with a relative error up to 2 (d + 4) u A.
-        A = ((0.5 * (np.abs(diff) * w).sum(-1) + lv_terms[:, None]) / tau).max(-1)   # (B, H, N)
-        # da = r (dr - sum_k r dr): error up to u (1 + 2 (d + 4) A) r (|dr| + sum_k r |dr|)
-        da_abs = r * (np.abs(dr) + (r * np.abs(dr)).sum(-1, keepdims=True))    # (B, H, N, K)
-        da_abs = da_abs * (1.0 + 2.0 * (d + 4) * A[..., None])
-        dl_abs = da_abs / tau
-        bounds[dx_name] = (dl_abs[..., None] * w).sum(-2)                      # (B, H, N, d)
-        bounds["dmeans"] = bounds["dmeans"] + (dl_abs[..., None] * w).sum(axis=(0, 2))
-        dlv = 0.5 * (dl_abs[..., None] * (np.abs(diff) * w + 1.0)).sum(axis=(0, 2))
-        bounds["dlog_var"] = bounds["dlog_var"] + (dlv if log_var.ndim == 3 else dlv.sum(-1))
-        bounds["dlog_pi"] = bounds["dlog_pi"] + dl_abs.sum(axis=(0, 2))       # (H, K)
+        # terms: the sum of the absolute terms of a_k = l_k / tau. a_k is computed with an
+        # error of about sqrt(d + 4) u terms_k (d + 3 terms and a division, errors adding up
+        # like a random walk, lambda covers the tail), so r_k = softmax(a)_k with a relative
+        # error up to eps_k = sqrt(d + 4) u (terms_k + sum_k' r_k' terms_k').
+        terms = (0.5 * (np.abs(diff) * w).sum(-1) + lv_terms[:, None]) / tau   # (B, H, N, K)
+        eps_r = math.sqrt(d + 4) * (terms + (r * terms).sum(-1, keepdims=True))
+        # da = r (dr - s), s = sum_k r dr: its own rounding, u r (|dr| + sum_k r |dr|), plus
+        # what the error of r makes of it, u (eps_k r_k |dr_k - s| + r_k sum_k' eps_k' r_k' |dr_k'|)
+        abs_dr = np.abs(dr)
+        s = (r * dr).sum(-1, keepdims=True)
+        da_abs = (r * (abs_dr + (r * abs_dr).sum(-1, keepdims=True))
+                  + eps_r * r * np.abs(dr - s) + r * (eps_r * r * abs_dr).sum(-1, keepdims=True))
+        # every gradient below is a sum of (error of da) x (something): the errors are
+        # independent and of either sign, so they add as a root sum of squares (lambda
+        # covers the tail), with the something bounded by its absolute value
+        dl2 = (da_abs / tau) ** 2                                              # (B, H, N, K)
+        sq[dx_name] = (dl2[..., None] * w ** 2).sum(-2)                        # (B, H, N, d)
+        sq["dmeans"] = sq["dmeans"] + (dl2[..., None] * w ** 2).sum(axis=(0, 2))
+        dlv = 0.25 * (dl2[..., None] * (np.abs(diff) * w + 1.0) ** 2).sum(axis=(0, 2))
+        sq["dlog_var"] = sq["dlog_var"] + (dlv if log_var.ndim == 3 else dlv.sum(-1))
+        sq["dlog_pi"] = sq["dlog_pi"] + dl2.sum(axis=(0, 2))                   # (H, K)
         # dtemperature = -sum da a / tau: rounding breaks sum_k da = 0 and the broken sum
         # meets the common part of a, which the exact formula never sees; |a| bounds it
-        bounds["dtemperature"] = bounds["dtemperature"] + (
-            (dl_abs * np.abs(l) / tau).sum(axis=(0, 2, 3)))
+        sq["dtemperature"] = sq["dtemperature"] + (dl2 * (l / tau) ** 2).sum(axis=(0, 2, 3))
+    if not case.per_head:
+        sq["dtemperature"] = sq["dtemperature"].sum()
+    bounds = {name: np.sqrt(x) for name, x in sq.items()}
     dlog_pi = bounds.pop("dlog_pi")
     # in the forward pass this was: log_pi = logits - logsumexp(logits)
     bounds["dlogits"] = dlog_pi + pi * dlog_pi.sum(-1, keepdims=True)          # (H, K)
-    if not case.per_head:
-        bounds["dtemperature"] = bounds["dtemperature"].sum()
     return bounds
 
 
