@@ -12,8 +12,9 @@ import time
 from gma_np.vectors.check import BundleError, check_port, resolve
 
 
-def export_command(directory, quick=False, seed=0, out=sys.stdout):
+def export_command(directory, quick=False, seed=0, out=None):
     """Write the bundle and print what was written: cases, size, time. Returns 0."""
+    out = sys.stdout if out is None else out
     from gma_np.vectors.export import export_bundle
     start = time.perf_counter()
     manifest = export_bundle(directory, "quick" if quick else "default", seed)
@@ -26,8 +27,9 @@ def export_command(directory, quick=False, seed=0, out=sys.stdout):
 
 
 def check_command(directory, impl, backward=None, responsibilities=None, dtype="float64",
-                  cases=None, failures_only=False, out=sys.stdout):
+                  cases=None, failures_only=False, out=None):
     """Check a port against the bundle, print the table, return the exit status."""
+    out = sys.stdout if out is None else out
     try:
         forward = resolve(impl, "--impl")
         backward = resolve(backward, "--backward") if backward else None

@@ -186,7 +186,7 @@ def routing_cotangents(case, rq, rk_masked, v, do):
     return drq, drk
 
 
-def softmax_backward_bound(case, inputs, mask, do, tensors):
+def rounding_bounds(case, inputs, mask, do, tensors):
     """E_T / u for the gradients that flow through the softmax backward (see the module docstring).
 
     In a port, da = r * (dr - sum_k r dr) is computed with an absolute error of
@@ -208,6 +208,7 @@ def softmax_backward_bound(case, inputs, mask, do, tensors):
     drk = drk * m[:, None, :, None]
     lv = log_var if log_var.ndim == 3 else np.repeat(log_var[:, :, None], d, axis=2)
     sq = {"dmeans": 0.0, "dlog_var": 0.0, "dlog_pi": 0.0, "dtemperature": 0.0}
+    bounds = {}
     pi = np.exp(logits - logsumexp(logits, axis=-1, keepdims=True))
     lv_terms = 0.5 * (np.abs(lv).sum(-1) + d * LOG_2PI) + np.abs(np.log(pi))  # (H, K)
     for x, r, dr, l, dx_name in ((q, rq, drq, tensors["log_density_q"], "dq"),
@@ -220,6 +221,10 @@ def softmax_backward_bound(case, inputs, mask, do, tensors):
         # error up to eps_k = sqrt(d + 4) u (terms_k + sum_k' r_k' terms_k').
         terms = (0.5 * (np.abs(diff) * w).sum(-1) + lv_terms[:, None]) / tau   # (B, H, N, K)
         eps_r = math.sqrt(d + 4) * (terms + (r * terms).sum(-1, keepdims=True))
+        # the routing itself: l (= a tau) and r = r(1 + eps_r), element by element
+        bounds["log_density_" + dx_name[1]] = (
+            math.sqrt(d + 4) * terms * tau)
+        bounds["r_" + dx_name[1]] = r * eps_r
         # da = r (dr - s), s = sum_k r dr: its own rounding, u r (|dr| + sum_k r |dr|), plus
         # what the error of r makes of it, u (eps_k r_k |dr_k - s| + r_k sum_k' eps_k' r_k' |dr_k'|)
         abs_dr = np.abs(dr)
@@ -240,7 +245,7 @@ def softmax_backward_bound(case, inputs, mask, do, tensors):
         sq["dtemperature"] = sq["dtemperature"] + (dl2 * (l / tau) ** 2).sum(axis=(0, 2, 3))
     if not case.per_head:
         sq["dtemperature"] = sq["dtemperature"].sum()
-    bounds = {name: np.sqrt(x) for name, x in sq.items()}
+    bounds.update({name: np.sqrt(x) for name, x in sq.items()})
     dlog_pi = bounds.pop("dlog_pi")
     # in the forward pass this was: log_pi = logits - logsumexp(logits)
     bounds["dlogits"] = dlog_pi + pi * dlog_pi.sum(-1, keepdims=True)          # (H, K)
@@ -267,7 +272,7 @@ def golden_case(case, seed):
     inputs, mask, do = draw_inputs(case, seed)
     tensors = compute_tensors(case, inputs, mask, do)
     kappa = estimate_kappa(case, inputs, mask, do, tensors, seed)
-    bounds = softmax_backward_bound(case, inputs, mask, do, tensors)
+    bounds = rounding_bounds(case, inputs, mask, do, tensors)
     arrays = {}
     for name in INPUTS:
         arrays[name] = inputs[name]
@@ -283,7 +288,7 @@ def golden_case(case, seed):
         n = n_terms(name, case)
         scale = _scale(tensors[name])
         bound = float(np.max(bounds[name])) / scale if name in bounds else 0.0
-        meta[name] = dict(scale=scale, kappa=kappa[name], n_terms=n, softmax_bound=bound,
+        meta[name] = dict(scale=scale, kappa=kappa[name], n_terms=n, rounding_bound=bound,
                           tol={dt: tolerance(kappa[name], n, case, dt, bound)
                                for dt in UNIT_ROUNDOFF})
     return arrays, meta
