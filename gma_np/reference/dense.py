@@ -20,7 +20,10 @@ Backward, from dO (N, e):
 
 import numpy as np
 
-from gma_np.reference.routing import responsibilities_backward_naive, responsibilities_naive
+from gma_np.reference.routing import (
+    responsibilities_backward_naive,
+    routed_keys_and_queries_naive,
+)
 
 
 def dense_affinity(rq, rk, causal, slot, eps):
@@ -63,10 +66,8 @@ def gma_dense(q, k, v, means, log_var, logits, *, causal=False, norm="row",
               temperature=1.0, eps=1e-6, key_mask=None):
     """o (B, H, N, e) in float64, through the N x N affinity of every sequence."""
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
-    B, H, N, _ = q.shape
-    mask = np.ones((B, N)) if key_mask is None else np.asarray(key_mask, dtype=np.float64)
-    rq = responsibilities_naive(q, means, log_var, logits, temperature)
-    rk = responsibilities_naive(k, means, log_var, logits, temperature) * mask[:, None, :, None]
+    B, H = q.shape[:2]
+    rq, rk = routed_keys_and_queries_naive(q, k, means, log_var, logits, temperature, key_mask)
     o = np.empty(v.shape)
     for b in range(B):
         for h in range(H):
@@ -81,16 +82,15 @@ def gma_dense_backward(do, q, k, v, means, log_var, logits, *, causal=False, nor
     "temperature" is a float for a scalar temperature and (H,) for a per-head one.
     """
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
-    B, H, N, _ = q.shape
-    mask = np.ones((B, N)) if key_mask is None else np.asarray(key_mask, dtype=np.float64)
-    rq = responsibilities_naive(q, means, log_var, logits, temperature)
-    rk = responsibilities_naive(k, means, log_var, logits, temperature) * mask[:, None, :, None]
+    B, H = q.shape[:2]
+    rq, rk = routed_keys_and_queries_naive(q, k, means, log_var, logits, temperature, key_mask)
     drq, drk, dv = np.empty(rq.shape), np.empty(rk.shape), np.empty(v.shape)
     for b in range(B):
         for h in range(H):
             drq[b, h], drk[b, h], dv[b, h] = dense_mix_backward(
                 do[b, h], rq[b, h], rk[b, h], v[b, h], causal, norm == "slot", eps)
-    drk *= mask[:, None, :, None]
+    if key_mask is not None:
+        drk *= np.asarray(key_mask, dtype=np.float64)[:, None, :, None]
     gq = responsibilities_backward_naive(drq, q, means, log_var, logits, temperature)
     gk = responsibilities_backward_naive(drk, k, means, log_var, logits, temperature)
     dtau = gq["temperature"] + gk["temperature"]

@@ -14,7 +14,7 @@ This is what the Numba scan of gma_np.kernels.scan computes, in NumPy, one
 
 import numpy as np
 
-from gma_np.reference.routing import responsibilities_naive
+from gma_np.reference.routing import routed_keys_and_queries_naive
 
 
 def causal_mix_loop(rq, rk, v, slot, eps, S=None, z=None):
@@ -38,10 +38,8 @@ def gma_loop(q, k, v, means, log_var, logits, *, norm="row", temperature=1.0,
              eps=1e-6, key_mask=None):
     """Causal o (B, H, N, e) in float64, by the loop over t."""
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
-    B, H, N, _ = q.shape
-    mask = np.ones((B, N)) if key_mask is None else np.asarray(key_mask, dtype=np.float64)
-    rq = responsibilities_naive(q, means, log_var, logits, temperature)
-    rk = responsibilities_naive(k, means, log_var, logits, temperature) * mask[:, None, :, None]
+    B, H = q.shape[:2]
+    rq, rk = routed_keys_and_queries_naive(q, k, means, log_var, logits, temperature, key_mask)
     o = np.empty(v.shape)
     for b in range(B):
         for h in range(H):

@@ -40,6 +40,15 @@ def responsibilities_naive(x, means, log_var, logits, temperature=1.0):
     return np.exp(a - logsumexp(a, axis=-1, keepdims=True))
 
 
+def routed_keys_and_queries_naive(q, k, means, log_var, logits, temperature, key_mask):
+    """(R_Q, R~_K) of GMA, both (B, H, N, K): R~_K = key_mask * r(k); key_mask (B, N) or None."""
+    B, _, N, _ = np.shape(q)
+    mask = np.ones((B, N)) if key_mask is None else np.asarray(key_mask, dtype=np.float64)
+    rq = responsibilities_naive(q, means, log_var, logits, temperature)
+    rk = responsibilities_naive(k, means, log_var, logits, temperature) * mask[:, None, :, None]
+    return rq, rk
+
+
 def log_likelihood_naive(x, means, log_var, logits):
     """log p(x) (..., H, N) = logsumexp_k l_k(x)."""
     return logsumexp(log_density_naive(x, means, log_var, logits), axis=-1)
