@@ -95,8 +95,8 @@ def build_bundle(matrix="default", seed=0, progress=None):
         format=FORMAT_NAME, format_version=FORMAT_VERSION, gma_np_version=__version__,
         matrix=matrix, seed=seed,
         tolerance_model=dict(
-            formula="max|got - expected| / scale <= tol[dtype] = lambda * u[dtype] * kappa "
-                    "* (sqrt(n_terms) + sqrt(d + e + K))",
+            formula="max|got - expected| / scale <= tol[dtype] = lambda * u[dtype] * (kappa "
+                    "* (sqrt(n_terms) + sqrt(d + e + K)) + rounding_bound)",
             unit_roundoff=UNIT_ROUNDOFF, **{"lambda": LAMBDA}, perturbation=PERTURBATION),
         cases=cases,
         files={name: sha256_bytes(data) for name, data in files.items()})

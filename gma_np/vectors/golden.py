@@ -16,23 +16,32 @@ the output and gradients from the public gma_forward / gma_backward, so the
 bundle is the library's own answer, checked against the references by the
 library's tests.
 
-Tolerances (docs/vectors.md, "Tolerances"). A port computing in unit
-roundoff u makes, at every stage, errors equivalent to relative perturbations
-of that stage's inputs of size about sqrt(n) u, n the length of the longest
-sum (Higham & Mary 2019: a sum of n terms has error <= lambda sqrt(n) u sum|x_i|
-with probability >= 1 - 2n exp(-lambda^2 / 2), rounding errors modelled as
-independent). To first order the error of a tensor T is then its condition
-number kappa_T times that perturbation:
+Tolerances (docs/vectors.md, "Tolerances"): a port computing in unit
+roundoff u passes tensor T when
 
-    |T_port - T| / max|T| <= LAMBDA * u * kappa_T * (sqrt(n_T) + sqrt(d + e + K))
+    max|T_port - T| / max|T| <= LAMBDA * u * (kappa_T * (sqrt(n_T) + sqrt(d + e + K)) + E_T)
 
-n_T is the longest sum behind T (N for the memory and every per-token
-tensor, 2 B N for the parameter gradients, d for the routing); the second
-root covers the fixed-length sums over d, e and K. kappa_T is measured, not
-guessed: the largest relative change of T when every input and the cotangent
-are perturbed by random relative amounts of size PERTURBATION (log_var and
-logits by absolute amounts: they enter through exp), over KAPPA_SAMPLES draws,
-and never below 1 (statistical condition estimation, Kenney & Laub 1994).
+First term: the rounding of a sum of n terms is a relative perturbation of
+its terms of at most lambda sqrt(n) u with probability >= 1 - 2n exp(-lambda^2/2)
+(Higham & Mary 2019, rounding errors modelled as independent); to first order
+it moves T by kappa_T times that. n_T is the longest sum behind T (N for the
+memory and every per-token tensor, 2 B N for the parameter gradients, d for
+the routing); sqrt(d + e + K) covers the fixed-length sums. kappa_T is
+measured, not guessed: the largest relative change of T when every input and
+the cotangent are perturbed by random relative amounts of size PERTURBATION
+(log_var and logits by absolute amounts: they enter through exp), over
+KAPPA_SAMPLES draws, never below 1 (statistical condition estimation, Kenney
+& Laub 1994).
+
+Second term, E_T = max_i E_T,i / (u max|T|) from rounding_bounds: the errors
+no input perturbation reproduces, because they break an identity that holds
+exactly for any inputs. The computed responsibilities carry a relative error
+of about sqrt(d + 4) u times the size of the terms of l / tau, and the
+computed da = r (dr - sum_k r dr) no longer sums to zero over k; every
+routing gradient is a sum of da times something, and d tau multiplies it by
+a = l / tau, whose large common part the exact formula never sees (the trap
+of autodiff ports, docs/port-guide.md). These are bounded element by element
+with absolute values and added as root sums of squares.
 """
 
 import math
@@ -49,8 +58,9 @@ from gma_np.vectors.cases import draw_inputs
 
 # Unit roundoff of each dtype a port may compute in.
 UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24}
-# lambda of the probabilistic bound: 2 n exp(-lambda^2 / 2) < 1e-4 for every n <= 1e5 at
-# lambda = 8, so a correct port fails a tensor by bad luck with probability below 1e-4.
+# lambda of the probabilistic bound: 2 n exp(-lambda^2 / 2) < 1e-8 for every n <= 1e5 at
+# lambda = 8, so a correct port fails a tensor by bad luck with negligible probability;
+# the rest of lambda is margin for the statistical estimate of kappa (3 draws).
 LAMBDA = 8.0
 # Relative size of the input perturbations that measure kappa: far above float64
 # rounding (1e-16, so the measured change is not noise) and far below the
@@ -187,16 +197,24 @@ def routing_cotangents(case, rq, rk_masked, v, do):
 
 
 def rounding_bounds(case, inputs, mask, do, tensors):
-    """E_T / u for the gradients that flow through the softmax backward (see the module docstring).
+    """Per-element error bounds E_T / u of the routing and of what flows through its backward.
 
-    In a port, da = r * (dr - sum_k r dr) is computed with an absolute error of
-    about u * r * (|dr| + sum_k r |dr|) = u * da_abs, however small da itself is
-    (it vanishes as r collapses onto one component, the rounding does not), and
-    every routing gradient is a sum of da times something. Bounding that
-    something by its absolute value gives, per element, the error bound E_T / u.
-    dtemperature multiplies da by a = l / tau, which can be large: ports that
-    write d tau = -sum da a / tau (what autodiff does) see this term, ports that
-    use log r = a - logsumexp(a) instead (gma_np does) see much less of it.
+    Returns a dict: log_density_q/k, r_q/r_k (B, H, N, K), dq, dk (B, H, N, d),
+    dmeans, dlog_var, dlogits (the shapes of the parameters) and dtemperature
+    ((H,) or a scalar). The tensors not listed (memory, o, dv) have E_T = 0.
+
+    1. l_k(x) is a sum of d + 3 terms: error about sqrt(d + 4) u terms_k, terms_k
+       the sum of their absolute values; so r_k = softmax(l / tau)_k has a relative
+       error eps_k = sqrt(d + 4) u (terms_k + sum_k' r_k' terms_k') / tau.
+    2. da = r (dr - s), s = sum_k r dr, is computed with an error up to
+       u [r (|dr| + sum_k r |dr|) + eps_k r_k |dr_k - s| + r_k sum_k' eps_k' r_k' |dr_k'|],
+       however small da itself is (it vanishes as r collapses, the rounding does not).
+    3. Every routing gradient is a sum of da times something; bounding the
+       something by its absolute value and adding the independent errors as a
+       root sum of squares gives E_T. d tau multiplies da by a = l / tau, which
+       can be large: ports that write d tau = -sum da a / tau (what autodiff
+       does) see this term in full, ports that use log r = a - logsumexp(a)
+       (gma_np does) see much less of it.
     """
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     means, log_var, logits = inputs["means"], inputs["log_var"], inputs["logits"]
