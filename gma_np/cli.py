@@ -3,6 +3,9 @@
     gma-np check     gradient-check every GMA configuration, print a table, exit 1 on failure
     gma-np vectors export DIR              write the golden-vector bundle (docs/vectors.md)
     gma-np vectors check DIR --impl m:fn   check a port against it, exit 1 on failure
+    gma-np train --preset tiny             train a small GMA language model (docs/training.md)
+    gma-np eval DIR                        validation bits per byte of a run's checkpoint
+    gma-np sample DIR --prompt TEXT        generate text with the recurrent state
 """
 
 import argparse
@@ -54,6 +57,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the random problems (default 0)")
     p.set_defaults(run=_cmd_check)
     _add_vectors(sub)
+    from gma_np.train.commands import add_subcommands   # argparse only; the trainer loads lazily
+    add_subcommands(sub)
     return parser
 
 

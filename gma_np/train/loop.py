@@ -43,6 +43,7 @@ from gma_np.train.config import TrainConfig, config_differences
 from gma_np.train.data import load_corpus, sample_batch
 from gma_np.train.evaluate import evaluate_bpb
 from gma_np.train.runlog import RunLog
+from gma_np.train.threads import limit_blas_threads
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,7 +102,7 @@ def _progress(total, initial, quiet):
 
 
 def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=print,
-          on_step=None):
+          on_step=None, blas_threads=1):
     """Train (or resume) the run in run_dir. Returns a TrainResult.
 
     cfg : TrainConfig, or None with resume=True (use the checkpoint's). On resume
@@ -110,7 +111,10 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=p
     stop_after : stop (with a checkpoint) after this many steps of this invocation.
     quiet : None = progress bar only on a terminal; True/False force it.
     on_step : called as on_step(step) after each step (tests use it to kill a run).
+    blas_threads : OpenBLAS threads for the run (gma_np.train.threads; None = leave as is).
     """
+    if blas_threads is not None:
+        limit_blas_threads(blas_threads)
     if cfg is not None and not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig or None, got {type(cfg).__name__}")
     if resume:
