@@ -103,8 +103,13 @@ def gma(q, k, v, means, log_var, logits, *, causal=False, norm="row", temperatur
                     leak_future)[0]
 
 
-def _routing_backward(dr, x, means, log_var, logits, temperature):
-    """Gradients of sum(r * dr) for r = responsibilities(x, ...): dx and the mixture's."""
+def _routing_backward(dr, x, means, log_var, logits, temperature, tau_from_log_r=False):
+    """Gradients of sum(r * dr) for r = responsibilities(x, ...): dx and the mixture's.
+
+    d tau = -sum da a / tau (what autodiff computes), or with tau_from_log_r
+    -sum da log r / tau: equal exactly (sum_k da = 0), not in floating point
+    (docs/port-guide.md, trap 6).
+    """
     H, K, d = means.shape
     dtype = x.dtype
     inv_var, log_pi, _ = _mixture(means, log_var, logits)
@@ -114,7 +119,8 @@ def _routing_backward(dr, x, means, log_var, logits, temperature):
     # r = softmax(a):  da = r (dr - sum_k r dr)
     da = r * (dr - (r * dr).sum(-1, keepdims=True))
     # a = l / tau
-    dtau = -(da * a).sum(axis=(0, 2, 3)) / tau[:, 0, 0]                # (H,)
+    shift = logsumexp(a, axis=-1, keepdims=True) if tau_from_log_r else 0
+    dtau = -(da * (a - shift)).sum(axis=(0, 2, 3)) / tau[:, 0, 0]      # (H,)
     dl = da / tau                                                      # (B, H, N, K)
     # l = log_pi - 1/2 (sum_j (x - mu)^2 inv_var + sum_j log_var + d log 2pi)
     diff = x[..., :, None, :] - means[:, None, :, :]                   # (B, H, N, K, d)
@@ -130,7 +136,7 @@ def _routing_backward(dr, x, means, log_var, logits, temperature):
 
 
 def gma_backward(do, q, k, v, means, log_var, logits, *, causal=False, norm="row",
-                 temperature=1.0, eps=1e-6, key_mask=None):
+                 temperature=1.0, eps=1e-6, key_mask=None, tau_from_log_r=False):
     """Gradients of sum(o * do): dict "q", "k", "v", "means", "log_var", "logits", "temperature"."""
     o, (rq, rk, mask, S, z) = _forward(q, k, v, means, log_var, logits, causal, norm,
                                        temperature, eps, key_mask)
@@ -161,8 +167,8 @@ def gma_backward(do, q, k, v, means, log_var, logits, *, causal=False, norm="row
     dv = np.einsum("bhnk,bhnke->bhne", rk, G)                          # (B, H, N, e)
     drk = (np.einsum("bhnke,bhne->bhnk", G, v) + g) * mask[:, None, :, None]
     # 0. routing of queries and keys through the same mixture
-    gq = _routing_backward(drq, q, means, log_var, logits, temperature)
-    gk = _routing_backward(drk, k, means, log_var, logits, temperature)
+    gq = _routing_backward(drq, q, means, log_var, logits, temperature, tau_from_log_r)
+    gk = _routing_backward(drk, k, means, log_var, logits, temperature, tau_from_log_r)
     dtau = gq["temperature"] + gk["temperature"]
     return dict(q=gq["x"], k=gk["x"], v=dv,
                 means=gq["means"] + gk["means"], log_var=gq["log_var"] + gk["log_var"],

@@ -348,3 +348,22 @@ def test_float32_prefix_sums_lose_accuracy_with_n_and_the_tolerance_keeps_up():
             tols.append(meta[name]["tol"]["float32"])
     assert max(errors[2:]) > 1.5 * max(errors[:2]), errors          # the error grows with N
     assert min(tols[2:]) > 3 * max(tols[:2]), tols                  # and so does the tolerance
+
+
+def test_temperature_gradient_trap_is_real_and_the_tolerance_makes_room_for_it(bundle):
+    """d tau = -sum da a / tau (autodiff's form) against -sum da log r / tau, float32:
+    equal in exact arithmetic, 100x apart when responsibilities collapse or tau is small
+    (docs/port-guide.md, trap 6). Both pass: the rounding bound of the tolerance covers
+    the first form."""
+    errors = {}
+    for from_log_r in (False, True):
+        def backward(*args, **kwargs):
+            return port_example.gma_backward(*args, **kwargs, tau_from_log_r=from_log_r)
+        report = check_port(bundle, port_example.gma, backward, dtypes=("float32",))
+        assert report.ok, report.format(failures_only=True)
+        errors[from_log_r] = {r.case: r.err_scale for r in report.rows
+                              if r.tensor == "dtemperature"}
+    for case, err in errors[False].items():
+        if case.startswith(("collapsed", "cold")):
+            assert err > 30 * errors[True][case], (case, err, errors[True][case])
+    assert max(errors[True].values()) <= 1e-4
