@@ -73,6 +73,25 @@ def test_mlp_gradcheck(rng):
             "b2": rng.standard_normal(4)}, mode="full")
 
 
+@pytest.mark.parametrize("width", [1, 3], ids=["w1", "w3"])
+def test_causal_conv_gradcheck(rng, width):
+    def grad(dout, x, c):
+        dx, dc = L.causal_conv_backward(dout, L.causal_conv_forward(x, c)[1])
+        return {"x": dx, "c": dc}
+    _check(lambda x, c: L.causal_conv_forward(x, c)[0], grad,
+           {"x": rng.standard_normal((2, 5, 3)), "c": rng.standard_normal((width, 3))}, mode="full")
+
+
+def test_causal_conv_is_causal_and_continues_from_history(rng):
+    x, c = rng.standard_normal((2, 9, 3)), rng.standard_normal((3, 3))
+    full = L.causal_conv_forward(x, c)[0]
+    y = x.copy()
+    y[:, 6:] += 5.0                                        # the future changes nothing before it
+    np.testing.assert_array_equal(L.causal_conv_forward(y, c)[0][:, :6], full[:, :6])
+    second = L.causal_conv_forward(x[:, 4:], c, history=x[:, 2:4])[0]
+    np.testing.assert_allclose(second, full[:, 4:], rtol=1e-13)
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["all-tokens", "masked"])
 def test_cross_entropy_gradcheck(rng, masked):
     targets = rng.integers(0, 7, (2, 5))
@@ -179,8 +198,8 @@ def _tiny_model(rng, **kw):
 
 
 @pytest.mark.parametrize("kw", [dict(n_layers=2), dict(tie_embeddings=False, covariance="spherical",
-                                                       learn_temperature=False)],
-                         ids=["L2-tied-diag-tau", "L1-untied-spherical"])
+                                                       learn_temperature=False, conv_width=0)],
+                         ids=["L2-tied-diag-tau-conv4", "L1-untied-spherical-noconv"])
 def test_whole_model_gradcheck_every_parameter(rng, kw):
     model = _tiny_model(rng, **kw)
     cfg = model.cfg
@@ -197,9 +216,10 @@ def test_whole_model_gradcheck_every_parameter(rng, kw):
 
 # ---------------------------------------------------------------- decode path
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-def test_decode_matches_full_forward(rng, dtype):
-    model = _tiny_model(rng, n_layers=2, max_len=9, dtype=np.dtype(dtype).name)
+@pytest.mark.parametrize("dtype,conv", [(np.float64, 4), (np.float32, 4), (np.float64, 0)],
+                         ids=["float64-conv4", "float32-conv4", "float64-noconv"])
+def test_decode_matches_full_forward(rng, dtype, conv):
+    model = _tiny_model(rng, n_layers=2, max_len=9, dtype=np.dtype(dtype).name, conv_width=conv)
     idx = rng.integers(0, 11, (3, 9))
     full, _ = model.forward(idx)                                     # (B, N, V)
     state = model.decode_init(3)

@@ -160,6 +160,41 @@ def mlp_backward(dout, cache):
     return dx, dW1, db1, dW2, db2
 
 
+# ---------------------------------------------------------------- short causal convolution
+
+def causal_conv_forward(x, c, history=None):
+    """Depthwise causal convolution over tokens: out[b, t] = sum_s c[s] * x[b, t - s], s = 0..w-1.
+
+    x (B, N, D), c (w, D) one filter of width w per channel. Tokens before the
+    sequence are zeros, or `history` (B, w-1, D): the last w-1 inputs of the
+    previous chunk (the decode path). Cache: the zero/history-padded input.
+    """
+    B, N, D = x.shape
+    w = c.shape[0]
+    pad = np.zeros((B, w - 1, D), dtype=x.dtype) if history is None else history
+    xp = np.concatenate([pad, x], axis=1)                           # (B, w-1+N, D)
+    out = np.zeros_like(x)
+    for s in range(w):
+        # tap s reads token t - s, which sits at t + (w - 1 - s) in the padded input
+        out += c[s] * xp[:, w - 1 - s:w - 1 - s + N]
+    return out, (xp, c)
+
+
+def causal_conv_backward(dout, cache):
+    """(dx, dc) of causal_conv_forward (the gradient of the history is not needed)."""
+    xp, c = cache
+    w = c.shape[0]
+    N = dout.shape[1]
+    dxp = np.zeros_like(xp)
+    dc = np.zeros_like(c)
+    for s in range(w):
+        # in the forward pass this was: out += c[s] * xp[:, w-1-s : w-1-s+N]
+        window = xp[:, w - 1 - s:w - 1 - s + N]
+        dc[s] = (dout * window).reshape(-1, c.shape[1]).sum(axis=0)
+        dxp[:, w - 1 - s:w - 1 - s + N] += c[s] * dout
+    return dxp[:, w - 1:], dc
+
+
 # ---------------------------------------------------------------- losses and heads
 
 def cross_entropy_forward(logits, targets, mask=None):

@@ -5,9 +5,15 @@ d key head size, e value head size, K components, F = mlp_ratio * D.
 
     x = wte[idx] + wpe[0..N-1]                                  (B, N, D)
     for each of the L blocks (pre-norm residual):
-        x = x + gma_layer(layernorm(x))                         causal GMA, section 4 of the definition
+        x = x + gma_layer(conv(layernorm(x)))                   causal GMA, section 4 of the definition
         x = x + mlp(layernorm(x))                               gelu MLP, D -> F -> D
     logits = layernorm(x) W_head                                (B, N, V); W_head = wte^T when tied
+
+conv is an optional short depthwise causal convolution (width conv_width,
+identity at initialisation; conv_width = 0 leaves it out and the block is the
+plain section-4 layer). It hands each token its few predecessors, which the
+GMA memory, a position-free average over routed slots, cannot single out
+(docs/training.md, "Why a short convolution").
 
 The parameters live in one flat dict name -> array (the names of
 `parameter_shapes`), which is what the optimizer, the checkpoints and
@@ -54,6 +60,7 @@ class ModelConfig:
     learn_temperature: bool = True # a learned log-temperature per head (H,)
     norm: str = "row"              # GMA read-out normalisation, "row" or "slot"
     mlp_ratio: int = 4             # F = mlp_ratio * D
+    conv_width: int = 4            # width of the causal convolution before each GMA layer (0 = none)
     tie_embeddings: bool = True    # logits = layernorm(x) wte^T (no separate head)
     dtype: str = "float32"         # compute dtype of parameters and activations
 
@@ -63,6 +70,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not isinstance(self.conv_width, (int, np.integer)) or self.conv_width < 0:
+            raise ValueError(f"conv_width: expected an integer >= 0, got {self.conv_width!r}")
         if self.covariance not in ("diag", "spherical"):
             raise ValueError(f"covariance: expected 'diag' or 'spherical', got {self.covariance!r}")
         if self.norm not in ("row", "slot"):
@@ -80,6 +89,7 @@ def parameter_shapes(cfg):
         b = f"h{l}."
         shapes.update({
             b + "ln1.g": (D,), b + "ln1.b": (D,),
+            **({b + "conv.c": (cfg.conv_width, D)} if cfg.conv_width else {}),
             b + "gma.Wq": (D, H * d), b + "gma.bq": (H * d,),
             b + "gma.Wk": (D, H * d), b + "gma.bk": (H * d,),
             b + "gma.Wv": (D, H * e), b + "gma.bv": (H * e,),
@@ -104,8 +114,8 @@ def parameter_shapes(cfg):
 def decays(name):
     """Whether AdamW decays a parameter: weight matrices and embeddings only.
 
-    Not decayed: norm gains and biases (decay would pull a gain to 0, a bias to
-    0 for no reason) and the whole mixture: logits, means, log-variances and
+    Not decayed: norm gains, biases and the convolution taps (decay would pull
+    a gain or the identity tap to 0 for no reason) and the whole mixture: logits, means, log-variances and
     log-temperature (decay would pull the means to the origin, the variances to
     1, the mixture weights to uniform: a prior unrelated to weight size)."""
     last = name.rsplit(".", 1)[-1]
@@ -122,6 +132,9 @@ def init_params(cfg, rng):
         last = name.rsplit(".", 1)[-1]
         if last in ("g",):
             value = np.ones(shape)
+        elif last == "c":                       # the convolution starts as the identity
+            value = np.zeros(shape)
+            value[0] = 1.0
         elif last in ("Wo", "W2"):
             value = rng.normal(0.0, resid_std, shape)
         elif last == "wpe":
@@ -151,27 +164,32 @@ def _head_weight(params, cfg):
 
 
 def block_forward(x, bp, cfg):
-    """One pre-norm block: x + gma(ln1(x)), then + mlp(ln2(.)). x (B, N, D)."""
+    """One pre-norm block: x + gma(conv(ln1(x))), then + mlp(ln2(.)). x (B, N, D)."""
     h, c_ln1 = L.layernorm_forward(x, bp["ln1.g"], bp["ln1.b"])
+    c_conv = None
+    if cfg.conv_width:
+        h, c_conv = L.causal_conv_forward(h, bp["conv.c"])
     a, c_gma = gma_layer_forward(h, _gma_params(bp), n_heads=cfg.n_heads, causal=True, norm=cfg.norm)
     x = x + a
     h, c_ln2 = L.layernorm_forward(x, bp["ln2.g"], bp["ln2.b"])
     m, c_mlp = L.mlp_forward(h, bp["mlp.W1"], bp["mlp.b1"], bp["mlp.W2"], bp["mlp.b2"])
-    return x + m, (c_ln1, c_gma, c_ln2, c_mlp)
+    return x + m, (c_ln1, c_conv, c_gma, c_ln2, c_mlp)
 
 
 def block_backward(dx, cache):
     """(dx, grads keyed like the block's parameters without prefix) of block_forward."""
-    c_ln1, c_gma, c_ln2, c_mlp = cache
+    c_ln1, c_conv, c_gma, c_ln2, c_mlp = cache
     g = {}
     # 4. x_out = x_mid + mlp(h2): the residual passes dx through unchanged
     dh, g["mlp.W1"], g["mlp.b1"], g["mlp.W2"], g["mlp.b2"] = L.mlp_backward(dx, c_mlp)
     # 3. h2 = ln2(x_mid)
     dmid, g["ln2.g"], g["ln2.b"] = L.layernorm_backward(dh, c_ln2)
     dx = dx + dmid
-    # 2. x_mid = x + gma(h1)
+    # 2. x_mid = x + gma(conv(h1))
     dh, gg = gma_layer_backward(dx, c_gma)
     g.update({"gma." + name: value for name, value in gg.items()})
+    if c_conv is not None:
+        dh, g["conv.c"] = L.causal_conv_backward(dh, c_conv)
     # 1. h1 = ln1(x)
     dx_ln, g["ln1.g"], g["ln1.b"] = L.layernorm_backward(dh, c_ln1)
     return dx + dx_ln, g
@@ -227,9 +245,11 @@ def lm_loss_backward(cache, dloss=1.0):
 
 @dataclass
 class DecodeState:
-    """The recurrent state of the whole model after a prefix: one GMAState per layer
-    and the number of tokens consumed (the next token's position)."""
+    """The recurrent state of the whole model after a prefix: one GMAState per layer,
+    the convolution's last conv_width - 1 inputs per layer, and the number of tokens
+    consumed (the next token's position). Its size does not depend on the position."""
     layers: list          # L gma_np.GMAState, each S (B, H, K, e), z (B, H, K) float64
+    conv: list            # L arrays (B, conv_width - 1, D), or None before the first token
     position: int
 
 
@@ -298,6 +318,8 @@ class GMALanguageModel:
         for l in range(cfg.n_layers):
             bp = _block_params(self.params, l)
             h, _ = L.layernorm_forward(x, bp["ln1.g"], bp["ln1.b"])
+            if cfg.conv_width:
+                h, _ = L.causal_conv_forward(h, bp["conv.c"])
             keys = project_keys(h, _gma_params(bp), cfg.n_heads)                    # (B, H, N, d)
             means, log_var, logits = fit_mixture(keys, cfg.n_components, rng, cfg.covariance)
             dtype = np.dtype(cfg.dtype)
@@ -310,7 +332,8 @@ class GMALanguageModel:
 
     def decode_init(self, batch_size=1):
         """The empty state: nothing read yet, next position 0."""
-        return DecodeState(layers=[None] * self.cfg.n_layers, position=0)
+        return DecodeState(layers=[None] * self.cfg.n_layers, conv=[None] * self.cfg.n_layers,
+                           position=0)
 
     def decode(self, tokens, state):
         """Logits (B, n, V) of a chunk of tokens (B, n) continuing from `state`, and the
@@ -321,10 +344,19 @@ class GMALanguageModel:
         B, n = tokens.shape
         positions = np.minimum(state.position + np.arange(n), cfg.max_len - 1)   # clamped
         x = p["wte"][tokens] + p["wpe"][positions]                               # (B, n, D)
-        new_layers = []
+        new_layers, new_conv = [], []
         for l in range(cfg.n_layers):
             bp = _block_params(p, l)
             h, _ = L.layernorm_forward(x, bp["ln1.g"], bp["ln1.b"])
+            history = None
+            if cfg.conv_width:
+                w = cfg.conv_width
+                history = (np.zeros((B, w - 1, cfg.d_model), dtype=h.dtype) if state.conv[l] is None
+                           else state.conv[l])
+                joined = np.concatenate([history, h], axis=1)                    # (B, w-1+n, D)
+                h, _ = L.causal_conv_forward(h, bp["conv.c"], history)
+                history = joined[:, joined.shape[1] - (w - 1):]
+            new_conv.append(history)
             a, s = gma_layer_chunk(h, _gma_params(bp), state.layers[l], n_heads=cfg.n_heads,
                                    norm=cfg.norm)
             new_layers.append(s)
@@ -333,4 +365,4 @@ class GMALanguageModel:
             x = x + L.mlp_forward(h, bp["mlp.W1"], bp["mlp.b1"], bp["mlp.W2"], bp["mlp.b2"])[0]
         h, _ = L.layernorm_forward(x, p["lnf.g"], p["lnf.b"])
         logits = h @ _head_weight(p, cfg)                                         # (B, n, V)
-        return logits, DecodeState(layers=new_layers, position=state.position + n)
+        return logits, DecodeState(layers=new_layers, conv=new_conv, position=state.position + n)

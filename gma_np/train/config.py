@@ -32,6 +32,7 @@ class TrainConfig:
     learn_temperature: bool = True    # learn a log-temperature per head
     norm: str = "row"                 # GMA read-out normalisation, "row" or "slot"
     mlp_ratio: int = 4                # MLP hidden size = mlp_ratio * d_model
+    conv_width: int = 4               # short causal convolution before each GMA layer (0 = none)
     tie_embeddings: bool = True       # the LM head is the transposed token embedding
     dtype: str = "float32"            # compute dtype (float64 only for checks: 2-3x slower)
     context: int = 128                # N: tokens per training sequence (= positional table size)
@@ -61,7 +62,7 @@ class TrainConfig:
                            n_layers=self.n_layers, n_heads=self.n_heads, head_dim=self.head_dim,
                            value_dim=self.value_dim, n_components=self.n_components,
                            covariance=self.covariance, learn_temperature=self.learn_temperature,
-                           norm=self.norm, mlp_ratio=self.mlp_ratio,
+                           norm=self.norm, mlp_ratio=self.mlp_ratio, conv_width=self.conv_width,
                            tie_embeddings=self.tie_embeddings, dtype=self.dtype)
 
     def __post_init__(self):
