@@ -194,3 +194,36 @@ def test_cli_train_eval_sample(tmp_path, capsys):
     assert "seed: checkpoint 3, requested 4" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing")]) == 1
     assert "no checkpoint.npz" in capsys.readouterr().err
+
+
+def test_ctrl_c_finishes_the_step_and_checkpoints(straight, tmp_path):
+    import signal
+
+    def interrupt(step):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+    result = _run(preset("test", steps=20), tmp_path, on_step=interrupt)
+    assert result.stopped == "interrupted" and result.step == 7
+    assert load_checkpoint(str(tmp_path))[2]["step"] == 7
+    (tmp_path / "checkpoint.npz.abc123.tmp").write_bytes(b"torn")      # a kill mid-write
+    _run(None, tmp_path, resume=True)
+    _assert_same_run(straight[0], tmp_path)
+    assert not (tmp_path / "checkpoint.npz.abc123.tmp").exists()
+
+
+def test_loss_plot_or_one_line_notice(straight, monkeypatch):
+    import builtins
+
+    from gma_np.train.runlog import RunLog
+    log = RunLog(str(straight[0]))
+    assert [r["step"] for r in log.records() if "val_bpb" in r] == [10, 20]
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kw):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    lines = []
+    assert log.plot(lines.append) is None
+    assert len(lines) == 1 and "matplotlib is not installed" in lines[0]

@@ -70,6 +70,13 @@ def atomic_write(path, write):
     _fsync_dir(directory)
 
 
+def remove_stale_temporaries(run_dir):
+    """Delete the temporary files a run killed in the middle of atomic_write left behind."""
+    for name in os.listdir(run_dir):
+        if name.endswith(".tmp") and name.split(".")[0] in ("checkpoint", "log", "config"):
+            os.unlink(os.path.join(run_dir, name))
+
+
 def checkpoint_path(run_dir):
     return os.path.join(run_dir, NPZ_NAME)
 

@@ -134,6 +134,7 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=p
         val_bpb = meta.get("val_bpb")
         val_bpb = float("nan") if val_bpb is None else float(val_bpb)
         corpus = load_corpus(cfg.data, cfg.val_fraction)
+        ckpt.remove_stale_temporaries(run_dir)
         log = RunLog(run_dir)
         log.truncate_after(step)
         print_fn(f"resumed {run_dir} at step {step}/{cfg.steps} ({corpus.name})")
@@ -159,15 +160,21 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=p
                  f"{len(corpus.train):,} train / {len(corpus.val):,} validation bytes, "
                  f"{cfg.steps} steps of {cfg.batch_size} x {cfg.context} tokens")
 
-    stop = {"signal": False}
-    previous_handler = None
-    try:
-        previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))
-    except ValueError:            # not the main thread: Ctrl-C keeps its default behaviour
-        pass
     tokens_per_step = cfg.batch_size * cfg.context
     bar = _progress(cfg.steps, step, quiet)
     say = print_fn if bar.disable else bar.write
+    stop = {"signal": False}
+    previous_handler = None
+
+    def on_sigint(*_):
+        if stop["signal"]:                      # a second Ctrl-C: stop now, keep the last checkpoint
+            raise KeyboardInterrupt
+        stop["signal"] = True
+        say("Ctrl-C: finishing this step and writing a checkpoint (again to stop at once)")
+    try:
+        previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:            # not the main thread: Ctrl-C keeps its default behaviour
+        pass
     rates, t_start, start_step, stopped = [], time.perf_counter(), step, "done"
     try:
         while step < cfg.steps:
