@@ -7,14 +7,16 @@ import gma_np
 from gma_np.testing import (assert_port_matches, check_port, compare_tensor, reference_backward,
                             verify_bundle)
 from gma_np.vectors.check import resolve
+from gma_np.vectors.cases import quick_matrix
 from gma_np.vectors.export import export_bundle
 from tests import port_example
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
+    """A custom 4-case bundle: the first four "well" cases of the quick matrix, seed 3."""
     directory = str(tmp_path_factory.mktemp("bundle"))
-    export_bundle(directory, "quick", seed=3)
+    export_bundle(directory, quick_matrix()[:4], seed=3)
     return directory
 
 
@@ -44,7 +46,7 @@ def test_compare_tensor_rejects_shape_and_non_finite():
 
 def test_assert_port_matches_passes_and_fails(bundle):
     report = assert_port_matches(bundle, gma_np.gma, reference_backward, dtypes=("float64", "float32"))
-    assert report.ok and len(report.rows) == 9 * 2 * 8
+    assert report.ok and len(report.rows) == 4 * 2 * 8
 
     def wrong_scale(*args, **kwargs):
         return 1.001 * gma_np.gma(*args, **kwargs)
@@ -107,7 +109,7 @@ def test_reference_backward_is_gma_backward():
 
 def test_verify_bundle_returns_the_manifest(bundle):
     manifest = verify_bundle(bundle)
-    assert manifest["seed"] == 3 and len(manifest["cases"]) == 9
+    assert manifest["seed"] == 3 and manifest["matrix"] == "custom" and len(manifest["cases"]) == 4
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -124,3 +126,12 @@ def test_numpy_port_checks_step_by_step(bundle):
     """The order of the port guide: routing first, then the output, then gradients."""
     report = check_port(bundle, port_example.gma, responsibilities=port_example.responsibilities)
     assert report.ok and {r.tensor for r in report.rows} == {"r_q", "r_k", "o"}
+
+
+def test_export_refuses_a_bad_matrix(tmp_path):
+    with pytest.raises(ValueError, match="matrix: expected one of"):
+        export_bundle(str(tmp_path), "huge")
+    with pytest.raises(ValueError, match="two cases have the same name"):
+        export_bundle(str(tmp_path), quick_matrix()[:1] * 2)
+    with pytest.raises(ValueError, match="seed: expected an int >= 0"):
+        export_bundle(str(tmp_path), "quick", seed=-1)

@@ -20,8 +20,8 @@ from gma_np.cli import main
 from gma_np.reference.dense import gma_dense, gma_dense_backward
 from gma_np.testing import BundleError, check_port, reference_backward
 from gma_np.vectors import FORMAT_NAME, FORMAT_VERSION
-from gma_np.vectors.cases import LONG_SIZES, Case, default_matrix, quick_matrix
-from gma_np.vectors.export import build_bundle, export_bundle
+from gma_np.vectors.cases import LONG_SIZES, Case, default_matrix, draw_inputs, quick_matrix
+from gma_np.vectors.export import export_bundle
 from gma_np.vectors.golden import CHECKED, UNIT_ROUNDOFF, golden_case, tolerance
 from tests import port_example
 
@@ -54,11 +54,13 @@ def test_export_is_byte_identical(bundle, tmp_path):
             assert a.read() == b.read(), f"{name}: two exports differ"
 
 
-def test_another_seed_gives_other_inputs():
-    m0, f0 = build_bundle("quick", seed=0)
-    m1, f1 = build_bundle("quick", seed=1)
-    assert m1["seed"] == 1
-    assert all(f0[name] != f1[name] for name in f0)
+def test_the_seed_and_the_case_name_set_the_inputs():
+    case, other = quick_matrix()[:2]
+    same, seed1, other_case = draw_inputs(case, 0), draw_inputs(case, 1), draw_inputs(other, 0)
+    for name in ("q", "k", "v", "means", "log_var", "logits"):
+        np.testing.assert_array_equal(draw_inputs(case, 0)[0][name], same[0][name])
+        assert not np.array_equal(seed1[0][name], same[0][name]), name
+        assert not np.array_equal(other_case[0][name], same[0][name]), name
 
 
 def test_manifest_describes_every_file_and_array(bundle):
@@ -265,7 +267,9 @@ def test_unknown_format_version_is_refused(bundle, tmp_path):
 
 # ----------------------------------------------------------------------------- tolerances
 
-def _float32_reports(bundle):
+@pytest.fixture(scope="module")
+def float32_reports(bundle):
+    """(gma_np, the independent port) run in float32 on the quick bundle."""
     ours = check_port(bundle, gma_np.gma, reference_backward, gma_np.responsibilities,
                       dtypes=("float32",))
     theirs = check_port(bundle, port_example.gma, port_example.gma_backward,
@@ -273,19 +277,19 @@ def _float32_reports(bundle):
     return ours, theirs
 
 
-def test_measured_float32_errors_sit_inside_the_tolerance_with_margin(bundle):
+def test_measured_float32_errors_sit_inside_the_tolerance_with_margin(float32_reports):
     # margin 2: every measured error at most half its tolerance
-    for report in _float32_reports(bundle):
+    for report in float32_reports:
         for r in report.rows:
             assert r.err_scale <= 0.5 * r.tol, (f"{r.case}/{r.tensor}: float32 error "
                                                 f"{r.err_scale:.2e} vs tolerance {r.tol:.2e}")
 
 
-def test_tolerances_are_not_absurdly_loose(bundle):
+def test_tolerances_are_not_absurdly_loose(float32_reports):
     # the independent float32 port computes everything in float32: its errors are
     # what a float32 port makes. Median tolerance / error measured on the quick
     # bundle: 20-30 for o and dv, 80-130 for r, 100-300 for routing gradients.
-    _, theirs = _float32_reports(bundle)
+    _, theirs = float32_reports
     ratio = {}
     for r in theirs.rows:
         ratio.setdefault(r.tensor, []).append(r.tol / max(r.err_scale, 1e-300))

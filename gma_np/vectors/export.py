@@ -23,7 +23,7 @@ import numpy as np
 
 from gma_np import __version__
 from gma_np.vectors import FORMAT_NAME, FORMAT_VERSION
-from gma_np.vectors.cases import MATRICES
+from gma_np.vectors.cases import MATRICES, Case
 from gma_np.vectors.golden import (CHECKED, GRADIENTS, INPUTS, INTERMEDIATES, LAMBDA,
                                    OUTPUTS, PERTURBATION, UNIT_ROUNDOFF, golden_case)
 
@@ -72,13 +72,27 @@ def sha256_bytes(data):
 
 
 def build_bundle(matrix="default", seed=0, progress=None):
-    """(manifest dict, {file name: bytes}) of the bundle, without touching the disk."""
-    if matrix not in MATRICES:
-        raise ValueError(f"matrix: expected one of {tuple(MATRICES)}, got {matrix!r}")
+    """(manifest dict, {file name: bytes}) of the bundle, without touching the disk.
+
+    matrix is "default", "quick", or a list of gma_np.vectors.cases.Case (then the
+    manifest says "custom").
+    """
+    if isinstance(matrix, str):
+        if matrix not in MATRICES:
+            raise ValueError(f"matrix: expected one of {tuple(MATRICES)} or a list of Case, "
+                             f"got {matrix!r}")
+        matrix_cases = MATRICES[matrix]()
+    else:
+        matrix_cases = list(matrix)
+        if not matrix_cases or not all(isinstance(c, Case) for c in matrix_cases):
+            raise ValueError(f"matrix: expected one of {tuple(MATRICES)} or a non-empty list "
+                             f"of Case, got {matrix!r}")
+        if len({c.name for c in matrix_cases}) != len(matrix_cases):
+            raise ValueError("matrix: two cases have the same name")
+        matrix = "custom"
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
     files, cases = {}, []
-    matrix_cases = MATRICES[matrix]()
     for i, case in enumerate(matrix_cases):
         if progress is not None:
             progress(i, len(matrix_cases), case)
