@@ -371,3 +371,23 @@ def test_temperature_gradient_trap_is_real_and_the_tolerance_makes_room_for_it(b
         if case.startswith(("collapsed", "cold")):
             assert err > 30 * errors[True][case], (case, err, errors[True][case])
     assert max(errors[True].values()) <= 1e-4
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_routing_cotangents_of_the_rounding_bound_match_the_dense_reference(causal, norm):
+    """The bound of the tolerances uses its own drq, drk; they must be the dense form's."""
+    from gma_np.reference.dense import dense_mix_backward
+    from gma_np.vectors.golden import routing_cotangents
+    case = Case("well", causal, norm, "diag", True, False, B=2, H=3, N=11, d=3, e=2, K=4)
+    rng = np.random.default_rng(5)
+    rq, rk = rng.dirichlet(np.ones(4), (2, 2, 3, 11))
+    rk = rk * (rng.random((2, 1, 11, 1)) > 0.3)
+    v, do = rng.standard_normal((2, 2, 3, 11, 2))
+    drq, drk = routing_cotangents(case, rq, rk, v, do)
+    for b in range(2):
+        for h in range(3):
+            want_q, want_k, _ = dense_mix_backward(do[b, h], rq[b, h], rk[b, h], v[b, h],
+                                                   causal, norm == "slot", case.eps)
+            np.testing.assert_allclose(drq[b, h], want_q, rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(drk[b, h], want_k, rtol=1e-10, atol=1e-12)
