@@ -6,7 +6,6 @@ leaking one future token, must fail, and the report must name tensor and case.
 """
 
 import hashlib
-import io
 import json
 import os
 import shutil
