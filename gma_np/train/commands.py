@@ -102,7 +102,7 @@ def cmd_sample(args):
 def add_subcommands(sub):
     """Add train, eval and sample to an argparse subparsers object."""
     p = sub.add_parser("train", help="train a small GMA language model on the CPU")
-    p.add_argument("--preset", default=None, help="tiny (default), small or test")
+    p.add_argument("--preset", default=None, help="tiny (default), tiny-noconv, small or test")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint")

@@ -40,7 +40,7 @@ class TrainConfig:
     data: str = ""                    # "" = the embedded corpus (pydoc_data.topics); else a path
     val_fraction: float = 0.1         # share of a plain text file (or the default corpus) held out, at its end
     # ---- optimisation
-    steps: int = 1000                 # total optimizer steps (the schedule's length)
+    steps: int = 600                  # total optimizer steps (the schedule's length)
     batch_size: int = 32              # B: sequences per step (B * context tokens)
     lr: float = 3e-3                  # peak learning rate of AdamW
     min_lr_ratio: float = 0.1         # the cosine decays to lr * min_lr_ratio
@@ -104,13 +104,17 @@ BOOKKEEPING_FIELDS = ("eval_interval", "eval_tokens", "checkpoint_interval", "lo
 
 PRESETS = {
     # The classroom run (the defaults): 2 layers, d_model 128, 4 heads, K = 16,
-    # context 128, batch 32. See docs/training.md for its time and bits per byte.
+    # a width-4 convolution before each GMA layer, context 128, batch 32, 600 steps.
+    # See docs/training.md for its time and bits per byte.
     "tiny": {},
+    # The same without the convolution: the plain section-4 GMA block. It learns
+    # more slowly per step (docs/training.md, "Why a short convolution").
+    "tiny-noconv": dict(conv_width=0, steps=1000),
     # The test-suite's model: one layer, d_model 16; a step takes milliseconds.
     "test": dict(d_model=16, n_layers=1, n_heads=2, head_dim=8, value_dim=8, n_components=5,
                  context=32, batch_size=4, steps=20, warmup_steps=5, eval_interval=10,
                  eval_tokens=512, checkpoint_interval=10, log_interval=1),
-    # A bigger model for a longer run (about an hour on 2 cores).
+    # A bigger model for a longer run (not timed: docs/training.md reports only the tiny presets).
     "small": dict(d_model=192, n_layers=4, n_heads=6, n_components=32, context=256,
                   steps=6000, batch_size=32, lr=2e-3, warmup_steps=200, eval_interval=500,
                   checkpoint_interval=500),
