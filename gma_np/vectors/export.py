@@ -25,8 +25,8 @@ import numpy as np
 from gma_np import __version__
 from gma_np.vectors import FORMAT_NAME, FORMAT_VERSION
 from gma_np.vectors.cases import MATRICES, Case
-from gma_np.vectors.golden import (CHECKED, GRADIENTS, INPUTS, INTERMEDIATES, LAMBDA,
-                                   OUTPUTS, PERTURBATION, UNIT_ROUNDOFF, golden_case)
+from gma_np.vectors.golden import (CHECKED, GRADIENTS, INPUTS, INTERMEDIATES, KAPPA_SAMPLES,
+                                   LAMBDA, OUTPUTS, PERTURBATION, UNIT_ROUNDOFF, golden_case)
 
 # The date every zip entry carries: the earliest a zip can hold.
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
@@ -125,7 +125,8 @@ def _build(matrix, matrix_cases, seed, progress):
         tolerance_model=dict(
             formula="max|got - expected| / scale <= tol[dtype] = lambda * u[dtype] * (kappa "
                     "* (sqrt(n_terms) + sqrt(d + e + K)) + rounding_bound)",
-            unit_roundoff=UNIT_ROUNDOFF, **{"lambda": LAMBDA}, perturbation=PERTURBATION),
+            unit_roundoff=UNIT_ROUNDOFF, **{"lambda": LAMBDA}, perturbation=PERTURBATION,
+            kappa_samples=KAPPA_SAMPLES),
         cases=cases,
         files={name: sha256_bytes(data) for name, data in files.items()})
     return manifest, files
