@@ -101,7 +101,12 @@ def _progress(total, initial, quiet):
                 desc="train")
 
 
-def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=print,
+def _print_now(message):
+    """print, flushed: a log redirected to a file shows each line when it happens."""
+    print(message, flush=True)
+
+
+def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_print_now,
           on_step=None, blas_threads=1):
     """Train (or resume) the run in run_dir. Returns a TrainResult.
 
