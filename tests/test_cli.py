@@ -9,8 +9,10 @@ from gma_np.cli import main
 
 def test_check_prints_table_and_exits_zero(monkeypatch, capsys):
     # two configurations stand in for the full matrix (tests/test_mixing.py runs all 32)
-    rows = [selfcheck.check_configuration(True, "row", "diag", True, True),
-            selfcheck.check_configuration(False, "slot", "spherical", False, False)]
+    rows = [selfcheck.check_configuration(True, "row", "diag", True, True,
+                                          sizes=dict(B=1, H=1, N=4, d=2, e=2, K=2)),
+            selfcheck.check_configuration(False, "slot", "spherical", False, False,
+                                          sizes=dict(B=1, H=1, N=4, d=2, e=2, K=2))]
     monkeypatch.setattr(selfcheck, "check_matrix", lambda seed=0: rows)
     assert main(["check"]) == 0
     out = capsys.readouterr().out
@@ -18,8 +20,8 @@ def test_check_prints_table_and_exits_zero(monkeypatch, capsys):
 
 
 def test_check_exits_nonzero_on_failure(monkeypatch, capsys):
-    row = selfcheck.check_configuration(False, "row", "diag", False, False)
-    row.ok, row.gradcheck_ok = False, False
+    row = selfcheck.CheckRow("bidir-row-diag-nomask-tau", gradcheck_ok=False, worst_input="v",
+                             worst_rel_error=1e-4, reference_rel_error=1e-15, ok=False)
     monkeypatch.setattr(selfcheck, "check_matrix", lambda seed=0: [row])
     assert main(["check"]) == 1
     assert "0 passed, 1 failed" in capsys.readouterr().out
