@@ -48,9 +48,9 @@ DEAD_SHARE = 1e-2
 # Mean routing entropy the variance scaling aims at, as a fraction of its maximum
 # log K: soft enough that gradients reach every component, sharp enough to route.
 ROUTING_ENTROPY_TARGET = 0.5
-# Bisection steps on log s in [-LOG_SCALE_RANGE, LOG_SCALE_RANGE]: 30 halvings of a
-# range of 2 * 20 leave an error of 4e-8 in log s, far below anything that matters.
-BISECTION_STEPS = 30
+# Bisection steps on log s in [-LOG_SCALE_RANGE, LOG_SCALE_RANGE]: 40 halvings of a
+# range of 2 * 20 leave an error of 4e-11 in log s, far below anything that matters.
+BISECTION_STEPS = 40
 LOG_SCALE_RANGE = 20.0
 
 
