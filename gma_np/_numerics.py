@@ -45,3 +45,22 @@ GRADCHECK_MAX_FULL_ELEMENTS = 4096
 # Tolerances the test-suite states per dtype when comparing two exact forms
 # (dense vs naive vs fast) of the same computation.
 RTOL_EXACT = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-6}
+
+# Fast routing (gma_np.ops.routing.log_density): the quadratic term is the GEMM
+# expansion x'^2 @ inv_var^T - 2 x' @ (mu' inv_var)^T + m2 on points centred at
+# the mean of their head's means. Its rounding error is about eps * (x2 + m2),
+# the direct form's about eps * quad; an entry where x2 + m2 > BOUND * max(quad, 1)
+# (the expansion would lose more than log2(BOUND) = 4 bits against the direct
+# form) is recomputed directly. With 4 bits the float64 log-densities stay
+# within ~1e-14 * max(quad, 1) of the direct form, far inside the 1e-12 the
+# tests ask of the responsibilities; on data near its mixture, centred, the
+# fallback almost never fires (docs/performance.md, "Accuracy of the GEMM routing").
+EXPANSION_CANCELLATION_BOUND = 16.0
+
+# Kernel calls with fewer multiply-adds than this run on one thread
+# (gma_np.ops._threads.threads_for). Waking Numba's thread pool costs tens of
+# microseconds on an idle machine and, measured on a loaded 2-core machine,
+# ~20 ms per parallel kernel call: a causal fwd+bwd at B=2, H=2, N=37 took
+# 140 ms with 2 threads and 0.7 ms with 1. 2^20 multiply-adds is about a
+# millisecond of one core, where a second thread cannot win much anyway.
+PARALLEL_MIN_WORK = 2 ** 20

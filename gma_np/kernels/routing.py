@@ -88,3 +88,145 @@ def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
                     dmeans_part[p, h, k, j] += c * w
                     dquad_part[p, h, k, j] += 0.5 * c * diff * w
                 dx[p, h, n, j] = acc
+
+
+# ---------------------------------------------------------------------------------------
+# The fast path: quadratic term by a GEMM on centred points, finished by fused row loops.
+#
+# gma_np.ops.routing computes, per head h, with the centre c_h = mean_k mu_hk,
+# x' = x - c_h and mu' = mu - c_h (the quadratic term is unchanged by the shift),
+# the features F = [x', x'^2] (N, 2d) and one GEMM
+#     g = F @ [-2 (mu' inv_var)^T ; inv_var^T]   = x2 - 2 cross          (N, K)
+# with x2 = x'^2 @ inv_var^T, cross = x' @ (mu' inv_var)^T, and then
+#     quad = g + m2,  m2[k] = sum_j mu'_kj^2 inv_var_kj                  (the matmul expansion)
+# The kernels below finish the job row by row, in one pass over memory.
+# ---------------------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True)
+def _features(x, center, out):
+    """out[p,h,n] = [x' , x'^2] with x' = x[p,h,n] - center[h]: the left operand of the GEMMs.
+
+    x       (P, H, N, d)   float32 or float64
+    center  (H, d)         float64
+    out     (P, H, N, 2d)  float64, written
+    """
+    P, H, N, d = x.shape
+    for ph in prange(P * H):
+        p = ph // H
+        h = ph % H
+        for n in range(N):
+            for j in range(d):
+                xc = x[p, h, n, j] - center[h, j]
+                out[p, h, n, j] = xc
+                out[p, h, n, d + j] = xc * xc
+
+
+@njit(cache=True, parallel=True)
+def _log_density_expanded(g, feats, xa, xb, means, inv_var_max, m2, const, inv_var, bound, out):
+    """l[p,h,n,k] = const[h,k] - 1/2 quad, quad = g + m2 or, where that cancels, directly.
+
+    The expansion subtracts terms of size x2 + m2 to get quad; its rounding
+    error is about eps_64 * (x2 + m2), the direct form's about eps_64 * quad.
+    With the bound x2 <= |x'|^2 max_j inv_var_kj, an entry where
+        |x'|^2 max_j inv_var_kj + m2 > bound * max(quad, 1)
+    (the expansion could lose more than log2(bound) bits against the direct
+    form) is recomputed directly as sum_j (x_j - mu_kj)^2 inv_var_kj, from the
+    points and means as passed (not the centred ones, whose own rounding,
+    eps * |x - c|, would show when x sits close to a mean far from the
+    centre). After centring this is rare for data near its mixture
+    (docs/performance.md).
+
+    g            (P, H, N, K)   float64 GEMM result x2 - 2 cross
+    feats        (P, H, N, 2d)  float64 [x', x'^2]
+    xa, xb       (Pa, H, N, d), (P - Pa, H, N, d)  the points as passed: feats[p]
+                 comes from xa[p] for p < Pa, from xb[p - Pa] after (xb may be xa
+                 when Pa = P)
+    means        (H, K, d)      float64 mu
+    inv_var_max  (H, K)         float64 max_j inv_var
+    m2, const    (H, K)         float64
+    inv_var      (H, K, d)      float64
+    bound        float          gma_np._numerics.EXPANSION_CANCELLATION_BOUND
+    out          (P, H, N, K)   float64, written (may be `g` itself)
+    """
+    P, H, N, K = g.shape
+    d = means.shape[2]
+    Pa = xa.shape[0]
+    for ph in prange(P * H):
+        p = ph // H
+        h = ph % H
+        for n in range(N):
+            sq = 0.0                                   # |x'|^2
+            for j in range(d):
+                sq += feats[p, h, n, d + j]
+            for k in range(K):
+                quad = g[p, h, n, k] + m2[h, k]
+                size = sq * inv_var_max[h, k] + m2[h, k]
+                if size > bound * max(quad, 1.0):
+                    quad = 0.0
+                    for j in range(d):
+                        xj = xa[p, h, n, j] if p < Pa else xb[p - Pa, h, n, j]
+                        diff = xj - means[h, k, j]
+                        quad += diff * diff * inv_var[h, k, j]
+                out[p, h, n, k] = const[h, k] - 0.5 * quad
+
+
+@njit(cache=True, parallel=True)
+def _softmax_rows(a, inv_tau, r):
+    """Row softmax of a / tau: one pass per row, max-shifted, one exp per entry.
+
+    r[p,h,n,:] = exp(a/tau - m) / sum_k exp(a/tau - m), m = max_k a/tau: the
+    max-shifted log-sum-exp of scipy.special.logsumexp, r = exp(a/tau - lse),
+    with the division by sum exp done as a product so that each entry costs
+    one exp. Fused so that the (P, H, N, K) arrays are read once;
+    tests/test_fastpaths.py checks it against scipy.
+
+    a        (P, H, N, K)  float64 log-densities l
+    inv_tau  (H,)          float64 1 / tau
+    r        (P, H, N, K)  float64, written (may be `a` itself)
+    """
+    P, H, N, K = a.shape
+    for ph in prange(P * H):
+        p = ph // H
+        h = ph % H
+        s = inv_tau[h]
+        for n in range(N):
+            m = a[p, h, n, 0] * s
+            for k in range(1, K):
+                m = max(m, a[p, h, n, k] * s)
+            total = 0.0
+            for k in range(K):
+                u = np.exp(a[p, h, n, k] * s - m)
+                r[p, h, n, k] = u
+                total += u
+            inv_total = 1.0 / total
+            for k in range(K):
+                r[p, h, n, k] *= inv_total
+
+
+@njit(cache=True, parallel=True)
+def _softmax_rows_backward(dr, r, inv_tau, dl):
+    """Backward of _softmax_rows: dl = d/dl of sum(r * dr).
+
+    In the forward pass this was r = softmax_k(a), a = l / tau, so
+        da = r * (dr - sum_k r dr)                       (softmax Jacobian)
+        dl = da / tau
+    The temperature gradient, -sum da * a / tau = -sum dl * l / tau, is taken
+    by the wrapper from the GEMM sums of the log-density backward (so that
+    neither l nor log r has to be stored or recomputed).
+
+    dr, r    (P, H, N, K)  float64
+    inv_tau  (H,)          float64
+    dl       (P, H, N, K)  float64, written (may be `dr` itself)
+    """
+    P, H, N, K = dr.shape
+    for ph in prange(P * H):
+        p = ph // H
+        h = ph % H
+        s = inv_tau[h]
+        for n in range(N):
+            dot = 0.0
+            for k in range(K):
+                dot += r[p, h, n, k] * dr[p, h, n, k]
+            for k in range(K):
+                dl[p, h, n, k] = r[p, h, n, k] * (dr[p, h, n, k] - dot) * s

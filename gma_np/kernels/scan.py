@@ -3,13 +3,23 @@
 Dimension legend: P = batch x heads (flattened), N tokens, K components, e value size.
 
 Every (p) sequence is an independent recurrence over a state of K*(e+1)
-numbers, run in parallel over p with prange. Within one sequence the loop is
-sequential, so output t depends on tokens 0..t only, bit for bit.
+numbers, run in parallel over p with prange (numba.set_num_threads, or the
+NUMBA_NUM_THREADS environment variable, sets how many threads). Within one
+sequence the loop is sequential, so output t depends on tokens 0..t only, bit
+for bit.
+
+The loops are fused so that each row S[k, :] of the memory is read and written
+once per token: the write S[k] += rk[t,k] v[t] and the read num += rq[t,k] S[k]
+(forward), or the write and the dot product S[k] . do[t] (backward), happen in
+the same pass over c. The innermost loop always runs over the contiguous value
+axis c, so LLVM vectorises it; fastmath is limited to "reassoc" and "contract"
+(reassociate the dot products over c into vector lanes, fuse multiply-adds),
+which changes the rounding of a sum over e terms, never which terms enter it.
 
 Precision: the state S (K, e) and z (K,) are float64 accumulators whatever
 the dtype of the inputs, so the float32 error of causal GMA does not grow with
 N (docs/numerics.md). Nothing of size N x K x e is ever allocated; the only
-N-sized buffers (the per-token write coefficients of the backward) are
+N-sized buffers (the per-token read coefficients of the backward) are
 allocated by the wrapper, so that Python's tracemalloc sees them.
 
 Kernels are plain loops that also run with NUMBA_DISABLE_JIT=1.
@@ -18,8 +28,47 @@ Kernels are plain loops that also run with NUMBA_DISABLE_JIT=1.
 import numpy as np
 from numba import njit, prange
 
+# reassociation (vectorised dot products) and FMA contraction; no assumptions on inf/NaN
+_FASTMATH = {"reassoc", "contract"}
 
-@njit(cache=True, parallel=True)
+
+# The three row operations of the scans, over the contiguous value axis c. They are
+# separate functions (never inlined) because LLVM vectorises them reliably on their
+# own, and did not inside the prange body of the kernels (checked on the assembly).
+
+@njit(cache=True, fastmath=_FASTMATH, inline="never")
+def _write_read_row(S_k, v_t, w, a, num):
+    """S_k += w v_t, then num += a S_k.   S_k, num (e,) float64; v_t (e,)."""
+    for c in range(S_k.shape[0]):
+        s = S_k[c] + w * v_t[c]
+        S_k[c] = s
+        num[c] += a * s
+
+
+@njit(cache=True, fastmath=_FASTMATH, inline="never")
+def _write_dot_row(S_k, v_t, w, do_t):
+    """S_k += w v_t, then return S_k . do_t."""
+    acc = 0.0
+    for c in range(S_k.shape[0]):
+        s = S_k[c] + w * v_t[c]
+        S_k[c] = s
+        acc += s * do_t[c]
+    return acc
+
+
+@njit(cache=True, fastmath=_FASTMATH, inline="never")
+def _suffix_row(G_k, do_t, a, w, v_t, dv_acc):
+    """G_k += a do_t, then dv_acc += w G_k, and return G_k . v_t."""
+    acc = 0.0
+    for c in range(G_k.shape[0]):
+        g = G_k[c] + a * do_t[c]
+        G_k[c] = g
+        dv_acc[c] += w * g
+        acc += g * v_t[c]
+    return acc
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _causal_scan_forward(rq, rk, v, slot, eps, S, z, out):
     """Causal read-out of a K-slot memory written token by token.
 
@@ -38,51 +87,50 @@ def _causal_scan_forward(rq, rk, v, slot, eps, S, z, out):
     P, N, K = rq.shape
     e = v.shape[2]
     for p in prange(P):
-        num = np.zeros(e)  # float64 read-out accumulator (O(e), not O(N))
+        Sp = S[p]                      # (K, e) this sequence's memory
+        zp = z[p]                      # (K,)
+        num = np.empty(e)              # float64 read-out accumulator (O(e), not O(N))
         for t in range(N):
-            # 1. write token t into the memory
+            vt = v[p, t]               # (e,)
+            # 1. write token t into the normaliser, and the read weights a_k
+            den = eps
             for k in range(K):
-                w = rk[p, t, k]
-                if w != 0.0:
-                    z[p, k] += w
-                    for c in range(e):
-                        S[p, k, c] += w * v[p, t, c]
-            # 2. read it out with query t
-            num[:] = 0.0
+                zk = zp[k] + rk[p, t, k]
+                zp[k] = zk
+                den += rq[p, t, k] * zk
+            # 2. write token t into the memory and read it out, one row S[k] at a time
+            for c in range(e):
+                num[c] = 0.0
+            for k in range(K):
+                a = rq[p, t, k] / (zp[k] + eps) if slot else rq[p, t, k]
+                _write_read_row(Sp[k], vt, rk[p, t, k], a, num)
             if slot:
-                for k in range(K):
-                    a = rq[p, t, k] / (z[p, k] + eps)
-                    for c in range(e):
-                        num[c] += a * S[p, k, c]
                 for c in range(e):
                     out[p, t, c] = num[c]
             else:
-                den = eps
-                for k in range(K):
-                    a = rq[p, t, k]
-                    den += a * z[p, k]
-                    for c in range(e):
-                        num[c] += a * S[p, k, c]
+                inv = 1.0 / den
                 for c in range(e):
-                    out[p, t, c] = num[c] / den
+                    out[p, t, c] = num[c] * inv
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, dv):
     """Gradient of sum(out * do) for _causal_scan_forward started from a zero state.
 
-    Pass 1 runs the forward scan again (S_t, z_t are not stored: O(K e) memory)
-    and, for each t, computes the gradient of the query routing and the two
-    pieces of the gradient of the state at t:
-        dS_t = outer(coef[t], do[t])          dz_t = dzt[t]
-    In the forward pass the read was
+    Pass 1 runs the forward write again (S_t, z_t are not stored: O(K e)
+    memory) and, for each t, computes the gradient of the query routing and
+    what pass 2 needs of the gradient of the state at t, dS_t = outer(c_t, do_t)
+    and dz_t. With s_k = S_t[k] . do_t, in the forward pass the read was
         row:  o_t = num_t / den_t, num_t = rq[t] @ S_t, den_t = rq[t] . z_t + eps
-              drq[t,k] = S_t[k] . do_t / den_t - z_t[k] (do_t . o_t) / den_t
-              coef[t,k] = rq[t,k] / den_t;   dzt[t,k] = -rq[t,k] (do_t . o_t) / den_t
+              do_t . num_t = sum_k rq[t,k] s_k          (num_t itself is never formed)
+              dden_t = -(do_t . num_t) / den_t^2
+              drq[t,k] = s_k / den_t + z_t[k] dden_t
+              c_t = rq[t] / den_t;  dz_t = rq[t] dden_t
+              stored per token only: coef[t,0] = 1/den_t, dzt[t,0] = dden_t
         slot: o_t = sum_k rq[t,k] S_t[k] / (z_t[k] + eps)
-              drq[t,k] = S_t[k] . do_t / (z_t[k] + eps)
-              coef[t,k] = rq[t,k] / (z_t[k] + eps)
-              dzt[t,k] = -rq[t,k] (S_t[k] . do_t) / (z_t[k] + eps)^2
+              drq[t,k] = s_k / (z_t[k] + eps)
+              coef[t,k] = c_t[k] = rq[t,k] / (z_t[k] + eps)
+              dzt[t,k] = -rq[t,k] s_k / (z_t[k] + eps)^2
     Pass 2 runs backwards: the state at t collects every token j <= t, so the
     gradient reaching token j's write is the suffix sum over t >= j:
         G = sum_{t>=j} dS_t (K, e);  g = sum_{t>=j} dz_t (K,)
@@ -91,70 +139,61 @@ def _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, d
 
     rq, rk, v, do  (P, N, K), (P, N, K), (P, N, e), (P, N, e)
     S, z           (P, K, e), (P, K)  float64 scratch for the state
-    coef, dzt      (P, N, K)          float64 scratch
-    drq, drk, dv   written, in the dtype of the inputs
+    coef, dzt      (P, N, 1) for row, (P, N, K) for slot: float64 scratch
+    drq, drk       (P, N, K) float64, written
+    dv             (P, N, e) written, in the dtype of v
     """
     P, N, K = rq.shape
     e = v.shape[2]
     for p in prange(P):
-        S[p, :, :] = 0.0
-        z[p, :] = 0.0
-        num = np.zeros(e)
+        Sp = S[p]
+        zp = z[p]
+        Sp[:, :] = 0.0
+        zp[:] = 0.0
+        s_dot = np.empty(K)
+        acc = np.empty(e)
         # pass 1: forward in t
         for t in range(N):
+            vt = v[p, t]
+            dot = do[p, t]
+            den = eps
             for k in range(K):
-                w = rk[p, t, k]
-                if w != 0.0:
-                    z[p, k] += w
-                    for c in range(e):
-                        S[p, k, c] += w * v[p, t, c]
+                zk = zp[k] + rk[p, t, k]
+                zp[k] = zk
+                den += rq[p, t, k] * zk
+            for k in range(K):
+                s_dot[k] = _write_dot_row(Sp[k], vt, rk[p, t, k], dot)
             if slot:
                 for k in range(K):
-                    inv = 1.0 / (z[p, k] + eps)
-                    s_dot = 0.0
-                    for c in range(e):
-                        s_dot += S[p, k, c] * do[p, t, c]
-                    drq[p, t, k] = s_dot * inv
+                    inv = 1.0 / (zp[k] + eps)
+                    drq[p, t, k] = s_dot[k] * inv
                     coef[p, t, k] = rq[p, t, k] * inv
-                    dzt[p, t, k] = -rq[p, t, k] * s_dot * inv * inv
+                    dzt[p, t, k] = -rq[p, t, k] * s_dot[k] * inv * inv
             else:
-                den = eps
-                num[:] = 0.0
-                for k in range(K):
-                    a = rq[p, t, k]
-                    den += a * z[p, k]
-                    for c in range(e):
-                        num[c] += a * S[p, k, c]
                 inv = 1.0 / den
-                # dden_t = -(do_t . num_t) / den_t^2 = -(do_t . o_t) / den_t
                 do_dot_num = 0.0
-                for c in range(e):
-                    do_dot_num += do[p, t, c] * num[c]
+                for k in range(K):
+                    do_dot_num += rq[p, t, k] * s_dot[k]
                 dden = -do_dot_num * inv * inv
                 for k in range(K):
-                    s_dot = 0.0
-                    for c in range(e):
-                        s_dot += S[p, k, c] * do[p, t, c]
-                    drq[p, t, k] = s_dot * inv + z[p, k] * dden
-                    coef[p, t, k] = rq[p, t, k] * inv
-                    dzt[p, t, k] = rq[p, t, k] * dden
-        # pass 2: backward in t, S and z now hold the suffix sums G and g
-        S[p, :, :] = 0.0
-        z[p, :] = 0.0
+                    drq[p, t, k] = s_dot[k] * inv + zp[k] * dden
+                coef[p, t, 0] = inv
+                dzt[p, t, 0] = dden
+        # pass 2: backward in t, Sp and zp now hold the suffix sums G and g
+        Sp[:, :] = 0.0
+        zp[:] = 0.0
         for t in range(N - 1, -1, -1):
-            for k in range(K):
-                a = coef[p, t, k]
-                z[p, k] += dzt[p, t, k]
-                for c in range(e):
-                    S[p, k, c] += a * do[p, t, c]
+            vt = v[p, t]
+            dot = do[p, t]
             for c in range(e):
-                num[c] = 0.0
+                acc[c] = 0.0
             for k in range(K):
-                w = rk[p, t, k]
-                g_dot_v = 0.0
-                for c in range(e):
-                    num[c] += w * S[p, k, c]
-                    g_dot_v += S[p, k, c] * v[p, t, c]
-                drk[p, t, k] = g_dot_v + z[p, k]
+                if slot:
+                    a = coef[p, t, k]
+                    zp[k] += dzt[p, t, k]
+                else:
+                    a = rq[p, t, k] * coef[p, t, 0]
+                    zp[k] += rq[p, t, k] * dzt[p, t, 0]
+                drk[p, t, k] = _suffix_row(Sp[k], dot, a, rk[p, t, k], vt, acc) + zp[k]
             for c in range(e):
-                dv[p, t, c] = num[c]
+                dv[p, t, c] = acc[c]

@@ -36,6 +36,7 @@ import numpy as np
 from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
 from gma_np.kernels.scan import _causal_scan_backward, _causal_scan_forward
+from gma_np.ops._threads import threads_for
 from gma_np.ops.routing import prepare_mixture, route_backward, route_forward
 
 
@@ -50,10 +51,11 @@ class GMACache:
     slot: bool              # norm == "slot"
     eps: float
     mask: np.ndarray        # (B, N) float64 of 0/1
+    masked: bool            # a key_mask was passed (else mask is all ones and rk a view of r)
     rq: np.ndarray          # (P, N, K) routed queries, float64
     rk: np.ndarray          # (P, N, K) routed keys, masked (R~_K), float64
     v: np.ndarray           # (P, N, e) in dtype
-    routing: object         # RoutingCache of the stacked (q, k) points, (2B, H, N, d)
+    routing: object         # RoutingCache of the stacked (q, k) points, (2B, H, N, d), holding r
 
 
 def _validate(q, k, v, means, log_var, logits, causal, norm, temperature, eps, key_mask):
@@ -117,23 +119,26 @@ def _causal_forward(rq, rk, v, slot, eps):
     S = np.zeros((P, K, v.shape[2]), dtype=ACCUM_DTYPE)
     z = np.zeros((P, K), dtype=ACCUM_DTYPE)
     out = np.empty_like(v)
-    _causal_scan_forward(rq, rk, v, slot, eps, S, z, out)
+    with threads_for(P * N * K * v.shape[2]):
+        _causal_scan_forward(rq, rk, v, slot, eps, S, z, out)
     return out
 
 
-def _causal_backward(rq, rk, v, do, slot, eps):
-    """(drq, drk, dv) of the causal scan: pass 1 forward again, pass 2 in reverse."""
+def _causal_backward(rq, rk, v, do, slot, eps, drq, drk):
+    """dv, and drq, drk written into the given (P, N, K) float64 buffers, by the causal
+    scan: pass 1 forward again, pass 2 in reverse."""
     P, N, K = rq.shape
     e = v.shape[2]
     S = np.empty((P, K, e), dtype=ACCUM_DTYPE)
     z = np.empty((P, K), dtype=ACCUM_DTYPE)
-    coef = np.empty((P, N, K), dtype=ACCUM_DTYPE)
-    dzt = np.empty((P, N, K), dtype=ACCUM_DTYPE)
-    drq = np.empty((P, N, K), dtype=ACCUM_DTYPE)
-    drk = np.empty((P, N, K), dtype=ACCUM_DTYPE)
+    # per-token read coefficients: (P, N, 1) for row (1/den_t, dden_t), (P, N, K) for slot
+    width = K if slot else 1
+    coef = np.empty((P, N, width), dtype=ACCUM_DTYPE)
+    dzt = np.empty((P, N, width), dtype=ACCUM_DTYPE)
     dv = np.empty_like(v)
-    _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, dv)
-    return drq, drk, dv
+    with threads_for(P * N * K * e):
+        _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, dv)
+    return dv
 
 
 def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
@@ -165,10 +170,13 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
     e = v.shape[3]
     K = mix.means.shape[1]
     P = B * H
-    # 1. route queries and keys through the same mixture in one call: (2B, H, N, d)
-    r, routing = route_forward(np.concatenate([q, k]), mix, tau, per_head, tau_dtype)
+    # 1. route queries and keys through the same mixture in one call: (2B, H, N, d) stacked
+    r, routing = route_forward((q, k), mix, tau, per_head, tau_dtype)
     rq = r[:B].reshape(P, N, K)                                    # (P, N, K)
-    rk = (r[B:] * mask[:, None, :, None]).reshape(P, N, K)         # (P, N, K) R~_K
+    rk = r[B:]                                                     # (B, H, N, K)
+    if key_mask is not None:
+        rk = rk * mask[:, None, :, None]                           # R~_K (a copy; unmasked: a view)
+    rk = rk.reshape(P, N, K)
     v3 = v.reshape(P, N, e)                                        # (P, N, e)
     # 2. write the memory and read it out
     if causal:
@@ -183,7 +191,7 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
             f"(all keys masked so far) divides 0 by 0: pass eps > 0")
     o = o.astype(q.dtype, copy=False).reshape(B, H, N, e)
     cache = GMACache(shape=(B, H, N, d, e, K), dtype=q.dtype, causal=causal, slot=slot,
-                     eps=eps, mask=mask, rq=rq, rk=rk, v=v3, routing=routing)
+                     eps=eps, mask=mask, masked=key_mask is not None, rq=rq, rk=rk, v=v3, routing=routing)
     return o, cache
 
 
@@ -206,17 +214,22 @@ def gma_backward(do, cache):
     do = check.float_array("do", do, ndim=4)
     check.check_shape("do", do, (B, H, N, e), "the shape of o, (B, H, N, e)")
     do3 = do.astype(cache.dtype, copy=False).reshape(P, N, e)
+    # dr (2B, H, N, K) holds drq in [:B] and drk in [B:], the stacking of the routing
+    dr = np.empty((2 * B, H, N, K), dtype=ACCUM_DTYPE)
     # 2. backward through the memory read and write
     if cache.causal:
-        drq, drk, dv = _causal_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps)
+        dv = _causal_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
+                              dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K))
     else:
         drq, drk, dv = _bidirectional_backward(cache.rq, cache.rk, cache.v, do3,
                                                cache.slot, cache.eps)
-    # in the forward pass this was: rk = mask * r(k)
-    drk = drk.reshape(B, H, N, K) * cache.mask[:, None, :, None]
+        dr[:B] = drq.reshape(B, H, N, K)
+        dr[B:] = drk.reshape(B, H, N, K)
+    if cache.masked:
+        # in the forward pass this was: rk = mask * r(k)
+        dr[B:] *= cache.mask[:, None, :, None]
     # 1. backward through the routing of the stacked (q, k)
-    dr = np.concatenate([drq.reshape(B, H, N, K), drk])            # (2B, H, N, K)
-    grads = route_backward(dr, cache.routing)
+    grads = route_backward(dr, cache.routing, overwrite_dr=True)
     dx = grads.pop("x")
     grads["q"] = dx[:B]
     grads["k"] = dx[B:]

@@ -7,7 +7,9 @@ Causal GMA is a recurrence over a state of K*(e+1) numbers per head:
     S += outer(r(k_t), v_t);  z += r(k_t);  o_t = read(r(q_t), S, z)
 
 `gma_recurrent` runs a chunk of N >= 1 tokens from a given state and returns
-the outputs and the state after the chunk; `gma_step` is the one-token case.
+the outputs and the state after the chunk; `gma_step` is the one-token case,
+through its own serial fused kernel (gma_np.kernels.step) because at one token
+the cost is latency: Python overhead and thread-pool wake-ups, not flops.
 Running a sequence in chunks, or token by token, gives the same outputs as
 `gma(..., causal=True)` on the whole sequence (tests/test_recurrent.py). A step
 costs O(K (d + e)) per head whatever the position: the state does not grow.
@@ -24,6 +26,8 @@ import numpy as np
 from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
 from gma_np.kernels.scan import _causal_scan_forward
+from gma_np.kernels.step import _gma_step
+from gma_np.ops._threads import threads_for
 from gma_np.ops.mixing import _validate
 from gma_np.ops.routing import route_forward
 
@@ -80,13 +84,14 @@ def gma_recurrent(q, k, v, means, log_var, logits, state=None, *, norm="row",
     if state is None:
         state = init_state(B, H, K, e)
     _check_state(state, B, H, K, e)
-    r, _ = route_forward(np.concatenate([q, k]), mix, tau)         # (2B, H, N, K)
+    r, _ = route_forward((q, k), mix, tau)                        # (2B, H, N, K)
     rq = r[:B].reshape(B * H, N, K)
     rk = (r[B:] * mask[:, None, :, None]).reshape(B * H, N, K)
     S = state.S.reshape(B * H, K, e).copy()                        # (P, K, e) in: initial, out: final
     z = state.z.reshape(B * H, K).copy()                           # (P, K)
     o = np.empty((B * H, N, e), dtype=v.dtype)
-    _causal_scan_forward(rq, rk, v.reshape(B * H, N, e), slot, eps, S, z, o)
+    with threads_for(B * H * N * K * e):
+        _causal_scan_forward(rq, rk, v.reshape(B * H, N, e), slot, eps, S, z, o)
     return o.reshape(B, H, N, e), GMAState(S.reshape(B, H, K, e), z.reshape(B, H, K))
 
 
@@ -105,6 +110,19 @@ def gma_step(q_t, k_t, v_t, means, log_var, logits, state=None, *, norm="row",
         if not isinstance(key_mask_t, np.ndarray) or key_mask_t.ndim != 1:
             raise ValueError(f"key_mask_t: expected a boolean array of shape (B,), got {key_mask_t!r:.80}")
         mask = key_mask_t[:, None]
-    o, state = gma_recurrent(*arrays, means, log_var, logits, state, norm=norm,
-                             temperature=temperature, eps=eps, key_mask=mask)
-    return o[:, :, 0, :], state
+    # the same validation as gma_recurrent on the (B, H, 1, .) chunk, then one serial
+    # fused kernel (no thread pool, no (2B, H, 1, .) temporaries: see gma_np.kernels.step)
+    (q, k, v, mix, tau, _, _, _, slot, eps, mask) = _validate(
+        *arrays, means, log_var, logits, True, norm, temperature, eps, mask)
+    B, H, _, d = q.shape
+    e = v.shape[3]
+    K = mix.means.shape[1]
+    if state is None:
+        state = init_state(B, H, K, e)
+    _check_state(state, B, H, K, e)
+    S = state.S.copy()                                             # (B, H, K, e)
+    z = state.z.copy()                                             # (B, H, K)
+    o = np.empty((B, H, e), dtype=v.dtype)
+    _gma_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], np.ascontiguousarray(mask[:, 0]), mix.means,
+              mix.inv_var, mix.const, 1.0 / tau, slot, eps, S, z, o)
+    return o, GMAState(S, z)

@@ -15,10 +15,28 @@ Backward (docs/derivations.md, section 1). With a = l / tau and r = softmax(a):
     dl = da / tau
     dtau = -sum da * a / tau = -sum da * log r / tau (sum_k da = 0, so any shift of a per row is free)
     dlogits = dlog_pi - pi * sum_k dlog_pi,   dlog_pi = sum_n dl
-and dl flows into x, means and log_var through the quadratic term
-(gma_np.kernels.routing._log_density_backward).
+and dl flows into x, means and log_var through the quadratic term.
 
-All log-sum-exps are scipy.special.logsumexp. Log-densities, responsibilities
+Fast path (docs/performance.md). The quadratic term is computed by GEMMs on
+points centred at the mean c of their head's means, x' = x - c, mu' = mu - c
+(the term is unchanged by the shift, and the shift is what keeps the expansion
+from cancelling for data far from the origin):
+
+    sum_j (x'_j - mu'_kj)^2 inv_var_kj = x'^2 @ inv_var^T - 2 x' @ (mu' inv_var)^T + m2
+
+in float64 whatever the dtype of x, as ONE GEMM [x', x'^2] @ [-2 (mu' inv_var)^T ;
+inv_var^T]; a fused Numba pass adds the terms and recomputes directly the rare
+entries where the expansion could lose more than 4 bits
+(gma_np._numerics.EXPANSION_CANCELLATION_BOUND), and a second one takes the
+row softmax. The backward is one fused pass and two more GEMMs,
+dl @ [mu' inv_var | inv_var] and dl^T @ [x', x'^2]. No (N, K, d) array is
+ever formed. The
+direct-form kernels (log_density_direct, log_density_backward_direct) are kept
+as the naive path the fast one is checked against (tests/test_fastpaths.py).
+
+Log-sum-exps are scipy.special.logsumexp, except inside the fused softmax
+kernel, which runs the same max-shifted algorithm in its loop (and is checked
+against scipy in tests/test_fastpaths.py). Log-densities, responsibilities
 inside the cache and every gradient sum are float64 whatever the input dtype
 (gma_np._numerics.ACCUM_DTYPE); r and dx come back in the dtype of x.
 """
@@ -29,8 +47,16 @@ import numpy as np
 from scipy.special import logsumexp
 
 from gma_np import _validation as check
-from gma_np._numerics import ACCUM_DTYPE, LOG_2PI
-from gma_np.kernels.routing import _log_density_backward, _log_density_forward
+from gma_np._numerics import ACCUM_DTYPE, EXPANSION_CANCELLATION_BOUND, LOG_2PI
+from gma_np.kernels.routing import (
+    _log_density_backward,
+    _features,
+    _log_density_expanded,
+    _log_density_forward,
+    _softmax_rows,
+    _softmax_rows_backward,
+)
+from gma_np.ops._threads import threads_for
 
 
 @dataclass
@@ -43,11 +69,34 @@ class Mixture:
     const: np.ndarray      # (H, K)     log pi_k - 1/2 (sum_j log_var_kj + d log 2pi)
     covariance: str        # "diag" or "spherical"
     dtypes: tuple          # dtypes of (means, log_var, logits) as passed, for the gradients
+    # for the GEMM form (module docstring, "Fast path"): centre c = mean_k mu_k per head
+    center: np.ndarray     # (H, d)      c
+    means_c: np.ndarray    # (H, K, d)   mu' = mu - c
+    w_forward: np.ndarray  # (H, 2d, K)  [-2 (mu' inv_var)^T ; inv_var^T]: [x', x'^2] @ it = quad - m2
+    w_backward: np.ndarray # (H, K, 2d)  [mu' inv_var | inv_var]: dl @ it gives the two parts of dx
+    m2: np.ndarray         # (H, K)      sum_j mu'^2 inv_var
+    inv_var_max: np.ndarray  # (H, K)    max_j inv_var, for the cancellation bound
+
+
+# The last prepared mixture, reused when the same parameter values come again: a
+# decoding loop (gma_step) passes the same mixture for every token, and preparing
+# it (a dozen small NumPy calls) would otherwise cost more than the step itself.
+_LAST_MIXTURE = [None, None]        # [(means, log_var, logits) copies, Mixture]
 
 
 def prepare_mixture(means, log_var, logits):
     """Validate (means, log_var, logits) and precompute what the kernels need."""
     means, log_var, logits, covariance = check.mixture(means, log_var, logits)
+    key, cached = _LAST_MIXTURE
+    if key is not None and all(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+                               for a, b in zip(key, (means, log_var, logits))):
+        return cached
+    mix = _build_mixture(means, log_var, logits, covariance)
+    _LAST_MIXTURE[:] = [(means.copy(), log_var.copy(), logits.copy()), mix]
+    return mix
+
+
+def _build_mixture(means, log_var, logits, covariance):
     dtypes = (means.dtype, log_var.dtype, logits.dtype)
     mu = means.astype(ACCUM_DTYPE)
     lv = log_var.astype(ACCUM_DTYPE)
@@ -55,24 +104,68 @@ def prepare_mixture(means, log_var, logits):
     lv_full = lv if covariance == "diag" else np.broadcast_to(lv[:, :, None], (H, K, d))
     log_pi = logits - logsumexp(logits.astype(ACCUM_DTYPE), axis=-1, keepdims=True)   # (H, K)
     const = log_pi - 0.5 * (lv_full.sum(-1) + d * LOG_2PI)                            # (H, K)
-    return Mixture(means=mu, log_var=lv, inv_var=np.ascontiguousarray(np.exp(-lv_full)),
-                   log_pi=log_pi, const=const, covariance=covariance, dtypes=dtypes)
+    inv_var = np.ascontiguousarray(np.exp(-lv_full))                                  # (H, K, d)
+    center = mu.mean(axis=1)                                                          # (H, d)
+    means_c = mu - center[:, None, :]                                                 # (H, K, d)
+    scaled = means_c * inv_var                                                        # (H, K, d)
+    w_backward = np.concatenate([scaled, inv_var], axis=2)                            # (H, K, 2d)
+    w_forward = np.concatenate([-2.0 * scaled, inv_var], axis=2).transpose(0, 2, 1)  # (H, 2d, K)
+    return Mixture(means=mu, log_var=lv, inv_var=inv_var, log_pi=log_pi, const=const,
+                   covariance=covariance, dtypes=dtypes, center=center, means_c=means_c,
+                   w_forward=np.ascontiguousarray(w_forward), w_backward=w_backward,
+                   m2=(means_c * scaled).sum(-1), inv_var_max=inv_var.max(axis=2))
 
 
-def log_density(x4, mix):
-    """l (P, H, N, K) float64 of x4 (P, H, N, d) under each head's K components."""
+def features(parts, mix):
+    """F = [x', x'^2] (P, H, N, 2d) float64, x' = x - c: the points seen from the centre c
+    of their head's means, and their squares, the left operand of every routing GEMM.
+
+    parts: one array (P, H, N, d) or a tuple of them (e.g. (q, k)), stacked
+    along the first axis into one array without another copy.
+    """
+    if isinstance(parts, np.ndarray):
+        parts = (parts,)
+    P = sum(a.shape[0] for a in parts)
+    _, H, N, d = parts[0].shape
+    out = np.empty((P, H, N, 2 * d), dtype=ACCUM_DTYPE)
+    start = 0
+    for a in parts:
+        _features(a, mix.center, out[start:start + a.shape[0]])
+        start += a.shape[0]
+    return out
+
+
+def log_density_direct(x4, mix):
+    """l (P, H, N, K) float64 of x4 (P, H, N, d) by the direct form, one (x - mu) at a time.
+
+    The plain loop of gma_np.kernels.routing._log_density_forward: the naive
+    kernel the fast path (log_density) is checked against in tests/test_fastpaths.py.
+    """
     P, H, N, _ = x4.shape
     out = np.empty((P, H, N, mix.means.shape[1]), dtype=ACCUM_DTYPE)
     _log_density_forward(x4, mix.means, mix.inv_var, mix.const, out)
     return out
 
 
-def log_density_backward(dl, x4, mix):
-    """Gradients of sum(l * dl) for l = log_density(x4, mix).
+def log_density(x_parts, feats, mix):
+    """l (P, H, N, K) float64 of the points x_parts (one or two arrays stacked along P),
+    whose features(x_parts, mix) are feats, by one GEMM.
 
-    dl (P, H, N, K) float64. Returns (dx (P, H, N, d) in x4's dtype, and a dict
-    with "means", "log_var", "logits" in the shapes and dtypes that were passed).
+    Fast path of the module docstring: [x', x'^2] @ [-2 (mu' inv_var)^T ; inv_var^T]
+    gives quad - m2, and one fused pass adds m2 and the constants and recomputes
+    directly (from x_parts) the rare entries where the expansion would cancel.
     """
+    if isinstance(x_parts, np.ndarray):
+        x_parts = (x_parts,)
+    xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
+    g = np.matmul(feats, mix.w_forward)                            # (P, H, N, K) 'phnf,hfk->phnk'
+    _log_density_expanded(g, feats, xa, xb, mix.means, mix.inv_var_max, mix.m2, mix.const,
+                          mix.inv_var, EXPANSION_CANCELLATION_BOUND, g)
+    return g
+
+
+def log_density_backward_direct(dl, x4, mix):
+    """Gradients of sum(l * dl) by the direct-form kernel; see log_density_backward."""
     P, H, N, d = x4.shape
     K = mix.means.shape[1]
     dl = np.ascontiguousarray(dl, dtype=ACCUM_DTYPE)
@@ -80,55 +173,106 @@ def log_density_backward(dl, x4, mix):
     dmeans_part = np.empty((P, H, K, d), dtype=ACCUM_DTYPE)
     dquad_part = np.empty((P, H, K, d), dtype=ACCUM_DTYPE)
     _log_density_backward(dl, x4, mix.means, mix.inv_var, dx, dmeans_part, dquad_part)
+    return dx, _mixture_grads(dl, dmeans_part.sum(axis=0), dquad_part.sum(axis=0), mix)
+
+
+def _mixture_grads(dl, dmeans, dquad, mix):
+    """The parameter gradients from dl (P, H, N, K), dmeans (H, K, d) and
+    dquad = 1/2 sum_n dl (x - mu)^2 inv_var (H, K, d), in the dtypes that were passed."""
     dl_sum = dl.sum(axis=(0, 2))                                   # (H, K) = sum over p, n
-    dmeans = dmeans_part.sum(axis=0)                               # (H, K, d)
     # in the forward pass this was: l = ... - 1/2 sum_j (quad_kj + log_var_kj)
-    dlog_var = dquad_part.sum(axis=0) - 0.5 * dl_sum[:, :, None]   # (H, K, d)
+    dlog_var = dquad - 0.5 * dl_sum[:, :, None]                    # (H, K, d)
     if mix.covariance == "spherical":
         dlog_var = dlog_var.sum(axis=-1)                           # (H, K)
     # in the forward pass this was: log_pi = logits - logsumexp(logits)
     pi = np.exp(mix.log_pi)
     dlogits = dl_sum - pi * dl_sum.sum(axis=-1, keepdims=True)     # (H, K)
-    grads = {name: g.astype(dt, copy=False) for name, g, dt in
-             zip(("means", "log_var", "logits"), (dmeans, dlog_var, dlogits), mix.dtypes)}
-    return dx, grads
+    return {name: g.astype(dt, copy=False) for name, g, dt in
+            zip(("means", "log_var", "logits"), (dmeans, dlog_var, dlogits), mix.dtypes)}
+
+
+def log_density_backward(dl, feats, mix, dx_dtype):
+    """Gradients of sum(l * dl) for l = log_density(feats, mix), by two GEMMs.
+
+    dl (P, H, N, K) float64, feats = [x', x'^2] (P, H, N, 2d). Returns (dx
+    (P, H, N, d) in dx_dtype, a dict with "means", "log_var", "logits" in the
+    shapes and dtypes that were passed, and sum_{n,k} dl * l per head (H,),
+    which is what the temperature gradient needs). In the forward pass this was
+        l = const - 1/2 (x'^2 @ inv_var^T - 2 x' @ (mu' inv_var)^T + m2)
+    so, with the sums over n taken as one GEMM dl^T @ [x', x'^2]:
+        dx     = dl @ (mu' inv_var) - x' * (dl @ inv_var)       (one GEMM dl @ [mu' inv_var | inv_var])
+        dmeans = inv_var * (dl^T x' - mu' sum_n dl)
+        dquad  = 1/2 inv_var * (dl^T x'^2 - 2 mu' dl^T x' + mu'^2 sum_n dl)
+               = 1/2 sum_n dl (x' - mu')^2 inv_var
+        sum_{n,k} dl l = sum_k const_k sum_n dl_k - sum_{k,j} dquad_kj
+    (d/dx = d/dx', and the centre is a constant of the parameters' own chain:
+    the quadratic term does not depend on it, so no gradient flows through it).
+    """
+    dl = np.ascontiguousarray(dl, dtype=ACCUM_DTYPE)
+    d = mix.means.shape[2]
+    g = np.matmul(dl, mix.w_backward)                              # (P, H, N, 2d) 'phnk,hkf->phnf'
+    dx = g[..., :d]
+    dx -= feats[..., :d] * g[..., d:]                              # (P, H, N, d)
+    dl_f = np.matmul(dl.transpose(0, 1, 3, 2), feats).sum(axis=0)  # (H, K, 2d) 'phnk,phnf->hkf'
+    dl_x, dl_x2 = dl_f[..., :d], dl_f[..., d:]
+    dl_sum = dl.sum(axis=(0, 2))                                   # (H, K)
+    mu, inv_var = mix.means_c, mix.inv_var
+    dmeans = inv_var * (dl_x - mu * dl_sum[:, :, None])
+    dquad = 0.5 * inv_var * (dl_x2 - 2.0 * mu * dl_x + mu * mu * dl_sum[:, :, None])
+    dl_dot_l = (mix.const * dl_sum).sum(-1) - dquad.sum(axis=(1, 2))   # (H,)
+    return dx.astype(dx_dtype), _mixture_grads(dl, dmeans, dquad, mix), dl_dot_l
 
 
 @dataclass
 class RoutingCache:
-    """What responsibilities_backward needs: stored, nothing recomputed but the kernel sums."""
-    x4: np.ndarray          # (P, H, N, d) the routed points, flattened leading axes
+    """What responsibilities_backward needs. Stored: the points as passed (no copy) and r.
+    Recomputed in the backward: the features [x', x'^2] of the points (a subtraction
+    and a product), cheaper than keeping a (P, H, N, 2d) float64 array."""
+    x_parts: tuple          # the routed points as passed, each (P_i, H, N, d); stacked P = sum P_i
+    x_dtype: np.dtype       # dtype of the points as passed, for dx
     lead_shape: tuple       # the leading axes "..." of x
     mix: Mixture
     tau: np.ndarray         # (H,) float64
     tau_per_head: bool      # the caller passed an (H,) temperature
     tau_dtype: np.dtype     # dtype of an array temperature, for its gradient
     r: np.ndarray           # (P, H, N, K) float64 responsibilities
-    log_r: np.ndarray       # (P, H, N, K) float64 log responsibilities = a - logsumexp(a)
 
 
-def route_forward(x4, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.float64)):
-    """Responsibilities of validated x4 (P, H, N, d): (r in float64, cache)."""
-    a = log_density(x4, mix) / tau[None, :, None, None]           # (P, H, N, K)
-    log_r = a - logsumexp(a, axis=-1, keepdims=True)
-    r = np.exp(log_r)
-    cache = RoutingCache(x4=x4, lead_shape=x4.shape[:1], mix=mix, tau=tau,
-                         tau_per_head=tau_per_head, tau_dtype=tau_dtype, r=r, log_r=log_r)
-    return r, cache
+def _work(x_parts, mix):
+    """Multiply-adds of one routing GEMM over the points: P H N K 2d."""
+    return sum(a.size for a in x_parts) * mix.means.shape[1] * 2
 
 
-def route_backward(dr, cache):
-    """Gradients of sum(r * dr) for (r, cache) = route_forward(...). dr (P, H, N, K)."""
-    r = cache.r
-    # in the forward pass this was: r = softmax_k(a)
-    da = r * (dr - (r * dr).sum(axis=-1, keepdims=True))           # (P, H, N, K)
-    tau = cache.tau[None, :, None, None]
-    # in the forward pass this was: a = l / tau
-    dtau = -(da * cache.log_r).sum(axis=(0, 2, 3)) / cache.tau     # (H,)
-    dx4, grads = log_density_backward(da / tau, cache.x4, cache.mix)
+def route_forward(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.float64)):
+    """Responsibilities of validated points, one array (P, H, N, d) or a tuple stacked
+    along P (e.g. (q, k)): (r (P, H, N, K) float64, cache)."""
+    if isinstance(x_parts, np.ndarray):
+        x_parts = (x_parts,)
+    with threads_for(_work(x_parts, mix)):
+        l = log_density(x_parts, features(x_parts, mix), mix)      # (P, H, N, K)
+        # a = l / tau;  r = exp(a - logsumexp_k(a))                (r overwrites l)
+        _softmax_rows(l, 1.0 / tau, l)
+    cache = RoutingCache(x_parts=x_parts, x_dtype=x_parts[0].dtype, lead_shape=l.shape[:1],
+                         mix=mix, tau=tau, tau_per_head=tau_per_head, tau_dtype=tau_dtype, r=l)
+    return l, cache
+
+
+def route_backward(dr, cache, overwrite_dr=False):
+    """Gradients of sum(r * dr) for (r, cache) = route_forward(...). dr (P, H, N, K) float64.
+
+    With overwrite_dr, dr is used as the buffer of dl (the caller's scratch).
+    """
+    dl = dr if overwrite_dr else np.empty_like(dr)
+    with threads_for(_work(cache.x_parts, cache.mix)):
+        # in the forward pass this was: r = softmax_k(a), a = l / tau
+        _softmax_rows_backward(dr, cache.r, 1.0 / cache.tau, dl)
+        feats = features(cache.x_parts, cache.mix)                 # (P, H, N, 2d) recomputed
+        dx, grads, dl_dot_l = log_density_backward(dl, feats, cache.mix, cache.x_dtype)
+    # dtau = -sum da * a / tau = -sum dl * l / tau   (da = tau dl, a = l / tau)
+    dtau = -dl_dot_l / cache.tau                                   # (H,)
     grads["temperature"] = (dtau.astype(cache.tau_dtype) if cache.tau_per_head
                             else float(dtau.sum()))
-    grads["x"] = dx4
+    grads["x"] = dx
     return grads
 
 
@@ -175,8 +319,8 @@ def responsibilities_backward(dr, cache):
     expected = cache.lead_shape + cache.r.shape[1:]
     dr = check.float_array("dr", dr)
     check.check_shape("dr", dr, expected, "the shape of r")
-    grads = route_backward(dr.reshape(cache.r.shape).astype(ACCUM_DTYPE), cache)
-    grads["x"] = grads["x"].reshape(cache.lead_shape + cache.x4.shape[1:])
+    grads = route_backward(dr.reshape(cache.r.shape).astype(ACCUM_DTYPE), cache, overwrite_dr=True)
+    grads["x"] = grads["x"].reshape(cache.lead_shape + grads["x"].shape[1:])
     return grads
 
 
@@ -187,7 +331,8 @@ def responsibilities(x, means, log_var, logits, temperature=1.0):
 
 @dataclass
 class LogLikelihoodCache:
-    x4: np.ndarray          # (P, H, N, d)
+    feats: np.ndarray       # (P, H, N, 2d) float64 features [x', x'^2] of the points
+    x_dtype: np.dtype
     lead_shape: tuple
     mix: Mixture
     posterior: np.ndarray   # (P, H, N, K) float64, softmax_k(l): d logsumexp(l) / dl
@@ -201,10 +346,13 @@ def log_likelihood_forward(x, means, log_var, logits):
     """
     mix = prepare_mixture(means, log_var, logits)
     x4, lead = _points(x, mix)
-    l = log_density(x4, mix)                                       # (P, H, N, K)
+    with threads_for(_work((x4,), mix)):
+        feats = features(x4, mix)
+        l = log_density(x4, feats, mix)                            # (P, H, N, K)
     ll = logsumexp(l, axis=-1)                                     # (P, H, N)
     posterior = np.exp(l - ll[..., None])
-    cache = LogLikelihoodCache(x4=x4, lead_shape=lead, mix=mix, posterior=posterior)
+    cache = LogLikelihoodCache(feats=feats, x_dtype=x4.dtype, lead_shape=lead, mix=mix,
+                               posterior=posterior)
     return ll.astype(x4.dtype).reshape(lead + ll.shape[1:]), cache
 
 
@@ -217,8 +365,10 @@ def log_likelihood_backward(dll, cache):
     dll = check.float_array("dll", dll)
     check.check_shape("dll", dll, expected, "the shape of the log-likelihood")
     dll = dll.reshape(cache.posterior.shape[:3]).astype(ACCUM_DTYPE)
-    dx4, grads = log_density_backward(dll[..., None] * cache.posterior, cache.x4, cache.mix)
-    grads["x"] = dx4.reshape(cache.lead_shape + cache.x4.shape[1:])
+    with threads_for(cache.posterior.size * cache.feats.shape[-1]):
+        dx4, grads, _ = log_density_backward(dll[..., None] * cache.posterior, cache.feats,
+                                             cache.mix, cache.x_dtype)
+    grads["x"] = dx4.reshape(cache.lead_shape + dx4.shape[1:])
     return grads
 
 

@@ -1,0 +1,381 @@
+"""Time and peak memory of GMA against N, K and d, with the PyTorch baseline beside it.
+
+Dimension legend: B batch, H heads, N tokens, d query/key size, e value size,
+K components.
+
+For every configuration (bidirectional / causal, norm row / slot, float32 /
+float64) and every N it measures, with `--repeats` repeats and medians:
+
+- fwd       the forward, gma_np.gma_forward
+- fwd+bwd   forward and backward, gma_np.gma_forward + gma_np.gma_backward
+- GF/s      the achieved rate of fwd+bwd by the model count 24NdK + 12NKe flops
+            per head (routing: one forward and two backward GEMM-equivalents
+            of 2NdK each for q and k; memory: write, read and their backward)
+- peak MB   the peak resident memory the fwd+bwd call adds (VmHWM - VmRSS, the
+            high-water mark reset before the call through /proc/self/clear_refs;
+            falls back to tracemalloc where /proc does not allow it)
+
+With PyTorch installed (optional, never a dependency of gma_np), the same math
+written the straightforward PyTorch way (benchmarks/torch_gma.py: matmul-
+expanded responsibilities, chunked causal read-out, autograd backward) is
+timed in the same run, interleaved repeat by repeat with gma_np so that both
+see the same machine load, and the table shows the ratio gma_np / torch
+(below 1 means gma_np is faster). Softmax attention (torch SDPA, quadratic)
+is timed too, up to --sdpa-max-n.
+
+It then times recurrent decoding: gma_step at positions 100 and 4000
+(tokens/s for the whole (B, H) batch), and writes a log-log PNG of time and
+memory against N with the slopes fitted from N >= 4096 (matplotlib optional).
+
+Threads: --threads T sets numba.set_num_threads(T), the BLAS threads (through
+the OPENBLAS/OMP/MKL_NUM_THREADS environment variables, set before NumPy is
+imported) and torch.set_num_threads(T). Without it every library uses its
+default (all cores).
+
+    python benchmarks/bench_gma.py --quick
+    python benchmarks/bench_gma.py                      # N = 1k .. 64k, the full matrix
+    python benchmarks/bench_gma.py --configs causal-row --dtypes float32 --n 1024 8192 --repeats 7
+    python benchmarks/bench_gma.py --n 8192 --K 16 32 64 128 --configs causal-row
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="N = 1024, 4096; causal-row and bidir-row; 3 repeats; gma_step at 100 only")
+    p.add_argument("--n", type=int, nargs="+", default=None, help="sequence lengths (default 1k..64k)")
+    p.add_argument("--K", type=int, nargs="+", default=[64], help="mixture components")
+    p.add_argument("--d", type=int, nargs="+", default=[64], help="query/key head size (e = d)")
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--H", type=int, default=4)
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="of causal-row causal-slot bidir-row bidir-slot (default: all)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per point (median)")
+    p.add_argument("--threads", type=int, default=None, help="threads of Numba, BLAS and torch")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    p.add_argument("--sdpa-max-n", type=int, default=16384, help="largest N for softmax SDPA")
+    p.add_argument("--torch-max-n", type=int, default=65536, help="largest N for the PyTorch GMA")
+    p.add_argument("--no-decode", action="store_true", help="skip the gma_step timing")
+    p.add_argument("--plot", default="bench_gma.png", help="PNG path ('' to skip)")
+    p.add_argument("--json", default="", help="also write the rows as JSON to this path")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n = args.n or [1024, 4096]
+        args.configs = args.configs or ["causal-row", "bidir-row"]
+        args.repeats = min(args.repeats, 3)
+        args.sdpa_max_n = min(args.sdpa_max_n, 4096)
+    args.n = args.n or [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    args.configs = args.configs or ["causal-row", "causal-slot", "bidir-row", "bidir-slot"]
+    return args
+
+
+ARGS = parse_args()
+if ARGS.threads is not None:
+    # must happen before NumPy (and its BLAS) is imported
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+
+try:
+    import gma_np  # noqa: E402
+except ImportError:                                     # run from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import gma_np  # noqa: E402
+
+try:                                                    # optional baseline
+    import torch  # noqa: E402
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_gma  # noqa: E402
+except ImportError:
+    torch = None
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def flops_model(N, d, K, e, H, B, backward=True):
+    """Model flop count of GMA: per head 24NdK + 12NKe for fwd+bwd, a third of it for fwd."""
+    per_head = 24 * N * d * K + 12 * N * K * e
+    return B * H * (per_head if backward else per_head // 3)
+
+
+def _fixed_mmap_threshold():
+    """Make glibc return every block >= 64 KiB to the system when freed (Linux only).
+
+    By default glibc raises its mmap threshold after the first large free, and
+    later large arrays come from a heap that is never given back: the resident
+    size then stops following what is allocated and the peak below reads 0.
+    A fixed threshold (mallopt M_MMAP_THRESHOLD) keeps RSS honest, for NumPy
+    and torch alike.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)                      # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+def peak_memory_mb(fn):
+    """Peak resident memory (MB) that fn() adds above what is resident before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                 # reset VmHWM to the current VmRSS
+        before = _rss_kb("VmRSS")
+        fn()
+        return (_rss_kb("VmHWM") - before) / 1024.0
+    except OSError:
+        import tracemalloc
+        tracemalloc.start()
+        fn()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak / 2**20
+
+
+def make_problem(N, d, K, e, B, H, dtype, seed=0):
+    """Random inputs at unit scale; variances d/4 so that responsibilities are not one-hot."""
+    rng = np.random.default_rng(seed)
+    return dict(
+        q=rng.standard_normal((B, H, N, d)).astype(dtype),
+        k=rng.standard_normal((B, H, N, d)).astype(dtype),
+        v=rng.standard_normal((B, H, N, e)).astype(dtype),
+        means=rng.standard_normal((H, K, d)).astype(dtype),
+        log_var=(np.log(d / 4.0) + 0.3 * rng.standard_normal((H, K, d))).astype(dtype),
+        logits=(0.5 * rng.standard_normal((H, K))).astype(dtype),
+    )
+
+
+def gma_np_runners(inputs, causal, norm):
+    do = np.ones(inputs["v"].shape, inputs["v"].dtype)
+
+    def fwd():
+        return gma_np.gma(**inputs, causal=causal, norm=norm)
+
+    def fwd_bwd():
+        o, cache = gma_np.gma_forward(**inputs, causal=causal, norm=norm)
+        return gma_np.gma_backward(do, cache)
+    return fwd, fwd_bwd
+
+
+def torch_runners(inputs, causal, norm):
+    t = {n: torch.tensor(a, requires_grad=True) for n, a in inputs.items()}
+
+    def fwd():
+        with torch.no_grad():
+            return torch_gma.gma(**t, causal=causal, norm=norm)
+
+    def fwd_bwd():
+        for a in t.values():
+            a.grad = None
+        o = torch_gma.gma(**t, causal=causal, norm=norm)
+        o.backward(torch.ones_like(o))
+    return fwd, fwd_bwd
+
+
+def sdpa_runner(inputs, causal):
+    q, k, v = (torch.tensor(inputs[n], requires_grad=True) for n in ("q", "k", "v"))
+
+    def fwd_bwd():
+        for a in (q, k, v):
+            a.grad = None
+        o = torch_gma.sdpa(q, k, v, causal)
+        o.backward(torch.ones_like(o))
+    return fwd_bwd
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved_medians(fns, repeats):
+    """Median wall time of each fn, timed in turn within each repeat (same load for all)."""
+    for fn in fns:                                       # warm-up (Numba compile, allocators)
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            times[i].append(timed(fn))
+    return [float(np.median(t)) for t in times]
+
+
+# ----------------------------------------------------------------------------- the table
+
+def run_point(N, d, K, config, dtype, args):
+    causal = config.startswith("causal")
+    norm = config.split("-")[1]
+    e, B, H = d, args.B, args.H
+    inputs = make_problem(N, d, K, e, B, H, dtype)
+    fns = list(gma_np_runners(inputs, causal, norm))
+    names = ["fwd", "fwd_bwd"]
+    use_torch = torch is not None and not args.no_torch and N <= args.torch_max_n
+    if use_torch:
+        fns += list(torch_runners(inputs, causal, norm))
+        names += ["torch_fwd", "torch_fwd_bwd"]
+        if N <= args.sdpa_max_n and norm == "row":
+            fns.append(sdpa_runner(inputs, causal))
+            names.append("sdpa_fwd_bwd")
+    row = dict(config=config, dtype=dtype, N=N, d=d, K=K, e=e, B=B, H=H)
+    row.update(zip(names, interleaved_medians(fns, args.repeats)))
+    row["gflops"] = flops_model(N, d, K, e, H, B) / row["fwd_bwd"] / 1e9
+    row["peak_mb"] = peak_memory_mb(fns[1])
+    if use_torch:
+        row["torch_peak_mb"] = peak_memory_mb(fns[3])
+        row["ratio"] = row["fwd_bwd"] / row["torch_fwd_bwd"]
+        row["torch_gflops"] = flops_model(N, d, K, e, H, B) / row["torch_fwd_bwd"] / 1e9
+    return row
+
+
+def fmt_row(r):
+    ms = lambda key: f"{1e3 * r[key]:9.1f}" if key in r else f"{'-':>9}"   # noqa: E731
+    mb = lambda key: f"{r[key]:8.1f}" if key in r else f"{'-':>8}"         # noqa: E731
+    ratio = f"{r['ratio']:6.2f}" if "ratio" in r else f"{'-':>6}"
+    return (f"{r['config']:<12} {r['dtype']:<8} {r['N']:>6} {r['K']:>4} {r['d']:>4} "
+            f"{ms('fwd')} {ms('fwd_bwd')} {r['gflops']:6.1f} {mb('peak_mb')} | "
+            f"{ms('torch_fwd')} {ms('torch_fwd_bwd')} {ratio} {mb('torch_peak_mb')} | {ms('sdpa_fwd_bwd')}")
+
+
+HEADER = (f"{'config':<12} {'dtype':<8} {'N':>6} {'K':>4} {'d':>4} {'fwd ms':>9} {'f+b ms':>9} "
+          f"{'GF/s':>6} {'peak MB':>8} | {'torch fwd':>9} {'torch f+b':>9} {'ratio':>6} "
+          f"{'torch MB':>8} | {'sdpa f+b':>9}")
+
+
+def fitted_slope(rows, key, n_min=4096):
+    """Slope of log(value) against log(N) over the rows with N >= n_min (None if < 2 points)."""
+    pts = [(r["N"], r[key]) for r in rows if r["N"] >= n_min and key in r and r[key] > 0]
+    if len(pts) < 2:
+        return None
+    x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def decode_tokens_per_second(positions, args, dtype="float32", steps=200):
+    """gma_step throughput at given positions: (B*H tokens per step) / time per step."""
+    d = e = args.d[0]
+    K = args.K[0]
+    B, H = args.B, args.H
+    out = {}
+    for pos in positions:
+        inputs = make_problem(pos + steps, d, K, e, B, H, dtype, seed=1)
+        mix = {n: inputs[n] for n in ("means", "log_var", "logits")}
+        _, state = gma_np.gma_recurrent(inputs["q"][:, :, :pos], inputs["k"][:, :, :pos],
+                                        inputs["v"][:, :, :pos], **mix)
+        q, k, v = (inputs[n][:, :, pos:] for n in ("q", "k", "v"))
+        gma_np.gma_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], **mix, state=state)   # warm-up
+        t0 = time.perf_counter()
+        for t in range(steps):
+            _, state = gma_np.gma_step(q[:, :, t], k[:, :, t], v[:, :, t], **mix, state=state)
+        dt = (time.perf_counter() - t0) / steps
+        out[pos] = dict(us_per_step=1e6 * dt, tokens_per_s=B / dt, head_tokens_per_s=B * H / dt)
+    return out
+
+
+# ----------------------------------------------------------------------------- the plot
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5))
+    groups = sorted({(r["config"], r["dtype"], r["K"], r["d"]) for r in rows})
+    for g in groups:
+        sel = sorted((r for r in rows if (r["config"], r["dtype"], r["K"], r["d"]) == g),
+                     key=lambda r: r["N"])
+        if len(sel) < 2:
+            continue
+        label = f"{g[0]} {g[1]}" + ("" if (g[2], g[3]) == (64, 64) else f" K{g[2]} d{g[3]}")
+        for ax, key, tkey in ((ax_t, "fwd_bwd", "torch_fwd_bwd"), (ax_m, "peak_mb", "torch_peak_mb")):
+            n = [r["N"] for r in sel]
+            s = fitted_slope(sel, key)
+            ax.loglog(n, [r[key] for r in sel], "o-", label=f"gma_np {label}"
+                      + (f" (slope {s:.2f})" if s is not None else ""))
+            if all(tkey in r for r in sel):
+                s = fitted_slope(sel, tkey)
+                ax.loglog(n, [r[tkey] for r in sel], "x--", label=f"torch {label}"
+                          + (f" (slope {s:.2f})" if s is not None else ""))
+    ax_t.set(xlabel="N", ylabel="forward+backward time (s)", title="time")
+    ax_m.set(xlabel="N", ylabel="peak memory added (MB)", title="memory")
+    for ax in (ax_t, ax_m):
+        ax.legend(fontsize=6)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    _fixed_mmap_threshold()
+    if args.threads is not None:
+        import numba
+        numba.set_num_threads(args.threads)
+        if torch is not None:
+            torch.set_num_threads(args.threads)
+    import numba
+    print(f"gma_np {gma_np.__version__}, numpy {np.__version__}, numba {numba.__version__}"
+          f" ({numba.get_num_threads()} threads), torch "
+          f"{torch.__version__ + f' ({torch.get_num_threads()} threads)' if torch is not None else 'not installed'}")
+    print(f"B={args.B} H={args.H}, e = d; medians of {args.repeats} interleaved repeats; "
+          f"ratio = gma_np f+b / torch f+b\n")
+    print(HEADER)
+    rows = []
+    for config in args.configs:
+        for dtype in args.dtypes:
+            for K in args.K:
+                for d in args.d:
+                    for N in args.n:
+                        r = run_point(N, d, K, config, dtype, args)
+                        rows.append(r)
+                        print(fmt_row(r), flush=True)
+    print("\nfitted slopes in N (N >= 4096): time / peak memory")
+    for g in sorted({(r["config"], r["dtype"], r["K"], r["d"]) for r in rows}):
+        sel = [r for r in rows if (r["config"], r["dtype"], r["K"], r["d"]) == g]
+        st, sm = fitted_slope(sel, "fwd_bwd"), fitted_slope(sel, "peak_mb")
+        tt, tm = fitted_slope(sel, "torch_fwd_bwd"), fitted_slope(sel, "torch_peak_mb")
+        f = lambda s: "-" if s is None else f"{s:.2f}"   # noqa: E731
+        print(f"  {g[0]:<12} {g[1]:<8} K={g[2]:<4} d={g[3]:<4} gma_np {f(st)} / {f(sm)}"
+              f"    torch {f(tt)} / {f(tm)}")
+    decode = {}
+    if not args.no_decode:
+        positions = [100] if args.quick else [100, 4000]
+        decode = decode_tokens_per_second(positions, args)
+        print(f"\nrecurrent decoding, gma_step, B={args.B} H={args.H} d=e={args.d[0]} "
+              f"K={args.K[0]} float32:")
+        for pos, r in decode.items():
+            print(f"  position {pos:>5}: {r['us_per_step']:8.1f} us/step, "
+                  f"{r['tokens_per_s']:9.0f} tokens/s ({r['head_tokens_per_s']:.0f} head-tokens/s)")
+    if args.plot:
+        plot(rows, args.plot)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=rows, decode=decode, args=vars(args)), f, indent=1)
+        print(f"wrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(ARGS)

@@ -1,0 +1,212 @@
+"""The fast paths against their naive twins, at small odd sizes.
+
+- routing by one GEMM on centred points (ops.routing.log_density) against the
+  direct-form kernel and the naive broadcast, including data where the
+  expansion would cancel and the fallback must fire;
+- the fused softmax kernel against scipy.special.logsumexp;
+- the GEMM backward of the log-density against the direct-form kernel;
+- the fused causal scans (forward, backward) against the dense N x N reference;
+- the serial gma_step kernel against gma(..., causal=True) token by token;
+- thread count and NUMBA_DISABLE_JIT=1 change nothing.
+"""
+
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+import gma_np
+from gma_np._numerics import EXPANSION_CANCELLATION_BOUND
+from gma_np.kernels.routing import _log_density_expanded, _softmax_rows
+from gma_np.ops import routing
+from gma_np.reference.dense import gma_dense, gma_dense_backward
+from gma_np.reference.routing import log_density_naive, responsibilities_naive
+from tests.conftest import assert_close, make_problem
+
+COVARIANCES = ["diag", "spherical"]
+
+
+def mixture(rng, H, K, d, covariance, scale=1.0, sigma=1.0, offset=0.0):
+    means = offset + scale * rng.standard_normal((H, K, d))
+    shape = (H, K, d) if covariance == "diag" else (H, K)
+    log_var = 2 * np.log(sigma) + 0.3 * rng.standard_normal(shape)
+    logits = 0.5 * rng.standard_normal((H, K))
+    return means, log_var, logits
+
+
+def points_near_components(rng, means, log_var, N):
+    """x (2, H, N, d): each point drawn from one component of its head."""
+    H, K, d = means.shape
+    var = np.exp(log_var) if log_var.ndim == 3 else np.exp(log_var)[..., None] * np.ones(d)
+    comp = rng.integers(0, K, size=(2, H, N))
+    h = np.arange(H)[None, :, None]
+    return means[h, comp] + np.sqrt(var[h, comp]) * rng.standard_normal((2, H, N, d))
+
+
+@pytest.mark.parametrize("covariance", COVARIANCES)
+@pytest.mark.parametrize("case", ["unit", "offset1000", "spread100-sharp"])
+def test_gemm_log_density_matches_direct_and_naive(rng, covariance, case):
+    H, K, d, N = 3, 5, 7, 37
+    kw = dict(unit={}, offset1000=dict(offset=1000.0),
+              **{"spread100-sharp": dict(scale=100.0, sigma=0.1)})[case]
+    means, log_var, logits = mixture(rng, H, K, d, covariance, **kw)
+    x = points_near_components(rng, means, log_var, N)
+    mix = routing.prepare_mixture(means, log_var, logits)
+    fast = routing.log_density(x, routing.features(x, mix), mix)
+    direct = routing.log_density_direct(x, mix)
+    naive = log_density_naive(x, means, log_var, logits)
+    # per entry, relative to max(|l|, 1): the entries that decide r are the ones near 0
+    scale = np.maximum(np.abs(naive), 1.0)
+    assert np.max(np.abs(fast - naive) / scale) <= 1e-13, "GEMM log-density vs naive"
+    assert np.max(np.abs(direct - naive) / scale) <= 1e-13, "direct log-density vs naive"
+    r = gma_np.responsibilities(x, means, log_var, logits)
+    np.testing.assert_allclose(r, responsibilities_naive(x, means, log_var, logits),
+                               rtol=0, atol=1e-12, err_msg="r")
+
+
+def test_cancellation_fallback_is_what_keeps_it_accurate(rng):
+    """Without the direct-form fallback the expansion loses digits on well separated,
+    sharp components (the check above could not fail otherwise)."""
+    H, K, d, N = 2, 5, 7, 37
+    means, log_var, logits = mixture(rng, H, K, d, "diag", scale=1e4, sigma=0.05)
+    x = points_near_components(rng, means, log_var, N)
+    mix = routing.prepare_mixture(means, log_var, logits)
+    feats = routing.features(x, mix)
+    naive = log_density_naive(x, means, log_var, logits)
+    scale = np.maximum(np.abs(naive), 1.0)
+    errs = {}
+    for bound in (EXPANSION_CANCELLATION_BOUND, np.inf):
+        g = np.matmul(feats, mix.w_forward)
+        _log_density_expanded(g, feats, x, x, mix.means, mix.inv_var_max, mix.m2, mix.const,
+                              mix.inv_var, bound, g)
+        errs[bound] = np.max(np.abs(g - naive) / scale)
+    assert errs[EXPANSION_CANCELLATION_BOUND] <= 1e-13, errs
+    assert errs[np.inf] > 1e-10, f"expansion without fallback was accurate anyway: {errs}"
+
+
+def test_fused_softmax_matches_scipy(rng):
+    P, H, N, K = 2, 3, 37, 5
+    a = 30 * rng.standard_normal((P, H, N, K))
+    inv_tau = rng.uniform(0.3, 3.0, H)
+    r = np.empty_like(a)
+    _softmax_rows(a, inv_tau, r)
+    s = a * inv_tau[None, :, None, None]
+    ref = np.exp(s - logsumexp(s, axis=-1, keepdims=True))
+    # exp(s - m) / sum against exp(s - lse): both round |s| ~ 100 once, 100 * eps_64 ~ 2e-14
+    np.testing.assert_allclose(r, ref, rtol=1e-13, atol=1e-300)
+
+
+@pytest.mark.parametrize("covariance", COVARIANCES)
+def test_gemm_log_density_backward_matches_direct(rng, covariance):
+    H, K, d, N = 3, 5, 7, 37
+    means, log_var, logits = mixture(rng, H, K, d, covariance, offset=30.0)
+    x = points_near_components(rng, means, log_var, N)
+    mix = routing.prepare_mixture(means, log_var, logits)
+    dl = rng.standard_normal((2, H, N, K))
+    feats = routing.features(x, mix)
+    dx, grads, dl_dot_l = routing.log_density_backward(dl, feats, mix, np.float64)
+    dx_ref, grads_ref = routing.log_density_backward_direct(dl, x, mix)
+    assert_close("dx", dx, dx_ref, 1e-12)
+    for name in grads_ref:
+        assert_close(name, grads[name], grads_ref[name], 1e-11)
+    # the identity behind the temperature gradient: sum dl * l from the GEMM sums
+    l = log_density_naive(x, means, log_var, logits)
+    assert_close("sum dl*l", dl_dot_l, (dl * l).sum(axis=(0, 2, 3)), 1e-12)
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_fused_causal_scan_matches_dense(norm, masked):
+    rng = np.random.default_rng(41)
+    inputs, mask = make_problem(rng, B=2, H=3, N=37, d=5, e=3, K=4, per_head=True, masked=masked)
+    o, cache = gma_np.gma_forward(**inputs, causal=True, norm=norm, key_mask=mask)
+    assert_close("o", o, gma_dense(**inputs, causal=True, norm=norm, key_mask=mask), 1e-12)
+    do = rng.standard_normal(o.shape)
+    got = gma_np.gma_backward(do, cache)
+    ref = gma_dense_backward(do, **inputs, causal=True, norm=norm, key_mask=mask)
+    for name in ref:
+        assert_close(f"d{name}", got[name], ref[name], 1e-11)
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_step_kernel_matches_causal_gma(norm, dtype):
+    rng = np.random.default_rng(43)
+    inputs, mask = make_problem(rng, B=2, H=3, N=11, d=5, e=3, K=4, per_head=True, masked=True)
+    for n in ("q", "k", "v"):
+        inputs[n] = inputs[n].astype(dtype)
+    full = gma_np.gma(**inputs, causal=True, norm=norm, key_mask=mask)
+    mix = {n: inputs[n] for n in ("means", "log_var", "logits")}
+    state = None
+    for t in range(inputs["q"].shape[2]):
+        o_t, state = gma_np.gma_step(inputs["q"][:, :, t], inputs["k"][:, :, t], inputs["v"][:, :, t],
+                                     **mix, state=state, norm=norm, temperature=inputs["temperature"],
+                                     key_mask_t=mask[:, t])
+        assert o_t.dtype == dtype
+        assert_close(f"o[{t}]", o_t, full[:, :, t], 1e-12 if dtype == np.float64 else 2e-6)
+
+
+def test_prepared_mixture_is_not_served_stale(rng):
+    """gma_step reuses the last prepared mixture only while the values are the same."""
+    inputs, _ = make_problem(rng, B=1, H=2, N=1, d=3, e=2, K=3)
+    mix = {n: inputs[n].copy() for n in ("means", "log_var", "logits")}
+    q, k, v = (inputs[n][:, :, 0] for n in ("q", "k", "v"))
+    o1, _ = gma_np.gma_step(q, k, v, **mix)
+    mix["means"] += 0.5                                      # in place: same object, new values
+    o2, _ = gma_np.gma_step(q, k, v, **mix)
+    ref = gma_dense(q[:, :, None], k[:, :, None], v[:, :, None], **mix, causal=True)[:, :, 0]
+    assert not np.array_equal(o1, o2)
+    assert_close("o after the mixture changed", o2, ref, 1e-12)
+
+
+def test_thread_count_changes_nothing():
+    """Large enough to run in parallel (gma_np._numerics.PARALLEL_MIN_WORK): 1 thread and
+    all threads give bit-identical outputs and gradients (each sequence is one thread's)."""
+    rng = np.random.default_rng(47)
+    inputs, _ = make_problem(rng, B=1, H=4, N=1031, d=16, e=16, K=16)
+    results = []
+    n = numba.get_num_threads()
+    for threads in (1, n):
+        numba.set_num_threads(threads)
+        try:
+            o, cache = gma_np.gma_forward(**inputs, causal=True)
+            results.append((o, gma_np.gma_backward(np.ones_like(o), cache)))
+        finally:
+            numba.set_num_threads(n)
+    (o1, g1), (o2, g2) = results
+    assert np.array_equal(o1, o2)
+    for name in ("q", "k", "v", "means", "log_var", "logits"):
+        assert np.array_equal(g1[name], g2[name]), name
+
+
+def test_kernels_run_as_plain_python():
+    """With NUMBA_DISABLE_JIT=1 every kernel is an ordinary Python loop, and agrees."""
+    code = """
+import numpy as np, gma_np
+from gma_np.selfcheck import make_problem
+from gma_np.reference.dense import gma_dense, gma_dense_backward
+rng = np.random.default_rng(5)
+for norm in ("row", "slot"):
+    inputs, mask = make_problem(rng, B=1, H=2, N=6, d=3, e=2, K=3, masked=True)
+    o, cache = gma_np.gma_forward(**inputs, causal=True, norm=norm, key_mask=mask)
+    ref = gma_dense(**inputs, causal=True, norm=norm, key_mask=mask)
+    assert np.abs(o - ref).max() <= 1e-12 * np.abs(ref).max(), norm
+    do = rng.standard_normal(o.shape)
+    g = gma_np.gma_backward(do, cache)
+    gr = gma_dense_backward(do, **inputs, causal=True, norm=norm, key_mask=mask)
+    for n in ("q", "k", "v", "means"):
+        assert np.abs(g[n] - gr[n]).max() <= 1e-11 * np.abs(gr[n]).max(), n
+    o_t, _ = gma_np.gma_step(inputs["q"][:, :, 0], inputs["k"][:, :, 0], inputs["v"][:, :, 0],
+                             inputs["means"], inputs["log_var"], inputs["logits"], norm=norm)
+print("ok")
+"""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
