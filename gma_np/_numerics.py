@@ -64,3 +64,10 @@ EXPANSION_CANCELLATION_BOUND = 16.0
 # 140 ms with 2 threads and 0.7 ms with 1. 2^20 multiply-adds is about a
 # millisecond of one core, where a second thread cannot win much anyway.
 PARALLEL_MIN_WORK = 2 ** 20
+
+# Tokens per block of the routing GEMMs (gma_np.ops.routing): the features
+# [x', x'^2] and the GEMM results exist one block at a time, so the routing's
+# temporaries are O(block), not O(N); only r (and dr) are (N, K). 1024 rows of
+# 2d = 128 float64 features per (batch, head) are 1 MiB: big enough for BLAS to
+# run at full speed, small enough to stay in cache for the fused pass after it.
+ROUTING_BLOCK = 1024

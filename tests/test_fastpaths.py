@@ -49,14 +49,15 @@ def points_near_components(rng, means, log_var, N):
 
 @pytest.mark.parametrize("covariance", COVARIANCES)
 @pytest.mark.parametrize("case", ["unit", "offset1000", "spread100-sharp"])
-def test_gemm_log_density_matches_direct_and_naive(rng, covariance, case):
+def test_gemm_log_density_matches_direct_and_naive(rng, covariance, case, monkeypatch):
+    monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)             # 37 tokens: blocks 16, 16, 5
     H, K, d, N = 3, 5, 7, 37
     kw = dict(unit={}, offset1000=dict(offset=1000.0),
               **{"spread100-sharp": dict(scale=100.0, sigma=0.1)})[case]
     means, log_var, logits = mixture(rng, H, K, d, covariance, **kw)
     x = points_near_components(rng, means, log_var, N)
     mix = routing.prepare_mixture(means, log_var, logits)
-    fast = routing.log_density(x, routing.features(x, mix), mix)
+    fast = routing.log_density(x, mix)
     direct = routing.log_density_direct(x, mix)
     naive = log_density_naive(x, means, log_var, logits)
     # per entry, relative to max(|l|, 1): the entries that decide r are the ones near 0
@@ -75,13 +76,13 @@ def test_cancellation_fallback_is_what_keeps_it_accurate(rng):
     means, log_var, logits = mixture(rng, H, K, d, "diag", scale=1e4, sigma=0.05)
     x = points_near_components(rng, means, log_var, N)
     mix = routing.prepare_mixture(means, log_var, logits)
-    feats = routing.features(x, mix)
+    feats = routing.features(x, mix, 0, N)
     naive = log_density_naive(x, means, log_var, logits)
     scale = np.maximum(np.abs(naive), 1.0)
     errs = {}
     for bound in (EXPANSION_CANCELLATION_BOUND, np.inf):
         g = np.matmul(feats, mix.w_forward)
-        _log_density_expanded(g, feats, x, x, mix.means, mix.inv_var_max, mix.m2, mix.const,
+        _log_density_expanded(g, feats, x, x, 0, mix.means, mix.inv_var_max, mix.m2, mix.const,
                               mix.inv_var, bound, g)
         errs[bound] = np.max(np.abs(g - naive) / scale)
     assert errs[EXPANSION_CANCELLATION_BOUND] <= 1e-13, errs
@@ -101,14 +102,14 @@ def test_fused_softmax_matches_scipy(rng):
 
 
 @pytest.mark.parametrize("covariance", COVARIANCES)
-def test_gemm_log_density_backward_matches_direct(rng, covariance):
+def test_gemm_log_density_backward_matches_direct(rng, covariance, monkeypatch):
+    monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)             # 37 tokens: blocks 16, 16, 5
     H, K, d, N = 3, 5, 7, 37
     means, log_var, logits = mixture(rng, H, K, d, covariance, offset=30.0)
     x = points_near_components(rng, means, log_var, N)
     mix = routing.prepare_mixture(means, log_var, logits)
     dl = rng.standard_normal((2, H, N, K))
-    feats = routing.features(x, mix)
-    dx, grads, dl_dot_l = routing.log_density_backward(dl, feats, mix, np.float64)
+    dx, grads, dl_dot_l = routing.log_density_backward(dl, x, mix, np.float64)
     dx_ref, grads_ref = routing.log_density_backward_direct(dl, x, mix)
     assert_close("dx", dx, dx_ref, 1e-12)
     for name in grads_ref:

@@ -104,27 +104,31 @@ def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
 
 
 @njit(cache=True, parallel=True)
-def _features(x, center, out):
-    """out[p,h,n] = [x' , x'^2] with x' = x[p,h,n] - center[h]: the left operand of the GEMMs.
+def _features(x, center, n0, out):
+    """out[p,h,n] = [x', x'^2] with x' = x[p,h,n0+n] - center[h]: the left operand of the GEMMs,
+    for the block of tokens n0 .. n0 + nb - 1.
 
-    x       (P, H, N, d)   float32 or float64
-    center  (H, d)         float64
-    out     (P, H, N, 2d)  float64, written
+    x       (P, H, N, d)    float32 or float64
+    center  (H, d)          float64
+    out     (P, H, nb, 2d)  float64, written
     """
-    P, H, N, d = x.shape
+    P, H, nb, d2 = out.shape
+    d = d2 // 2
     for ph in prange(P * H):
         p = ph // H
         h = ph % H
-        for n in range(N):
+        for n in range(nb):
             for j in range(d):
-                xc = x[p, h, n, j] - center[h, j]
+                xc = x[p, h, n0 + n, j] - center[h, j]
                 out[p, h, n, j] = xc
                 out[p, h, n, d + j] = xc * xc
 
 
 @njit(cache=True, parallel=True)
-def _log_density_expanded(g, feats, xa, xb, means, inv_var_max, m2, const, inv_var, bound, out):
-    """l[p,h,n,k] = const[h,k] - 1/2 quad, quad = g + m2 or, where that cancels, directly.
+def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, inv_var, bound,
+                          out):
+    """l[p,h,n0+n,k] = const[h,k] - 1/2 quad, quad = g + m2 or, where that cancels, directly,
+    for the block of tokens n0 .. n0 + nb - 1.
 
     The expansion subtracts terms of size x2 + m2 to get quad; its rounding
     error is about eps_64 * (x2 + m2), the direct form's about eps_64 * quad.
@@ -137,25 +141,26 @@ def _log_density_expanded(g, feats, xa, xb, means, inv_var_max, m2, const, inv_v
     centre). After centring this is rare for data near its mixture
     (docs/performance.md).
 
-    g            (P, H, N, K)   float64 GEMM result x2 - 2 cross
-    feats        (P, H, N, 2d)  float64 [x', x'^2]
+    g            (P, H, nb, K)   float64 GEMM result x2 - 2 cross of the block
+    feats        (P, H, nb, 2d)  float64 [x', x'^2] of the block
     xa, xb       (Pa, H, N, d), (P - Pa, H, N, d)  the points as passed: feats[p]
                  comes from xa[p] for p < Pa, from xb[p - Pa] after (xb may be xa
                  when Pa = P)
+    n0           int            first token of the block
     means        (H, K, d)      float64 mu
     inv_var_max  (H, K)         float64 max_j inv_var
     m2, const    (H, K)         float64
     inv_var      (H, K, d)      float64
     bound        float          gma_np._numerics.EXPANSION_CANCELLATION_BOUND
-    out          (P, H, N, K)   float64, written (may be `g` itself)
+    out          (P, H, N, K)    float64, rows n0 .. n0 + nb - 1 written
     """
-    P, H, N, K = g.shape
+    P, H, nb, K = g.shape
     d = means.shape[2]
     Pa = xa.shape[0]
     for ph in prange(P * H):
         p = ph // H
         h = ph % H
-        for n in range(N):
+        for n in range(nb):
             sq = 0.0                                   # |x'|^2
             for j in range(d):
                 sq += feats[p, h, n, d + j]
@@ -165,10 +170,10 @@ def _log_density_expanded(g, feats, xa, xb, means, inv_var_max, m2, const, inv_v
                 if size > bound * max(quad, 1.0):
                     quad = 0.0
                     for j in range(d):
-                        xj = xa[p, h, n, j] if p < Pa else xb[p - Pa, h, n, j]
+                        xj = xa[p, h, n0 + n, j] if p < Pa else xb[p - Pa, h, n0 + n, j]
                         diff = xj - means[h, k, j]
                         quad += diff * diff * inv_var[h, k, j]
-                out[p, h, n, k] = const[h, k] - 0.5 * quad
+                out[p, h, n0 + n, k] = const[h, k] - 0.5 * quad
 
 
 @njit(cache=True, parallel=True)

@@ -47,7 +47,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from gma_np import _validation as check
-from gma_np._numerics import ACCUM_DTYPE, EXPANSION_CANCELLATION_BOUND, LOG_2PI
+from gma_np._numerics import ACCUM_DTYPE, EXPANSION_CANCELLATION_BOUND, LOG_2PI, ROUTING_BLOCK
 from gma_np.kernels.routing import (
     _log_density_backward,
     _features,
@@ -116,21 +116,32 @@ def _build_mixture(means, log_var, logits, covariance):
                    m2=(means_c * scaled).sum(-1), inv_var_max=inv_var.max(axis=2))
 
 
-def features(parts, mix):
-    """F = [x', x'^2] (P, H, N, 2d) float64, x' = x - c: the points seen from the centre c
-    of their head's means, and their squares, the left operand of every routing GEMM.
+def _parts(x_parts):
+    """One array or a tuple of arrays stacked along P -> a tuple."""
+    return (x_parts,) if isinstance(x_parts, np.ndarray) else tuple(x_parts)
 
-    parts: one array (P, H, N, d) or a tuple of them (e.g. (q, k)), stacked
-    along the first axis into one array without another copy.
+
+def _blocks(N):
+    """Token ranges [n0, n1) of ROUTING_BLOCK tokens: every routing temporary is per block."""
+    for n0 in range(0, N, ROUTING_BLOCK):
+        yield n0, min(N, n0 + ROUTING_BLOCK)
+
+
+def features(x_parts, mix, n0, n1):
+    """F = [x', x'^2] (P, H, n1 - n0, 2d) float64 of tokens n0 .. n1 - 1, x' = x - c: the
+    points seen from the centre c of their head's means, and their squares, the left
+    operand of every routing GEMM.
+
+    x_parts: one array (P, H, N, d) or a tuple of them (e.g. (q, k)), stacked
+    along the first axis.
     """
-    if isinstance(parts, np.ndarray):
-        parts = (parts,)
-    P = sum(a.shape[0] for a in parts)
-    _, H, N, d = parts[0].shape
-    out = np.empty((P, H, N, 2 * d), dtype=ACCUM_DTYPE)
+    x_parts = _parts(x_parts)
+    P = sum(a.shape[0] for a in x_parts)
+    _, H, N, d = x_parts[0].shape
+    out = np.empty((P, H, n1 - n0, 2 * d), dtype=ACCUM_DTYPE)
     start = 0
-    for a in parts:
-        _features(a, mix.center, out[start:start + a.shape[0]])
+    for a in x_parts:
+        _features(a, mix.center, n0, out[start:start + a.shape[0]])
         start += a.shape[0]
     return out
 
@@ -147,21 +158,25 @@ def log_density_direct(x4, mix):
     return out
 
 
-def log_density(x_parts, feats, mix):
-    """l (P, H, N, K) float64 of the points x_parts (one or two arrays stacked along P),
-    whose features(x_parts, mix) are feats, by one GEMM.
+def log_density(x_parts, mix):
+    """l (P, H, N, K) float64 of the points x_parts (one array, or a tuple stacked along P),
+    by one GEMM per block of ROUTING_BLOCK tokens.
 
     Fast path of the module docstring: [x', x'^2] @ [-2 (mu' inv_var)^T ; inv_var^T]
     gives quad - m2, and one fused pass adds m2 and the constants and recomputes
     directly (from x_parts) the rare entries where the expansion would cancel.
     """
-    if isinstance(x_parts, np.ndarray):
-        x_parts = (x_parts,)
+    x_parts = _parts(x_parts)
     xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
-    g = np.matmul(feats, mix.w_forward)                            # (P, H, N, K) 'phnf,hfk->phnk'
-    _log_density_expanded(g, feats, xa, xb, mix.means, mix.inv_var_max, mix.m2, mix.const,
-                          mix.inv_var, EXPANSION_CANCELLATION_BOUND, g)
-    return g
+    P = sum(a.shape[0] for a in x_parts)
+    _, H, N, d = xa.shape
+    out = np.empty((P, H, N, mix.means.shape[1]), dtype=ACCUM_DTYPE)
+    for n0, n1 in _blocks(N):
+        feats = features(x_parts, mix, n0, n1)                     # (P, H, nb, 2d)
+        g = np.matmul(feats, mix.w_forward)                        # (P, H, nb, K) 'phnf,hfk->phnk'
+        _log_density_expanded(g, feats, xa, xb, n0, mix.means, mix.inv_var_max, mix.m2,
+                              mix.const, mix.inv_var, EXPANSION_CANCELLATION_BOUND, out)
+    return out
 
 
 def log_density_backward_direct(dl, x4, mix):
@@ -191,15 +206,16 @@ def _mixture_grads(dl, dmeans, dquad, mix):
             zip(("means", "log_var", "logits"), (dmeans, dlog_var, dlogits), mix.dtypes)}
 
 
-def log_density_backward(dl, feats, mix, dx_dtype):
-    """Gradients of sum(l * dl) for l = log_density(feats, mix), by two GEMMs.
+def log_density_backward(dl, x_parts, mix, dx_dtype):
+    """Gradients of sum(l * dl) for l = log_density(x_parts, mix), by two GEMMs per block.
 
-    dl (P, H, N, K) float64, feats = [x', x'^2] (P, H, N, 2d). Returns (dx
-    (P, H, N, d) in dx_dtype, a dict with "means", "log_var", "logits" in the
-    shapes and dtypes that were passed, and sum_{n,k} dl * l per head (H,),
-    which is what the temperature gradient needs). In the forward pass this was
+    dl (P, H, N, K) float64. Returns (dx (P, H, N, d) in dx_dtype, a dict with
+    "means", "log_var", "logits" in the shapes and dtypes that were passed, and
+    sum_{n,k} dl * l per head (H,), which is what the temperature gradient
+    needs). In the forward pass this was
         l = const - 1/2 (x'^2 @ inv_var^T - 2 x' @ (mu' inv_var)^T + m2)
-    so, with the sums over n taken as one GEMM dl^T @ [x', x'^2]:
+    so, with the sums over n taken as GEMMs dl^T @ [x', x'^2] (block by block,
+    the blocks summed in float64):
         dx     = dl @ (mu' inv_var) - x' * (dl @ inv_var)       (one GEMM dl @ [mu' inv_var | inv_var])
         dmeans = inv_var * (dl^T x' - mu' sum_n dl)
         dquad  = 1/2 inv_var * (dl^T x'^2 - 2 mu' dl^T x' + mu'^2 sum_n dl)
@@ -208,26 +224,33 @@ def log_density_backward(dl, feats, mix, dx_dtype):
     (d/dx = d/dx', and the centre is a constant of the parameters' own chain:
     the quadratic term does not depend on it, so no gradient flows through it).
     """
+    x_parts = _parts(x_parts)
     dl = np.ascontiguousarray(dl, dtype=ACCUM_DTYPE)
+    P, H, N, K = dl.shape
     d = mix.means.shape[2]
-    g = np.matmul(dl, mix.w_backward)                              # (P, H, N, 2d) 'phnk,hkf->phnf'
-    dx = g[..., :d]
-    dx -= feats[..., :d] * g[..., d:]                              # (P, H, N, d)
-    dl_f = np.matmul(dl.transpose(0, 1, 3, 2), feats).sum(axis=0)  # (H, K, 2d) 'phnk,phnf->hkf'
+    dx = np.empty((P, H, N, d), dtype=dx_dtype)
+    dl_f = np.zeros((H, K, 2 * d), dtype=ACCUM_DTYPE)              # dl^T @ [x', x'^2], summed
+    for n0, n1 in _blocks(N):
+        feats = features(x_parts, mix, n0, n1)                     # (P, H, nb, 2d)
+        dl_b = dl[:, :, n0:n1]                                     # (P, H, nb, K)
+        g = np.matmul(dl_b, mix.w_backward)                        # (P, H, nb, 2d) 'phnk,hkf->phnf'
+        dx[:, :, n0:n1] = g[..., :d] - feats[..., :d] * g[..., d:]
+        dl_f += np.matmul(dl_b.transpose(0, 1, 3, 2), feats).sum(axis=0)   # 'phnk,phnf->hkf'
     dl_x, dl_x2 = dl_f[..., :d], dl_f[..., d:]
     dl_sum = dl.sum(axis=(0, 2))                                   # (H, K)
     mu, inv_var = mix.means_c, mix.inv_var
     dmeans = inv_var * (dl_x - mu * dl_sum[:, :, None])
     dquad = 0.5 * inv_var * (dl_x2 - 2.0 * mu * dl_x + mu * mu * dl_sum[:, :, None])
     dl_dot_l = (mix.const * dl_sum).sum(-1) - dquad.sum(axis=(1, 2))   # (H,)
-    return dx.astype(dx_dtype), _mixture_grads(dl, dmeans, dquad, mix), dl_dot_l
+    return dx, _mixture_grads(dl, dmeans, dquad, mix), dl_dot_l
 
 
 @dataclass
 class RoutingCache:
     """What responsibilities_backward needs. Stored: the points as passed (no copy) and r.
-    Recomputed in the backward: the features [x', x'^2] of the points (a subtraction
-    and a product), cheaper than keeping a (P, H, N, 2d) float64 array."""
+    Recomputed in the backward, block by block: the features [x', x'^2] of the
+    points (a subtraction and a product), cheaper than keeping a (P, H, N, 2d)
+    float64 array."""
     x_parts: tuple          # the routed points as passed, each (P_i, H, N, d); stacked P = sum P_i
     x_dtype: np.dtype       # dtype of the points as passed, for dx
     lead_shape: tuple       # the leading axes "..." of x
@@ -249,7 +272,7 @@ def route_forward(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.f
     if isinstance(x_parts, np.ndarray):
         x_parts = (x_parts,)
     with threads_for(_work(x_parts, mix)):
-        l = log_density(x_parts, features(x_parts, mix), mix)      # (P, H, N, K)
+        l = log_density(x_parts, mix)                              # (P, H, N, K)
         # a = l / tau;  r = exp(a - logsumexp_k(a))                (r overwrites l)
         _softmax_rows(l, 1.0 / tau, l)
     cache = RoutingCache(x_parts=x_parts, x_dtype=x_parts[0].dtype, lead_shape=l.shape[:1],
@@ -266,8 +289,7 @@ def route_backward(dr, cache, overwrite_dr=False):
     with threads_for(_work(cache.x_parts, cache.mix)):
         # in the forward pass this was: r = softmax_k(a), a = l / tau
         _softmax_rows_backward(dr, cache.r, 1.0 / cache.tau, dl)
-        feats = features(cache.x_parts, cache.mix)                 # (P, H, N, 2d) recomputed
-        dx, grads, dl_dot_l = log_density_backward(dl, feats, cache.mix, cache.x_dtype)
+        dx, grads, dl_dot_l = log_density_backward(dl, cache.x_parts, cache.mix, cache.x_dtype)
     # dtau = -sum da * a / tau = -sum dl * l / tau   (da = tau dl, a = l / tau)
     dtau = -dl_dot_l / cache.tau                                   # (H,)
     grads["temperature"] = (dtau.astype(cache.tau_dtype) if cache.tau_per_head
@@ -331,7 +353,7 @@ def responsibilities(x, means, log_var, logits, temperature=1.0):
 
 @dataclass
 class LogLikelihoodCache:
-    feats: np.ndarray       # (P, H, N, 2d) float64 features [x', x'^2] of the points
+    x4: np.ndarray          # (P, H, N, d) the points as passed
     x_dtype: np.dtype
     lead_shape: tuple
     mix: Mixture
@@ -347,11 +369,10 @@ def log_likelihood_forward(x, means, log_var, logits):
     mix = prepare_mixture(means, log_var, logits)
     x4, lead = _points(x, mix)
     with threads_for(_work((x4,), mix)):
-        feats = features(x4, mix)
-        l = log_density(x4, feats, mix)                            # (P, H, N, K)
+        l = log_density(x4, mix)                                   # (P, H, N, K)
     ll = logsumexp(l, axis=-1)                                     # (P, H, N)
     posterior = np.exp(l - ll[..., None])
-    cache = LogLikelihoodCache(feats=feats, x_dtype=x4.dtype, lead_shape=lead, mix=mix,
+    cache = LogLikelihoodCache(x4=x4, x_dtype=x4.dtype, lead_shape=lead, mix=mix,
                                posterior=posterior)
     return ll.astype(x4.dtype).reshape(lead + ll.shape[1:]), cache
 
@@ -365,8 +386,8 @@ def log_likelihood_backward(dll, cache):
     dll = check.float_array("dll", dll)
     check.check_shape("dll", dll, expected, "the shape of the log-likelihood")
     dll = dll.reshape(cache.posterior.shape[:3]).astype(ACCUM_DTYPE)
-    with threads_for(cache.posterior.size * cache.feats.shape[-1]):
-        dx4, grads, _ = log_density_backward(dll[..., None] * cache.posterior, cache.feats,
+    with threads_for(_work((cache.x4,), cache.mix)):
+        dx4, grads, _ = log_density_backward(dll[..., None] * cache.posterior, cache.x4,
                                              cache.mix, cache.x_dtype)
     grads["x"] = dx4.reshape(cache.lead_shape + dx4.shape[1:])
     return grads
