@@ -109,9 +109,14 @@ def test_config_mismatch_on_resume_names_the_field(straight, tmp_path):
     _run(preset("test", steps=20, eval_interval=7), tmp_path, resume=True)
 
 
-def test_new_run_refuses_an_existing_run_dir(straight):
-    with pytest.raises(CheckpointError, match="--resume"):
-        _run(preset("test"), straight[0])
+def test_same_command_again_continues_a_different_one_is_refused(straight, tmp_path):
+    _copy_run(straight[0], tmp_path)
+    with pytest.raises(CheckpointError, match="different run.*seed: existing 0, requested 1"):
+        _run(preset("test", steps=20, seed=1), tmp_path)
+    lines = []
+    result = train(preset("test", steps=20), str(tmp_path), quiet=True, print_fn=lines.append)
+    assert result.step == 20 and "already holds this run" in lines[0]
+    _assert_same_run(straight[0], tmp_path)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -122,6 +122,17 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
         limit_blas_threads(blas_threads)
     if cfg is not None and not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig or None, got {type(cfg).__name__}")
+    if not resume and cfg is not None and os.path.exists(ckpt.checkpoint_path(run_dir)):
+        # the same command run again: continue the run if it is the same one, refuse otherwise
+        existing = TrainConfig.from_dict(ckpt.load_checkpoint(run_dir)[2]["config"])
+        diff = config_differences(existing, cfg)
+        if diff:
+            lines = "; ".join(f"{n}: existing {a!r}, requested {b!r}" for n, a, b in diff)
+            raise ckpt.CheckpointError(f"checkpoint: {run_dir!r} already holds a different run "
+                                       f"({lines}); choose another --out for a new run")
+        print_fn(f"{run_dir} already holds this run: continuing it (as with --resume; "
+                 f"choose another --out for a fresh run)")
+        resume = True
     if resume:
         saved_cfg, model, opt, rng, step, meta = restore(run_dir)
         if cfg is not None:
@@ -146,9 +157,6 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
     else:
         if cfg is None:
             raise ValueError("cfg: a new run needs a TrainConfig (cfg=None only with resume=True)")
-        if os.path.exists(ckpt.checkpoint_path(run_dir)):
-            raise ckpt.CheckpointError(f"checkpoint: {run_dir!r} already holds a run; pass "
-                                       f"--resume to continue it, or choose another --out")
         corpus = load_corpus(cfg.data, cfg.val_fraction)
         model, opt = build(cfg)
         rng = np.random.default_rng(cfg.seed)
@@ -225,8 +233,12 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
     rate = float(np.median(rates)) if rates else float("nan")
     if step > start_step:
         log.plot(print_fn)
-    print_fn(f"{stopped} at step {step}/{cfg.steps}: validation {val_bpb:.3f} bits/byte, "
-             f"{rate:,.0f} tokens/s (median), {elapsed:.1f} s; checkpoint in {run_dir}")
+    if rates:
+        print_fn(f"{stopped} at step {step}/{cfg.steps}: validation {val_bpb:.3f} bits/byte, "
+                 f"{rate:,.0f} tokens/s (median), {elapsed:.1f} s; checkpoint in {run_dir}")
+    else:
+        print_fn(f"nothing to do: the run in {run_dir} is complete (step {step}/{cfg.steps}, "
+                 f"validation {val_bpb:.3f} bits/byte)")
     return TrainResult(step=step, val_bpb=val_bpb, tokens_per_s=rate, elapsed_s=elapsed,
                        model=model, stopped=stopped)
 
