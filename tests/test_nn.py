@@ -307,3 +307,21 @@ def test_model_rejects_bad_input():
         model.forward(np.zeros((1, 5), dtype=np.int64))
     with pytest.raises(ValueError, match="params"):
         GMALanguageModel(model.cfg, params={"wte": model.params["wte"]})
+
+
+def test_layers_name_the_bad_argument(rng):
+    x = rng.standard_normal((2, 3, 4))
+    with pytest.raises(ValueError, match="^W: expected shape \\(4, Dout\\)"):
+        L.linear_forward(x, rng.standard_normal((5, 2)), None)
+    with pytest.raises(ValueError, match="^b:"):
+        L.linear_forward(x, rng.standard_normal((4, 2)), np.zeros(3))
+    with pytest.raises(ValueError, match="^g, b:"):
+        L.layernorm_forward(x, np.ones(3), np.zeros(3))
+    with pytest.raises(ValueError, match="^idx: expected ids in \\[0, 5\\)"):
+        L.embedding_forward(np.array([[0, 5]]), rng.standard_normal((5, 2)))
+    with pytest.raises(ValueError, match="^c:"):
+        L.causal_conv_forward(x, np.ones((2, 3)))
+    with pytest.raises(ValueError, match="^targets:"):
+        L.cross_entropy_forward(x, np.zeros((2, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match="^mask:"):
+        L.masked_mean_pool_forward(x, np.ones((2, 2), dtype=bool))

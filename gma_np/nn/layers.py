@@ -32,12 +32,22 @@ GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
 
 
+def _expect(name, ok, expected, got):
+    """Raise ValueError naming the argument, what was expected and what came."""
+    if not ok:
+        raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
 # ---------------------------------------------------------------- embedding
 
 def embedding_forward(idx, W):
     """out[b, n] = W[idx[b, n]]: idx (B, N) int, W (V, D) -> out (B, N, D).
 
     Cache: idx and the table's shape (the backward scatters into zeros)."""
+    idx = np.asarray(idx)
+    _expect("idx", idx.dtype.kind in "iu", "integer token ids", f"dtype {idx.dtype}")
+    _expect("idx", idx.size == 0 or (idx.min() >= 0 and idx.max() < W.shape[0]),
+            f"ids in [0, {W.shape[0]})", f"range [{idx.min()}, {idx.max()}]")
     return W[idx], (idx, W.shape, W.dtype)
 
 
@@ -74,6 +84,10 @@ def position_backward(dout, cache):
 
 def linear_forward(x, W, b):
     """out = x W + b: x (M..., Din), W (Din, Dout), b (Dout,) or None -> (M..., Dout). Cache: x, W."""
+    _expect("W", W.ndim == 2 and W.shape[0] == x.shape[-1], f"shape ({x.shape[-1]}, Dout) for x "
+            f"of shape {x.shape}", f"shape {W.shape}")
+    _expect("b", b is None or b.shape == (W.shape[1],), f"shape ({W.shape[1]},) or None",
+            None if b is None else f"shape {b.shape}")
     out = x @ W
     if b is not None:
         out += b
@@ -98,6 +112,9 @@ def layernorm_forward(x, g, b):
     """y = g * (x - mean) / sqrt(var + eps) + b over the last axis: x (M..., D), g, b (D,).
 
     Cache: xhat (the normalised x), rstd = 1/sqrt(var + eps) (M..., 1) and g."""
+    D = x.shape[-1]
+    _expect("g, b", g.shape == (D,) and b.shape == (D,), f"shapes ({D},) like x's last axis",
+            f"{g.shape} and {b.shape}")
     mean = x.mean(axis=-1, keepdims=True)                           # (M..., 1)
     xc = x - mean
     var = (xc * xc).mean(axis=-1, keepdims=True)                    # (M..., 1) biased, as in the definition of LayerNorm
@@ -170,7 +187,11 @@ def causal_conv_forward(x, c, history=None):
     previous chunk (the decode path). Cache: the zero/history-padded input.
     """
     B, N, D = x.shape
+    _expect("c", c.ndim == 2 and c.shape[1] == D and c.shape[0] >= 1, f"shape (w, {D}), w >= 1",
+            f"shape {c.shape}")
     w = c.shape[0]
+    _expect("history", history is None or history.shape == (B, w - 1, D),
+            f"shape {(B, w - 1, D)} or None", None if history is None else f"shape {history.shape}")
     pad = np.zeros((B, w - 1, D), dtype=x.dtype) if history is None else history
     xp = np.concatenate([pad, x], axis=1)                           # (B, w-1+N, D)
     out = np.zeros_like(x)
@@ -207,6 +228,8 @@ def cross_entropy_forward(logits, targets, mask=None):
     """
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)                                    # (M, V)
+    _expect("targets", np.shape(targets) == logits.shape[:-1], f"shape {logits.shape[:-1]}",
+            f"shape {np.shape(targets)}")
     t = targets.reshape(-1)                                         # (M,)
     if t.size and (t.min() < 0 or t.max() >= V):
         raise ValueError(f"targets: expected integers in [0, {V}), got range "
@@ -239,6 +262,8 @@ def masked_mean_pool_forward(x, mask=None):
     Padding positions (mask False) are ignored; a row with no real token is an
     error (its mean is undefined). Cache: the weights w = mask / count (B, N)."""
     B, N, _ = x.shape
+    _expect("mask", mask is None or np.shape(mask) == (B, N), f"shape {(B, N)} or None",
+            None if mask is None else f"shape {np.shape(mask)}")
     m = np.ones((B, N), dtype=x.dtype) if mask is None else mask.astype(x.dtype)
     count = m.sum(axis=1, keepdims=True)                            # (B, 1)
     if (count == 0).any():
