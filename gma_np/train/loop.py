@@ -204,9 +204,6 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
             opt.step(model.params, grads, lr)
             step += 1
             rates.append(tokens_per_step / (time.perf_counter() - t0))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rates[-1]:,.0f}",
-                            val_bpb=f"{val_bpb:.3f}", refresh=False)
             if step % cfg.log_interval == 0 or step == cfg.steps:
                 log.write({"step": step, "loss": round(loss, 6), "lr": lr,
                            "grad_norm": round(grad_norm, 6), "tokens_per_s": round(rates[-1], 1),
@@ -219,6 +216,9 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
                     f"validation {val_bpb:.3f} bits/byte, {np.median(rates):,.0f} tokens/s")
             if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
                 _save(run_dir, cfg, model, opt, rng, step, val_bpb)
+            bar.set_postfix(train_bpb=f"{loss / math.log(2):.3f}", val_bpb=f"{val_bpb:.3f}",
+                            tok_s=f"{rates[-1]:,.0f}", refresh=False)
+            bar.update(1)
             if on_step is not None:
                 on_step(step)
             if stop["signal"] or (stop_after is not None and step - start_step >= stop_after):
