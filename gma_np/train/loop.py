@@ -39,7 +39,7 @@ import numpy as np
 from gma_np.nn.model import GMALanguageModel, decays
 from gma_np.optim import AdamW, clip_grad_norm, lr_at
 from gma_np.train import checkpoint as ckpt
-from gma_np.train.config import TrainConfig, config_differences
+from gma_np.train.config import BOOKKEEPING_FIELDS, TrainConfig, config_differences
 from gma_np.train.data import load_corpus, sample_batch
 from gma_np.train.evaluate import evaluate_bpb
 from gma_np.train.runlog import RunLog
@@ -143,9 +143,7 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
                                            f"the requested one ({lines}); resume without those "
                                            f"options, or train into a new --out directory")
             saved_cfg = TrainConfig.from_dict({**saved_cfg.to_dict(),
-                                               **{n: getattr(cfg, n) for n in
-                                                  ("eval_interval", "eval_tokens",
-                                                   "checkpoint_interval", "log_interval")}})
+                                               **{n: getattr(cfg, n) for n in BOOKKEEPING_FIELDS}})
         cfg = saved_cfg
         val_bpb = meta.get("val_bpb")
         val_bpb = float("nan") if val_bpb is None else float(val_bpb)
