@@ -214,6 +214,22 @@ def test_whole_model_gradcheck_every_parameter(rng, kw):
     assert sorted(c.name for c in report.inputs) == sorted(model.params), "a parameter was not checked"
 
 
+def test_smallest_model_gradcheck_every_element(rng):
+    """Every element of every parameter (full mode) of a model with one of everything."""
+    model = _tiny_model(rng, vocab_size=7, max_len=4, d_model=4, n_heads=1, head_dim=2,
+                        value_dim=2, n_components=2, mlp_ratio=1, conv_width=2)
+    cfg = model.cfg
+    idx, targets = rng.integers(0, 7, (2, 2, 4))
+
+    def fun(**p):
+        return np.array(lm_loss_forward(p, idx, targets, cfg)[0])
+
+    def grad(dout, **p):
+        return lm_loss_backward(lm_loss_forward(p, idx, targets, cfg)[1], float(dout))
+    report = _check(fun, grad, dict(model.params), mode="full")
+    assert sum(c.checked for c in report.inputs) == model.n_params()
+
+
 # ---------------------------------------------------------------- decode path
 
 @pytest.mark.parametrize("dtype,conv", [(np.float64, 4), (np.float32, 4), (np.float64, 0)],
