@@ -127,8 +127,8 @@ def _features(x, center, n0, out):
 @njit(cache=True, parallel=True)
 def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, inv_var, bound,
                           out):
-    """l[p,h,n0+n,k] = const[h,k] - 1/2 quad, quad = g + m2 or, where that cancels, directly,
-    for the block of tokens n0 .. n0 + nb - 1.
+    """l[p,h,n,k] = const[h,k] - 1/2 quad, quad = g + m2 or, where that cancels, directly,
+    for the block of tokens n0 .. n0 + nb - 1 (out holds the block: row n is token n0 + n).
 
     The expansion subtracts terms of size x2 + m2 to get quad; its rounding
     error is about eps_64 * (x2 + m2), the direct form's about eps_64 * quad.
@@ -152,7 +152,7 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
     m2, const    (H, K)         float64
     inv_var      (H, K, d)      float64
     bound        float          gma_np._numerics.EXPANSION_CANCELLATION_BOUND
-    out          (P, H, N, K)    float64, rows n0 .. n0 + nb - 1 written
+    out          (P, H, nb, K)   float64, written (may be `g` itself)
     """
     P, H, nb, K = g.shape
     d = means.shape[2]
@@ -173,40 +173,42 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
                         xj = xa[p, h, n0 + n, j] if p < Pa else xb[p - Pa, h, n0 + n, j]
                         diff = xj - means[h, k, j]
                         quad += diff * diff * inv_var[h, k, j]
-                out[p, h, n0 + n, k] = const[h, k] - 0.5 * quad
+                out[p, h, n, k] = const[h, k] - 0.5 * quad
 
 
 @njit(cache=True, parallel=True)
-def _softmax_rows(a, inv_tau, r):
-    """Row softmax of a / tau: one pass per row, max-shifted, one exp per entry.
+def _softmax_rows(a, inv_tau, n0, r):
+    """Row softmax of a / tau for a block of tokens: one pass per row, max-shifted, one exp
+    per entry, summed in float64 and stored in the dtype of r.
 
-    r[p,h,n,:] = exp(a/tau - m) / sum_k exp(a/tau - m), m = max_k a/tau: the
+    r[p,h,n0+n,:] = exp(a/tau - m) / sum_k exp(a/tau - m), m = max_k a/tau: the
     max-shifted log-sum-exp of scipy.special.logsumexp, r = exp(a/tau - lse),
     with the division by sum exp done as a product so that each entry costs
     one exp. Fused so that the (P, H, N, K) arrays are read once;
     tests/test_fastpaths.py checks it against scipy.
 
-    a        (P, H, N, K)  float64 log-densities l
-    inv_tau  (H,)          float64 1 / tau
-    r        (P, H, N, K)  float64, written (may be `a` itself)
+    a        (P, H, nb, K)  float64 log-densities l of the block, overwritten by exp(a/tau - m)
+    inv_tau  (H,)           float64 1 / tau
+    n0       int            first token of the block
+    r        (P, H, N, K)   float32 or float64, rows n0 .. n0 + nb - 1 written
     """
-    P, H, N, K = a.shape
+    P, H, nb, K = a.shape
     for ph in prange(P * H):
         p = ph // H
         h = ph % H
         s = inv_tau[h]
-        for n in range(N):
+        for n in range(nb):
             m = a[p, h, n, 0] * s
             for k in range(1, K):
                 m = max(m, a[p, h, n, k] * s)
             total = 0.0
             for k in range(K):
                 u = np.exp(a[p, h, n, k] * s - m)
-                r[p, h, n, k] = u
+                a[p, h, n, k] = u
                 total += u
             inv_total = 1.0 / total
             for k in range(K):
-                r[p, h, n, k] *= inv_total
+                r[p, h, n0 + n, k] = a[p, h, n, k] * inv_total
 
 
 @njit(cache=True, parallel=True)
@@ -220,9 +222,9 @@ def _softmax_rows_backward(dr, r, inv_tau, dl):
     by the wrapper from the GEMM sums of the log-density backward (so that
     neither l nor log r has to be stored or recomputed).
 
-    dr, r    (P, H, N, K)  float64
+    dr, r    (P, H, N, K)  float32 or float64 (one dtype), read in float64
     inv_tau  (H,)          float64
-    dl       (P, H, N, K)  float64, written (may be `dr` itself)
+    dl       (P, H, N, K)  dtype of dr, written (may be `dr` itself)
     """
     P, H, N, K = dr.shape
     for ph in prange(P * H):
@@ -232,6 +234,6 @@ def _softmax_rows_backward(dr, r, inv_tau, dl):
         for n in range(N):
             dot = 0.0
             for k in range(K):
-                dot += r[p, h, n, k] * dr[p, h, n, k]
+                dot += np.float64(r[p, h, n, k]) * np.float64(dr[p, h, n, k])
             for k in range(K):
-                dl[p, h, n, k] = r[p, h, n, k] * (dr[p, h, n, k] - dot) * s
+                dl[p, h, n, k] = np.float64(r[p, h, n, k]) * (np.float64(dr[p, h, n, k]) - dot) * s

@@ -77,7 +77,7 @@ def _causal_scan_forward(rq, rk, v, slot, eps, S, z, out):
         row:  out[t] = (rq[t] @ S) / (rq[t] . z + eps)          (read)
         slot: out[t] = sum_k rq[t,k] * S[k] / (z[k] + eps)
 
-    rq, rk  (P, N, K)  routed queries and (already masked) keys
+    rq, rk  (P, N, K)  routed queries and (already masked) keys, dtype of v (read in float64)
     v       (P, N, e)
     slot    bool       False for norm "row", True for norm "slot"
     S       (P, K, e)  float64, read as the initial state and left as the final one
@@ -95,15 +95,17 @@ def _causal_scan_forward(rq, rk, v, slot, eps, S, z, out):
             # 1. write token t into the normaliser, and the read weights a_k
             den = eps
             for k in range(K):
-                zk = zp[k] + rk[p, t, k]
+                zk = zp[k] + np.float64(rk[p, t, k])
                 zp[k] = zk
-                den += rq[p, t, k] * zk
+                den += np.float64(rq[p, t, k]) * zk
             # 2. write token t into the memory and read it out, one row S[k] at a time
             for c in range(e):
                 num[c] = 0.0
             for k in range(K):
-                a = rq[p, t, k] / (zp[k] + eps) if slot else rq[p, t, k]
-                _write_read_row(Sp[k], vt, rk[p, t, k], a, num)
+                a = np.float64(rq[p, t, k])
+                if slot:
+                    a = a / (zp[k] + eps)
+                _write_read_row(Sp[k], vt, np.float64(rk[p, t, k]), a, num)
             if slot:
                 for c in range(e):
                     out[p, t, c] = num[c]
@@ -140,7 +142,7 @@ def _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, d
     rq, rk, v, do  (P, N, K), (P, N, K), (P, N, e), (P, N, e)
     S, z           (P, K, e), (P, K)  float64 scratch for the state
     coef, dzt      (P, N, 1) for row, (P, N, K) for slot: float64 scratch
-    drq, drk       (P, N, K) float64, written
+    drq, drk       (P, N, K) written, in the dtype of rq
     dv             (P, N, e) written, in the dtype of v
     """
     P, N, K = rq.shape
@@ -158,11 +160,11 @@ def _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, d
             dot = do[p, t]
             den = eps
             for k in range(K):
-                zk = zp[k] + rk[p, t, k]
+                zk = zp[k] + np.float64(rk[p, t, k])
                 zp[k] = zk
-                den += rq[p, t, k] * zk
+                den += np.float64(rq[p, t, k]) * zk
             for k in range(K):
-                s_dot[k] = _write_dot_row(Sp[k], vt, rk[p, t, k], dot)
+                s_dot[k] = _write_dot_row(Sp[k], vt, np.float64(rk[p, t, k]), dot)
             if slot:
                 for k in range(K):
                     inv = 1.0 / (zp[k] + eps)
@@ -192,8 +194,8 @@ def _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, d
                     a = coef[p, t, k]
                     zp[k] += dzt[p, t, k]
                 else:
-                    a = rq[p, t, k] * coef[p, t, 0]
-                    zp[k] += rq[p, t, k] * dzt[p, t, 0]
-                drk[p, t, k] = _suffix_row(Sp[k], dot, a, rk[p, t, k], vt, acc) + zp[k]
+                    a = np.float64(rq[p, t, k]) * coef[p, t, 0]
+                    zp[k] += np.float64(rq[p, t, k]) * dzt[p, t, 0]
+                drk[p, t, k] = _suffix_row(Sp[k], dot, a, np.float64(rk[p, t, k]), vt, acc) + zp[k]
             for c in range(e):
                 dv[p, t, c] = acc[c]

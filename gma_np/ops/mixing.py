@@ -52,8 +52,8 @@ class GMACache:
     eps: float
     mask: np.ndarray        # (B, N) float64 of 0/1
     masked: bool            # a key_mask was passed (else mask is all ones and rk a view of r)
-    rq: np.ndarray          # (P, N, K) routed queries, float64
-    rk: np.ndarray          # (P, N, K) routed keys, masked (R~_K), float64
+    rq: np.ndarray          # (P, N, K) routed queries, in dtype (computed in float64)
+    rk: np.ndarray          # (P, N, K) routed keys, masked (R~_K), in dtype
     v: np.ndarray           # (P, N, e) in dtype
     routing: object         # RoutingCache of the stacked (q, k) points, (2B, H, N, d), holding r
 
@@ -75,6 +75,7 @@ def _validate(q, k, v, means, log_var, logits, causal, norm, temperature, eps, k
 
 def _bidirectional_forward(rq, rk, v, slot, eps):
     """O (P, N, e) float64 from routed rq, rk (P, N, K) and v (P, N, e), through BLAS."""
+    rq, rk = rq.astype(ACCUM_DTYPE, copy=False), rk.astype(ACCUM_DTYPE, copy=False)
     S = np.matmul(rk.transpose(0, 2, 1), v.astype(ACCUM_DTYPE))    # (P, K, e)  'pnk,pne->pke'
     z = rk.sum(axis=1)                                             # (P, K)
     if slot:
@@ -85,6 +86,7 @@ def _bidirectional_forward(rq, rk, v, slot, eps):
 
 def _bidirectional_backward(rq, rk, v, do, slot, eps):
     """(drq, drk, dv) of sum(O * do) for O = _bidirectional_forward(...), through BLAS."""
+    rq, rk = rq.astype(ACCUM_DTYPE, copy=False), rk.astype(ACCUM_DTYPE, copy=False)
     v64 = v.astype(ACCUM_DTYPE)
     do = do.astype(ACCUM_DTYPE)
     S = np.matmul(rk.transpose(0, 2, 1), v64)                      # (P, K, e)
@@ -175,7 +177,7 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
     rq = r[:B].reshape(P, N, K)                                    # (P, N, K)
     rk = r[B:]                                                     # (B, H, N, K)
     if key_mask is not None:
-        rk = rk * mask[:, None, :, None]                           # R~_K (a copy; unmasked: a view)
+        rk = rk * mask.astype(rk.dtype)[:, None, :, None]          # R~_K (a copy; unmasked: a view)
     rk = rk.reshape(P, N, K)
     v3 = v.reshape(P, N, e)                                        # (P, N, e)
     # 2. write the memory and read it out
@@ -215,7 +217,7 @@ def gma_backward(do, cache):
     check.check_shape("do", do, (B, H, N, e), "the shape of o, (B, H, N, e)")
     do3 = do.astype(cache.dtype, copy=False).reshape(P, N, e)
     # dr (2B, H, N, K) holds drq in [:B] and drk in [B:], the stacking of the routing
-    dr = np.empty((2 * B, H, N, K), dtype=ACCUM_DTYPE)
+    dr = np.empty((2 * B, H, N, K), dtype=cache.rq.dtype)
     # 2. backward through the memory read and write
     if cache.causal:
         dv = _causal_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,

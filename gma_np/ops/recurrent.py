@@ -86,7 +86,7 @@ def gma_recurrent(q, k, v, means, log_var, logits, state=None, *, norm="row",
     _check_state(state, B, H, K, e)
     r, _ = route_forward((q, k), mix, tau)                        # (2B, H, N, K)
     rq = r[:B].reshape(B * H, N, K)
-    rk = (r[B:] * mask[:, None, :, None]).reshape(B * H, N, K)
+    rk = (r[B:] * mask.astype(r.dtype)[:, None, :, None]).reshape(B * H, N, K)
     S = state.S.reshape(B * H, K, e).copy()                        # (P, K, e) in: initial, out: final
     z = state.z.reshape(B * H, K).copy()                           # (P, K)
     o = np.empty((B * H, N, e), dtype=v.dtype)

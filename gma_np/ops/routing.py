@@ -158,6 +158,23 @@ def log_density_direct(x4, mix):
     return out
 
 
+def _route_blocks(x_parts, mix, inv_tau, r):
+    """The GEMM routing, block by block: with inv_tau None, r (P, H, N, K) float64 receives
+    the log-densities l; else r (float32 or float64) receives softmax_k(l / tau)."""
+    xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
+    for n0, n1 in _blocks(xa.shape[2]):
+        feats = features(x_parts, mix, n0, n1)                     # (P, H, nb, 2d)
+        g = np.matmul(feats, mix.w_forward)                        # (P, H, nb, K) 'phnf,hfk->phnk'
+        # g += m2, -1/2, + const, and the direct form where the expansion cancels: g = l
+        _log_density_expanded(g, feats, xa, xb, n0, mix.means, mix.inv_var_max, mix.m2,
+                              mix.const, mix.inv_var, EXPANSION_CANCELLATION_BOUND, g)
+        if inv_tau is None:
+            r[:, :, n0:n1] = g
+        else:
+            _softmax_rows(g, inv_tau, n0, r)                       # r = exp(a - logsumexp_k(a))
+    return r
+
+
 def log_density(x_parts, mix):
     """l (P, H, N, K) float64 of the points x_parts (one array, or a tuple stacked along P),
     by one GEMM per block of ROUTING_BLOCK tokens.
@@ -167,16 +184,10 @@ def log_density(x_parts, mix):
     directly (from x_parts) the rare entries where the expansion would cancel.
     """
     x_parts = _parts(x_parts)
-    xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
     P = sum(a.shape[0] for a in x_parts)
-    _, H, N, d = xa.shape
-    out = np.empty((P, H, N, mix.means.shape[1]), dtype=ACCUM_DTYPE)
-    for n0, n1 in _blocks(N):
-        feats = features(x_parts, mix, n0, n1)                     # (P, H, nb, 2d)
-        g = np.matmul(feats, mix.w_forward)                        # (P, H, nb, K) 'phnf,hfk->phnk'
-        _log_density_expanded(g, feats, xa, xb, n0, mix.means, mix.inv_var_max, mix.m2,
-                              mix.const, mix.inv_var, EXPANSION_CANCELLATION_BOUND, out)
-    return out
+    _, H, N, _ = x_parts[0].shape
+    l = np.empty((P, H, N, mix.means.shape[1]), dtype=ACCUM_DTYPE)
+    return _route_blocks(x_parts, mix, None, l)
 
 
 def log_density_backward_direct(dl, x4, mix):
@@ -194,7 +205,7 @@ def log_density_backward_direct(dl, x4, mix):
 def _mixture_grads(dl, dmeans, dquad, mix):
     """The parameter gradients from dl (P, H, N, K), dmeans (H, K, d) and
     dquad = 1/2 sum_n dl (x - mu)^2 inv_var (H, K, d), in the dtypes that were passed."""
-    dl_sum = dl.sum(axis=(0, 2))                                   # (H, K) = sum over p, n
+    dl_sum = dl.sum(axis=(0, 2), dtype=ACCUM_DTYPE)                # (H, K) = sum over p, n
     # in the forward pass this was: l = ... - 1/2 sum_j (quad_kj + log_var_kj)
     dlog_var = dquad - 0.5 * dl_sum[:, :, None]                    # (H, K, d)
     if mix.covariance == "spherical":
@@ -225,19 +236,18 @@ def log_density_backward(dl, x_parts, mix, dx_dtype):
     the quadratic term does not depend on it, so no gradient flows through it).
     """
     x_parts = _parts(x_parts)
-    dl = np.ascontiguousarray(dl, dtype=ACCUM_DTYPE)
     P, H, N, K = dl.shape
     d = mix.means.shape[2]
     dx = np.empty((P, H, N, d), dtype=dx_dtype)
     dl_f = np.zeros((H, K, 2 * d), dtype=ACCUM_DTYPE)              # dl^T @ [x', x'^2], summed
     for n0, n1 in _blocks(N):
         feats = features(x_parts, mix, n0, n1)                     # (P, H, nb, 2d)
-        dl_b = dl[:, :, n0:n1]                                     # (P, H, nb, K)
+        dl_b = dl[:, :, n0:n1].astype(ACCUM_DTYPE)                 # (P, H, nb, K)
         g = np.matmul(dl_b, mix.w_backward)                        # (P, H, nb, 2d) 'phnk,hkf->phnf'
         dx[:, :, n0:n1] = g[..., :d] - feats[..., :d] * g[..., d:]
         dl_f += np.matmul(dl_b.transpose(0, 1, 3, 2), feats).sum(axis=0)   # 'phnk,phnf->hkf'
     dl_x, dl_x2 = dl_f[..., :d], dl_f[..., d:]
-    dl_sum = dl.sum(axis=(0, 2))                                   # (H, K)
+    dl_sum = dl.sum(axis=(0, 2), dtype=ACCUM_DTYPE)                # (H, K)
     mu, inv_var = mix.means_c, mix.inv_var
     dmeans = inv_var * (dl_x - mu * dl_sum[:, :, None])
     dquad = 0.5 * inv_var * (dl_x2 - 2.0 * mu * dl_x + mu * mu * dl_sum[:, :, None])
@@ -258,7 +268,7 @@ class RoutingCache:
     tau: np.ndarray         # (H,) float64
     tau_per_head: bool      # the caller passed an (H,) temperature
     tau_dtype: np.dtype     # dtype of an array temperature, for its gradient
-    r: np.ndarray           # (P, H, N, K) float64 responsibilities
+    r: np.ndarray           # (P, H, N, K) responsibilities, in the dtype of the points
 
 
 def _work(x_parts, mix):
@@ -268,20 +278,27 @@ def _work(x_parts, mix):
 
 def route_forward(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.float64)):
     """Responsibilities of validated points, one array (P, H, N, d) or a tuple stacked
-    along P (e.g. (q, k)): (r (P, H, N, K) float64, cache)."""
+    along P (e.g. (q, k)): (r (P, H, N, K) in their dtype, cache).
+
+    r is computed in float64 and rounded once to the dtype of the points: for
+    float32 that halves the largest arrays of the cache (r, and dr in the
+    backward) at a cost of 6e-8 relative per entry, which does not grow with N
+    (docs/performance.md, "Memory")."""
     if isinstance(x_parts, np.ndarray):
         x_parts = (x_parts,)
+    P = sum(a.shape[0] for a in x_parts)
+    _, H, N, _ = x_parts[0].shape
+    # r in the dtype of the points (computed in float64, rounded once when stored)
+    r = np.empty((P, H, N, mix.means.shape[1]), dtype=x_parts[0].dtype)
     with threads_for(_work(x_parts, mix)):
-        l = log_density(x_parts, mix)                              # (P, H, N, K)
-        # a = l / tau;  r = exp(a - logsumexp_k(a))                (r overwrites l)
-        _softmax_rows(l, 1.0 / tau, l)
-    cache = RoutingCache(x_parts=x_parts, x_dtype=x_parts[0].dtype, lead_shape=l.shape[:1],
-                         mix=mix, tau=tau, tau_per_head=tau_per_head, tau_dtype=tau_dtype, r=l)
-    return l, cache
+        _route_blocks(x_parts, mix, 1.0 / tau, r)
+    cache = RoutingCache(x_parts=x_parts, x_dtype=x_parts[0].dtype, lead_shape=(P,),
+                         mix=mix, tau=tau, tau_per_head=tau_per_head, tau_dtype=tau_dtype, r=r)
+    return r, cache
 
 
 def route_backward(dr, cache, overwrite_dr=False):
-    """Gradients of sum(r * dr) for (r, cache) = route_forward(...). dr (P, H, N, K) float64.
+    """Gradients of sum(r * dr) for (r, cache) = route_forward(...). dr (P, H, N, K), dtype of r.
 
     With overwrite_dr, dr is used as the buffer of dl (the caller's scratch).
     """
@@ -341,7 +358,7 @@ def responsibilities_backward(dr, cache):
     expected = cache.lead_shape + cache.r.shape[1:]
     dr = check.float_array("dr", dr)
     check.check_shape("dr", dr, expected, "the shape of r")
-    grads = route_backward(dr.reshape(cache.r.shape).astype(ACCUM_DTYPE), cache, overwrite_dr=True)
+    grads = route_backward(dr.reshape(cache.r.shape).astype(cache.r.dtype), cache, overwrite_dr=True)
     grads["x"] = grads["x"].reshape(cache.lead_shape + grads["x"].shape[1:])
     return grads
 
