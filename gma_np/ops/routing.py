@@ -244,7 +244,8 @@ def log_density_backward(dl, x_parts, mix, dx_dtype):
         feats = features(x_parts, mix, n0, n1)                     # (P, H, nb, 2d)
         dl_b = dl[:, :, n0:n1].astype(ACCUM_DTYPE)                 # (P, H, nb, K)
         g = np.matmul(dl_b, mix.w_backward)                        # (P, H, nb, 2d) 'phnk,hkf->phnf'
-        dx[:, :, n0:n1] = g[..., :d] - feats[..., :d] * g[..., d:]
+        np.multiply(feats[..., :d], g[..., d:], out=g[..., d:])      # x' * (dl @ inv_var)
+        np.subtract(g[..., :d], g[..., d:], out=dx[:, :, n0:n1], casting="same_kind")
         dl_f += np.matmul(dl_b.transpose(0, 1, 3, 2), feats).sum(axis=0)   # 'phnk,phnf->hkf'
     dl_x, dl_x2 = dl_f[..., :d], dl_f[..., d:]
     dl_sum = dl.sum(axis=(0, 2), dtype=ACCUM_DTYPE)                # (H, K)
