@@ -177,7 +177,7 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
 
 
 @njit(cache=True, parallel=True)
-def _softmax_rows(a, inv_tau, n0, r):
+def _softmax_rows(a, inv_tau, n0, r, shift):
     """Row softmax of a / tau for a block of tokens: one pass per row, max-shifted, one exp
     per entry, summed in float64 and stored in the dtype of r.
 
@@ -191,6 +191,9 @@ def _softmax_rows(a, inv_tau, n0, r):
     inv_tau  (H,)           float64 1 / tau
     n0       int            first token of the block
     r        (P, H, N, K)   float32 or float64, rows n0 .. n0 + nb - 1 written
+    shift    (P, H, N)      float64, rows n0 .. written: tau * m = max_k l, the common
+                            part of the row that the temperature gradient takes out
+                            (see _softmax_rows_backward)
     """
     P, H, nb, K = a.shape
     for ph in prange(P * H):
@@ -209,31 +212,47 @@ def _softmax_rows(a, inv_tau, n0, r):
             inv_total = 1.0 / total
             for k in range(K):
                 r[p, h, n0 + n, k] = a[p, h, n, k] * inv_total
+            shift[p, h, n0 + n] = m / s
 
 
 @njit(cache=True, parallel=True)
-def _softmax_rows_backward(dr, r, inv_tau, dl):
-    """Backward of _softmax_rows: dl = d/dl of sum(r * dr).
+def _softmax_rows_backward(dr, r, inv_tau, shift, dl, dl_shift):
+    """Backward of _softmax_rows: dl = d/dl of sum(r * dr), and a correction of dtau.
 
     In the forward pass this was r = softmax_k(a), a = l / tau, so
         da = r * (dr - sum_k r dr)                       (softmax Jacobian)
         dl = da / tau
-    The temperature gradient, -sum da * a / tau = -sum dl * l / tau, is taken
-    by the wrapper from the GEMM sums of the log-density backward (so that
-    neither l nor log r has to be stored or recomputed).
+    The temperature gradient is -sum da * a / tau = -sum dl * l / tau, which
+    the wrapper takes from the GEMM sums of the log-density backward (neither
+    l nor log r is stored). In exact arithmetic sum_k dl_nk = 0, so any
+    per-row constant c_n may be taken out of l; in floating point the stored
+    dl (rounded to its dtype) leaves a residue rho_n = sum_k dl_nk that the
+    large common part of l (hundreds and more far from the mixture) would
+    multiply. So the kernel returns, per (p, h),
+        dl_shift = sum_n rho_n c_n,   c_n = shift[n] = max_k l_nk,
+    and the wrapper uses sum dl (l - c) = sum dl l - dl_shift: the rows then
+    have their maximum at 0, as in the log r form, computed from the very dl
+    values that were stored (docs/derivations.md, section 2).
 
-    dr, r    (P, H, N, K)  float32 or float64 (one dtype), read in float64
-    inv_tau  (H,)          float64
-    dl       (P, H, N, K)  dtype of dr, written (may be `dr` itself)
+    dr, r     (P, H, N, K)  float32 or float64 (one dtype), read in float64
+    inv_tau   (H,)          float64
+    shift     (P, H, N)     float64 from _softmax_rows
+    dl        (P, H, N, K)  dtype of dr, written (may be `dr` itself)
+    dl_shift  (P, H)        float64, written
     """
     P, H, N, K = dr.shape
     for ph in prange(P * H):
         p = ph // H
         h = ph % H
         s = inv_tau[h]
+        acc = 0.0
         for n in range(N):
             dot = 0.0
             for k in range(K):
                 dot += np.float64(r[p, h, n, k]) * np.float64(dr[p, h, n, k])
+            rho = 0.0
             for k in range(K):
                 dl[p, h, n, k] = np.float64(r[p, h, n, k]) * (np.float64(dr[p, h, n, k]) - dot) * s
+                rho += np.float64(dl[p, h, n, k])            # the value as stored
+            acc += rho * shift[p, h, n]
+        dl_shift[p, h] = acc

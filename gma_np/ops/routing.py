@@ -158,9 +158,10 @@ def log_density_direct(x4, mix):
     return out
 
 
-def _route_blocks(x_parts, mix, inv_tau, r):
+def _route_blocks(x_parts, mix, inv_tau, r, shift=None):
     """The GEMM routing, block by block: with inv_tau None, r (P, H, N, K) float64 receives
-    the log-densities l; else r (float32 or float64) receives softmax_k(l / tau)."""
+    the log-densities l; else r (float32 or float64) receives softmax_k(l / tau) and
+    shift (P, H, N) float64 the row maxima of l."""
     xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
     for n0, n1 in _blocks(xa.shape[2]):
         feats = features(x_parts, mix, n0, n1)                     # (P, H, nb, 2d)
@@ -171,7 +172,7 @@ def _route_blocks(x_parts, mix, inv_tau, r):
         if inv_tau is None:
             r[:, :, n0:n1] = g
         else:
-            _softmax_rows(g, inv_tau, n0, r)                       # r = exp(a - logsumexp_k(a))
+            _softmax_rows(g, inv_tau, n0, r, shift)                # r = exp(a - logsumexp_k(a))
     return r
 
 
@@ -270,6 +271,7 @@ class RoutingCache:
     tau_per_head: bool      # the caller passed an (H,) temperature
     tau_dtype: np.dtype     # dtype of an array temperature, for its gradient
     r: np.ndarray           # (P, H, N, K) responsibilities, in the dtype of the points
+    shift: np.ndarray       # (P, H, N) float64 row maxima of l, for the temperature gradient
 
 
 def _work(x_parts, mix):
@@ -291,10 +293,12 @@ def route_forward(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.f
     _, H, N, _ = x_parts[0].shape
     # r in the dtype of the points (computed in float64, rounded once when stored)
     r = np.empty((P, H, N, mix.means.shape[1]), dtype=x_parts[0].dtype)
+    shift = np.empty((P, H, N), dtype=ACCUM_DTYPE)
     with threads_for(_work(x_parts, mix)):
-        _route_blocks(x_parts, mix, 1.0 / tau, r)
+        _route_blocks(x_parts, mix, 1.0 / tau, r, shift)
     cache = RoutingCache(x_parts=x_parts, x_dtype=x_parts[0].dtype, lead_shape=(P,),
-                         mix=mix, tau=tau, tau_per_head=tau_per_head, tau_dtype=tau_dtype, r=r)
+                         mix=mix, tau=tau, tau_per_head=tau_per_head, tau_dtype=tau_dtype, r=r,
+                         shift=shift)
     return r, cache
 
 
@@ -304,12 +308,14 @@ def route_backward(dr, cache, overwrite_dr=False):
     With overwrite_dr, dr is used as the buffer of dl (the caller's scratch).
     """
     dl = dr if overwrite_dr else np.empty_like(dr)
+    dl_shift = np.empty(dr.shape[:2], dtype=ACCUM_DTYPE)           # (P, H)
     with threads_for(_work(cache.x_parts, cache.mix)):
         # in the forward pass this was: r = softmax_k(a), a = l / tau
-        _softmax_rows_backward(dr, cache.r, 1.0 / cache.tau, dl)
+        _softmax_rows_backward(dr, cache.r, 1.0 / cache.tau, cache.shift, dl, dl_shift)
         dx, grads, dl_dot_l = log_density_backward(dl, cache.x_parts, cache.mix, cache.x_dtype)
-    # dtau = -sum da * a / tau = -sum dl * l / tau   (da = tau dl, a = l / tau)
-    dtau = -dl_dot_l / cache.tau                                   # (H,)
+    # dtau = -sum da * a / tau = -sum dl * (l - c) / tau   (da = tau dl, a = l / tau; any
+    # per-row c, here the row maximum of l, since sum_k dl = 0: _softmax_rows_backward)
+    dtau = -(dl_dot_l - dl_shift.sum(axis=0)) / cache.tau          # (H,)
     grads["temperature"] = (dtau.astype(cache.tau_dtype) if cache.tau_per_head
                             else float(dtau.sum()))
     grads["x"] = dx
