@@ -34,6 +34,7 @@ tests/test_nn.py::test_no_dead_component_at_init checks that no component is dea
 """
 
 import numpy as np
+from scipy.special import logsumexp
 
 # Keys per head the k-means runs on: enough to place 32 components, cheap at init.
 KMEANS_MAX_POINTS = 4096
@@ -105,21 +106,30 @@ def fit_head(keys, K, rng, covariance="diag"):
     return means, log_var, logits
 
 
-def _routing_entropy(keys, means, log_var, logits):
-    """Mean entropy (nats) of the responsibilities of keys (M, d) under one head's mixture, float64."""
-    from gma_np import responsibilities
-    r = responsibilities(keys[None], means[None], log_var[None], logits[None])[0]     # (M, K)
-    return float(-(r * np.log(np.maximum(r, np.finfo(np.float64).tiny))).sum(axis=1).mean())
-
-
 def _entropy_scale(keys, means, log_var, logits):
     """log s such that scaling every variance by s gives mean routing entropy
-    ROUTING_ENTROPY_TARGET * log K (the entropy grows with s: bisection)."""
+    ROUTING_ENTROPY_TARGET * log K over the keys (the entropy grows with s: bisection).
+
+    All components of the head share their variances at this point (pooled in
+    fit_head), so with q_k(x) = sum_j (x_j - mu_kj)^2 / sigma2_j the log-density
+    under variances s sigma2 is log pi_k - q_k(x) / (2 s) plus terms equal for
+    every k, which the softmax of the responsibilities ignores: q is computed
+    once and each bisection step is a softmax of (M, K) numbers.
+    """
+    var = np.exp(log_var if log_var.ndim == 2 else log_var[:, None])    # (K, d) or (K, 1)
+    q = (((keys[:, None, :] - means[None, :, :]) ** 2) / var[None]).sum(axis=-1)   # (M, K)
+    log_pi = logits - logsumexp(logits)                                  # (K,)
     target = ROUTING_ENTROPY_TARGET * np.log(means.shape[0])
+
+    def entropy(log_s):
+        a = log_pi - 0.5 * q * np.exp(-log_s)                            # (M, K)
+        log_r = a - logsumexp(a, axis=1, keepdims=True)
+        return float(-(np.exp(log_r) * log_r).sum(axis=1).mean())
+
     lo, hi = -LOG_SCALE_RANGE, LOG_SCALE_RANGE
     for _ in range(BISECTION_STEPS):
         mid = 0.5 * (lo + hi)
-        if _routing_entropy(keys, means, log_var + mid, logits) < target:
+        if entropy(mid) < target:
             lo = mid
         else:
             hi = mid
