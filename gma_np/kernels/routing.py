@@ -99,11 +99,16 @@ def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
 #     g = F @ [-2 (mu' inv_var)^T ; inv_var^T]   = x2 - 2 cross          (N, K)
 # with x2 = x'^2 @ inv_var^T, cross = x' @ (mu' inv_var)^T, and then
 #     quad = g + m2,  m2[k] = sum_j mu'_kj^2 inv_var_kj                  (the matmul expansion)
-# The kernels below finish the job row by row, in one pass over memory.
+# The kernels below finish the job row by row, in one pass over memory. The three
+# that run once per block of ROUTING_BLOCK tokens (_features, _log_density_expanded,
+# _softmax_rows) are serial: a block is small, and launching Numba's thread pool
+# once per block (hundreds of times per call) cost more than it gained: measured on
+# the loaded 2-core machine, causal fwd+bwd at N=8192 took 11 s with 2 threads
+# against 0.5 s with 1 (docs/performance.md). Their `prange` is then a plain range.
 # ---------------------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _features(x, center, n0, out):
     """out[p,h,n] = [x', x'^2] with x' = x[p,h,n0+n] - center[h]: the left operand of the GEMMs,
     for the block of tokens n0 .. n0 + nb - 1.
@@ -124,7 +129,7 @@ def _features(x, center, n0, out):
                 out[p, h, n, d + j] = xc * xc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, inv_var, bound,
                           out):
     """l[p,h,n,k] = const[h,k] - 1/2 quad, quad = g + m2 or, where that cancels, directly,
@@ -176,7 +181,7 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
                 out[p, h, n, k] = const[h, k] - 0.5 * quad
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _softmax_rows(a, inv_tau, n0, r, shift):
     """Row softmax of a / tau for a block of tokens: one pass per row, max-shifted, one exp
     per entry, summed in float64 and stored in the dtype of r.
