@@ -81,18 +81,22 @@ class Mixture:
 # The last prepared mixture, reused when the same parameter values come again: a
 # decoding loop (gma_step) passes the same mixture for every token, and preparing
 # it (a dozen small NumPy calls) would otherwise cost more than the step itself.
-_LAST_MIXTURE = [None, None]        # [(means, log_var, logits) copies, Mixture]
+# One slot holding one tuple, read and replaced whole (one atomic operation each
+# under the GIL), so that threads never pair one mixture's key with another's value.
+_LAST_MIXTURE = [None]              # [((means, log_var, logits) copies, Mixture)]
 
 
 def prepare_mixture(means, log_var, logits):
     """Validate (means, log_var, logits) and precompute what the kernels need."""
     means, log_var, logits, covariance = check.mixture(means, log_var, logits)
-    key, cached = _LAST_MIXTURE
-    if key is not None and all(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
-                               for a, b in zip(key, (means, log_var, logits))):
-        return cached
+    entry = _LAST_MIXTURE[0]
+    if entry is not None:
+        key, cached = entry
+        if all(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+               for a, b in zip(key, (means, log_var, logits))):
+            return cached
     mix = _build_mixture(means, log_var, logits, covariance)
-    _LAST_MIXTURE[:] = [(means.copy(), log_var.copy(), logits.copy()), mix]
+    _LAST_MIXTURE[0] = ((means.copy(), log_var.copy(), logits.copy()), mix)
     return mix
 
 
