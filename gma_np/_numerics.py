@@ -72,3 +72,10 @@ PARALLEL_MIN_WORK = 2 ** 20
 # fused pass after them: measured 394 ms (128) vs 433 (256), 500 (1024), 633 (4096) for
 # causal fwd+bwd at B=1 H=4 N=8192 d=K=e=64 float32, one thread, interleaved medians.
 ROUTING_BLOCK = 128
+
+# The routing's blocks are dealt round-robin to this many streams, which run on
+# Python threads when Numba has more than one thread (gma_np.ops._threads.run_streams).
+# Fixed, not the thread count, so that the parameter-gradient sums (one per stream,
+# added in stream order) are bit for bit the same whatever the thread count. 2: the
+# machines this was measured on have 2 cores.
+ROUTING_STREAMS = 2

@@ -105,10 +105,12 @@ def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
 # once per block (hundreds of times per call) cost more than it gained: measured on
 # the loaded 2-core machine, causal fwd+bwd at N=8192 took 11 s with 2 threads
 # against 0.5 s with 1 (docs/performance.md). Their `prange` is then a plain range.
+# They release the GIL (nogil): gma_np.ops.routing runs two streams of blocks on two
+# Python threads when Numba is given more than one thread.
 # ---------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _features(x, center, n0, out):
     """out[p,h,n] = [x', x'^2] with x' = x[p,h,n0+n] - center[h]: the left operand of the GEMMs,
     for the block of tokens n0 .. n0 + nb - 1.
@@ -129,7 +131,7 @@ def _features(x, center, n0, out):
                 out[p, h, n, d + j] = xc * xc
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, inv_var, bound,
                           out):
     """l[p,h,n,k] = const[h,k] - 1/2 quad, quad = g + m2 or, where that cancels, directly,
@@ -181,7 +183,7 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
                 out[p, h, n, k] = const[h, k] - 0.5 * quad
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _softmax_rows(a, inv_tau, n0, r, shift):
     """Row softmax of a / tau for a block of tokens: one pass per row, max-shifted, one exp
     per entry, summed in float64 and stored in the dtype of r.

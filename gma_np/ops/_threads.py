@@ -93,3 +93,29 @@ def blas_single_thread():
         yield
     finally:
         set_(n)
+
+
+# ---------------------------------------------------------------------------------------
+# Streams of routing blocks on Python threads.
+#
+# The block loop of the routing (small GEMMs and serial fused kernels, all of which
+# release the GIL) is split into ROUTING_STREAMS interleaved streams of blocks:
+# block i goes to stream i % ROUTING_STREAMS. The streams run concurrently on
+# Python threads when Numba has more than one thread (numba.get_num_threads() in
+# the calling thread, so threads_for and numba.set_num_threads apply), else one
+# after the other. Each stream's sums are its own and are added in stream order
+# at the end, so the results are bit for bit the same whatever the thread count.
+# ---------------------------------------------------------------------------------------
+
+_POOL = []
+
+
+def run_streams(fn, n_streams):
+    """[fn(0), ..., fn(n_streams - 1)]: concurrently if Numba has > 1 thread, else in order."""
+    threads = min(n_streams, numba.get_num_threads())
+    if threads <= 1:
+        return [fn(s) for s in range(n_streams)]
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL.append(ThreadPoolExecutor(max_workers=n_streams, thread_name_prefix="gma_np"))
+    return list(_POOL[0].map(fn, range(n_streams)))

@@ -47,7 +47,13 @@ import numpy as np
 from scipy.special import logsumexp
 
 from gma_np import _validation as check
-from gma_np._numerics import ACCUM_DTYPE, EXPANSION_CANCELLATION_BOUND, LOG_2PI, ROUTING_BLOCK
+from gma_np._numerics import (
+    ACCUM_DTYPE,
+    EXPANSION_CANCELLATION_BOUND,
+    LOG_2PI,
+    ROUTING_BLOCK,
+    ROUTING_STREAMS,
+)
 from gma_np.kernels.routing import (
     _log_density_backward,
     _features,
@@ -56,7 +62,7 @@ from gma_np.kernels.routing import (
     _softmax_rows,
     _softmax_rows_backward,
 )
-from gma_np.ops._threads import blas_single_thread, threads_for
+from gma_np.ops._threads import blas_single_thread, run_streams, threads_for
 
 
 @dataclass
@@ -167,8 +173,10 @@ def _route_blocks(x_parts, mix, inv_tau, r, shift=None):
     the log-densities l; else r (float32 or float64) receives softmax_k(l / tau) and
     shift (P, H, N) float64 the row maxima of l."""
     xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
-    with blas_single_thread():                                     # small GEMMs: see _threads
-        for n0, n1 in _blocks(xa.shape[2]):
+    blocks = list(_blocks(xa.shape[2]))
+
+    def stream(s):                                                 # blocks s, s + S, s + 2S, ...
+        for n0, n1 in blocks[s::ROUTING_STREAMS]:
             feats = features(x_parts, mix, n0, n1)                 # (P, H, nb, 2d)
             g = np.matmul(feats, mix.w_forward)                    # (P, H, nb, K) 'phnf,hfk->phnk'
             # g += m2, -1/2, + const, and the direct form where the expansion cancels: g = l
@@ -178,6 +186,9 @@ def _route_blocks(x_parts, mix, inv_tau, r, shift=None):
                 r[:, :, n0:n1] = g
             else:
                 _softmax_rows(g, inv_tau, n0, r, shift)            # r = exp(a - logsumexp_k(a))
+
+    with blas_single_thread():                                     # small GEMMs: see _threads
+        run_streams(stream, ROUTING_STREAMS)
     return r
 
 
@@ -245,15 +256,24 @@ def log_density_backward(dl, x_parts, mix, dx_dtype):
     P, H, N, K = dl.shape
     d = mix.means.shape[2]
     dx = np.empty((P, H, N, d), dtype=dx_dtype)
-    dl_f = np.zeros((H, K, 2 * d), dtype=ACCUM_DTYPE)              # dl^T @ [x', x'^2], summed
-    with blas_single_thread():                                     # small GEMMs: see _threads
-        for n0, n1 in _blocks(N):
+    blocks = list(_blocks(N))
+
+    def stream(s):                                                 # blocks s, s + S, s + 2S, ...
+        dl_f = np.zeros((H, K, 2 * d), dtype=ACCUM_DTYPE)          # dl^T @ [x', x'^2], summed
+        for n0, n1 in blocks[s::ROUTING_STREAMS]:
             feats = features(x_parts, mix, n0, n1)                 # (P, H, nb, 2d)
             dl_b = dl[:, :, n0:n1].astype(ACCUM_DTYPE)             # (P, H, nb, K)
             g = np.matmul(dl_b, mix.w_backward)                    # (P, H, nb, 2d) 'phnk,hkf->phnf'
             np.multiply(feats[..., :d], g[..., d:], out=g[..., d:])  # x' * (dl @ inv_var)
             np.subtract(g[..., :d], g[..., d:], out=dx[:, :, n0:n1], casting="same_kind")
             dl_f += np.matmul(dl_b.transpose(0, 1, 3, 2), feats).sum(axis=0)   # 'phnk,phnf->hkf'
+        return dl_f
+
+    with blas_single_thread():                                     # small GEMMs: see _threads
+        partial = run_streams(stream, ROUTING_STREAMS)
+    dl_f = partial[0]
+    for part in partial[1:]:                                       # in stream order: deterministic
+        dl_f = dl_f + part
     dl_x, dl_x2 = dl_f[..., :d], dl_f[..., d:]
     dl_sum = dl.sum(axis=(0, 2), dtype=ACCUM_DTYPE)                # (H, K)
     mu, inv_var = mix.means_c, mix.inv_var
