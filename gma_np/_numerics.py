@@ -68,9 +68,12 @@ PARALLEL_MIN_WORK = 2 ** 20
 # Tokens per block of the routing GEMMs (gma_np.ops.routing): the features
 # [x', x'^2] and the GEMM results exist one block at a time, so the routing's
 # temporaries are O(block), not O(N); only r (and dr) are (N, K). 128 rows of
-# 2d = 128 float64 features per (batch, head) are 128 KiB, in L2 with the GEMM results for the
-# fused pass after them: measured 394 ms (128) vs 433 (256), 500 (1024), 633 (4096) for
-# causal fwd+bwd at B=1 H=4 N=8192 d=K=e=64 float32, one thread, interleaved medians.
+# 2d = 128 float64 features per (batch, head) are 128 KiB, in L2 with the GEMM
+# results for the fused pass after them. Causal fwd+bwd, B=1 H=4 d=K=e=64 float32,
+# interleaved medians: one thread, N=8192: 394 ms (128) vs 433 (256), 500 (1024),
+# 633 (4096); two threads (two streams), N=8192: 202 ms (64), 160 (128), 170 (256);
+# N=1024: 28 (64), 31 (128), 37 (256). Below N = 16 * ROUTING_BLOCK half a block
+# is used (faster there, and the block temporaries are a large share of the memory).
 ROUTING_BLOCK = 128
 
 # The routing's blocks are dealt round-robin to this many streams, which run on

@@ -132,9 +132,12 @@ def _parts(x_parts):
 
 
 def _blocks(N):
-    """Token ranges [n0, n1) of ROUTING_BLOCK tokens: every routing temporary is per block."""
-    for n0 in range(0, N, ROUTING_BLOCK):
-        yield n0, min(N, n0 + ROUTING_BLOCK)
+    """Token ranges [n0, n1) of ROUTING_BLOCK tokens (half that below N = 16 ROUTING_BLOCK,
+    where the block temporaries would be a large share of the memory and smaller blocks
+    measured faster): every routing temporary is per block."""
+    size = ROUTING_BLOCK if N >= 16 * ROUTING_BLOCK else max(1, ROUTING_BLOCK // 2)
+    for n0 in range(0, N, size):
+        yield n0, min(N, n0 + size)
 
 
 def features(x_parts, mix, n0, n1):
