@@ -100,9 +100,10 @@ def temperature(tau, H):
     if isinstance(tau, numbers.Real):
         arr, per_head = np.full(H, float(tau)), False
     elif isinstance(tau, np.ndarray):
-        if tau.dtype.kind not in "fiu":
+        if tau.dtype not in SUPPORTED_DTYPES:
+            # an integer array would get its gradient rounded to integers: reject it like q, k, v
             raise TypeError(
-                f"temperature: expected a real float dtype, got {tau.dtype}")
+                f"temperature: expected a float32 or float64 array, got dtype {tau.dtype}")
         if tau.ndim == 0:
             arr, per_head = np.full(H, float(tau)), False
         elif tau.shape == (H,):

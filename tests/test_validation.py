@@ -49,6 +49,8 @@ CASES = {
     "tau negative head": ({}, dict(temperature=np.array([1.0, -1.0, 1.0])), ValueError, r"temperature: expected finite values > 0"),
     "tau nan": ({}, dict(temperature=float("nan")), ValueError, r"temperature: expected finite values > 0"),
     "tau length": ({}, dict(temperature=np.ones(H + 1)), ValueError, r"temperature: expected a scalar or shape \(3,\)"),
+    "tau int array": ({}, dict(temperature=np.array([1, 2, 1])), TypeError,
+                      r"temperature: expected a float32 or float64 array, got dtype int64"),
     "tau string": ({}, dict(temperature="1"), TypeError, r"temperature: expected a positive float"),
     "norm": ({}, dict(norm="softmax"), ValueError, r"norm: expected one of \('row', 'slot'\), got 'softmax'"),
     "key_mask shape": ({}, dict(key_mask=np.ones((B, N + 1), dtype=bool)), ValueError,
