@@ -5,7 +5,8 @@
   expansion would cancel and the fallback must fire;
 - the fused softmax kernel against scipy.special.logsumexp;
 - the GEMM backward of the log-density against the direct-form kernel;
-- the fused causal scans (forward, backward) against the dense N x N reference;
+- the fused causal scans (forward, backward) against the dense N x N reference (the
+  bidirectional kernels are held to it by tests/test_mixing.py and below);
 - the serial gma_step kernel against gma(..., causal=True) token by token;
 - thread count and NUMBA_DISABLE_JIT=1 change nothing.
 """
@@ -194,14 +195,14 @@ import numpy as np, gma_np
 from gma_np.selfcheck import make_problem
 from gma_np.reference.dense import gma_dense, gma_dense_backward
 rng = np.random.default_rng(5)
-for norm in ("row", "slot"):
+for norm, causal in (("row", True), ("slot", True), ("row", False), ("slot", False)):
     inputs, mask = make_problem(rng, B=1, H=2, N=6, d=3, e=2, K=3, masked=True)
-    o, cache = gma_np.gma_forward(**inputs, causal=True, norm=norm, key_mask=mask)
-    ref = gma_dense(**inputs, causal=True, norm=norm, key_mask=mask)
+    o, cache = gma_np.gma_forward(**inputs, causal=causal, norm=norm, key_mask=mask)
+    ref = gma_dense(**inputs, causal=causal, norm=norm, key_mask=mask)
     assert np.abs(o - ref).max() <= 1e-12 * np.abs(ref).max(), norm
     do = rng.standard_normal(o.shape)
     g = gma_np.gma_backward(do, cache)
-    gr = gma_dense_backward(do, **inputs, causal=True, norm=norm, key_mask=mask)
+    gr = gma_dense_backward(do, **inputs, causal=causal, norm=norm, key_mask=mask)
     for n in ("q", "k", "v", "means"):
         assert np.abs(g[n] - gr[n]).max() <= 1e-11 * np.abs(gr[n]).max(), n
     o_t, _ = gma_np.gma_step(inputs["q"][:, :, 0], inputs["k"][:, :, 0], inputs["v"][:, :, 0],

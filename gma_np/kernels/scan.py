@@ -201,3 +201,135 @@ def _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, d
                 drk[p, t, k] = _suffix_row(Sp[k], dot, a, np.float64(rk[p, t, k]), vt, acc) + zp[k]
             for c in range(e):
                 dv[p, t, c] = acc[c]
+
+
+# ---------------------------------------------------------------------------------------
+# Bidirectional: the same memory, written by every token before any is read.
+# ---------------------------------------------------------------------------------------
+
+@njit(cache=True, fastmath=_FASTMATH, inline="always")
+def _write_row(S_k, v_t, w):
+    """S_k += w v_t."""
+    for c in range(S_k.shape[0]):
+        S_k[c] += w * v_t[c]
+
+
+@njit(cache=True, fastmath=_FASTMATH, inline="always")
+def _read_row(S_k, a, num):
+    """num += a S_k."""
+    for c in range(S_k.shape[0]):
+        num[c] += a * S_k[c]
+
+
+@njit(cache=True, fastmath=_FASTMATH, inline="always")
+def _dot_row(S_k, x):
+    """S_k . x"""
+    acc = 0.0
+    for c in range(S_k.shape[0]):
+        acc += S_k[c] * x[c]
+    return acc
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def _bidirectional_scan_forward(rq, rk, v, slot, eps, S, z, out):
+    """Bidirectional read-out: S = rk^T v, z = rk^T 1 over all tokens, then for every t
+        row:  out[t] = (rq[t] @ S) / (rq[t] . z + eps)
+        slot: out[t] = sum_k rq[t,k] * S[k] / (z[k] + eps)
+
+    rq, rk  (P, N, K)  dtype of v (read in float64);  v (P, N, e)
+    S, z    (P, K, e), (P, K)  float64 scratch (left holding the memory)
+    out     (P, N, e)  written, in the dtype of v
+    """
+    P, N, K = rq.shape
+    e = v.shape[2]
+    for p in prange(P):
+        Sp = S[p]
+        zp = z[p]
+        Sp[:, :] = 0.0
+        zp[:] = 0.0
+        num = np.empty(e)
+        for t in range(N):                                 # 1. write every token
+            for k in range(K):
+                w = np.float64(rk[p, t, k])
+                zp[k] += w
+                _write_row(Sp[k], v[p, t], w)
+        for t in range(N):                                 # 2. read with every query
+            for c in range(e):
+                num[c] = 0.0
+            den = eps
+            for k in range(K):
+                a = np.float64(rq[p, t, k])
+                den += a * zp[k]
+                if slot:
+                    a = a / (zp[k] + eps)
+                _read_row(Sp[k], a, num)
+            inv = 1.0 if slot else 1.0 / den
+            for c in range(e):
+                out[p, t, c] = num[c] * inv
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def _bidirectional_scan_backward(rq, rk, v, do, slot, eps, S, z, G, g, drq, drk, dv):
+    """Gradient of sum(out * do) for _bidirectional_scan_forward.
+
+    Pass 1 writes the memory again. Pass 2, per query i, with s_k = S[k] . do_i,
+    is the read's backward (as in the causal scan, with S, z the full sums):
+        row:  den_i = rq_i . z + eps;  dden_i = -(sum_k rq_ik s_k) / den_i^2
+              drq[i,k] = s_k / den_i + z_k dden_i;  c_i = rq_i / den_i;  dz_i = rq_i dden_i
+        slot: drq[i,k] = s_k / (z_k + eps);  c_i = rq_i / (z + eps);
+              dz_i = -rq_i s / (z + eps)^2
+    accumulating G = sum_i outer(c_i, do_i) and g = sum_i dz_i (every query read
+    every key). Pass 3: in the forward pass the write was S = rk^T v, z = rk^T 1, so
+        dv[j] = rk[j] @ G;   drk[j,k] = G[k] . v[j] + g[k]
+
+    S, G (P, K, e), z, g (P, K): float64 scratch; drq, drk (P, N, K) written in the
+    dtype of rq; dv (P, N, e) written in the dtype of v.
+    """
+    P, N, K = rq.shape
+    e = v.shape[2]
+    for p in prange(P):
+        Sp, zp, Gp, gp = S[p], z[p], G[p], g[p]
+        Sp[:, :] = 0.0
+        zp[:] = 0.0
+        Gp[:, :] = 0.0
+        gp[:] = 0.0
+        s_dot = np.empty(K)
+        acc = np.empty(e)
+        for t in range(N):                                 # 1. the memory
+            for k in range(K):
+                w = np.float64(rk[p, t, k])
+                zp[k] += w
+                _write_row(Sp[k], v[p, t], w)
+        for t in range(N):                                 # 2. the read, query by query
+            dot = do[p, t]
+            den = eps
+            do_dot_num = 0.0
+            for k in range(K):
+                a = np.float64(rq[p, t, k])
+                den += a * zp[k]
+                s_dot[k] = _dot_row(Sp[k], dot)
+                do_dot_num += a * s_dot[k]
+            inv_den = 1.0 / den
+            dden = -do_dot_num * inv_den * inv_den
+            for k in range(K):
+                a = np.float64(rq[p, t, k])
+                if slot:
+                    inv = 1.0 / (zp[k] + eps)
+                    drq[p, t, k] = s_dot[k] * inv
+                    coef = a * inv
+                    gp[k] += -a * s_dot[k] * inv * inv
+                else:
+                    drq[p, t, k] = s_dot[k] * inv_den + zp[k] * dden
+                    coef = a * inv_den
+                    gp[k] += a * dden
+                _write_row(Gp[k], dot, coef)
+        for t in range(N):                                 # 3. the write, key by key
+            vt = v[p, t]
+            for c in range(e):
+                acc[c] = 0.0
+            for k in range(K):
+                w = np.float64(rk[p, t, k])
+                _read_row(Gp[k], w, acc)
+                drk[p, t, k] = _dot_row(Gp[k], vt) + gp[k]
+            for c in range(e):
+                dv[p, t, c] = acc[c]

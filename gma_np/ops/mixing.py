@@ -24,7 +24,8 @@ and every key j receives the sum of the dS_i, dz_i of the queries that read it
     dV[j] = R~_K[j] G_j,   dR~_K[j,k] = G_j[k] . V[j] + g_j[k],   dR_K = key_mask * dR~_K.
 
 Three forms of the same math live in the package; this module is the fast one:
-bidirectional through BLAS matmuls (never an N x N matrix), causal through the
+bidirectional through a two-pass Numba kernel (write all, then read; never an N x N
+matrix), causal through the
 Numba prefix scan of gma_np.kernels.scan (never an N x N nor an N x K x e
 array). gma_np.reference holds the dense N x N form and the loop over t.
 """
@@ -35,7 +36,12 @@ import numpy as np
 
 from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
-from gma_np.kernels.scan import _causal_scan_backward, _causal_scan_forward
+from gma_np.kernels.scan import (
+    _bidirectional_scan_backward,
+    _bidirectional_scan_forward,
+    _causal_scan_backward,
+    _causal_scan_forward,
+)
 from gma_np.ops._threads import threads_for
 from gma_np.ops.routing import prepare_mixture, route_backward, route_forward
 
@@ -74,45 +80,30 @@ def _validate(q, k, v, means, log_var, logits, causal, norm, temperature, eps, k
 
 
 def _bidirectional_forward(rq, rk, v, slot, eps):
-    """O (P, N, e) float64 from routed rq, rk (P, N, K) and v (P, N, e), through BLAS."""
-    rq, rk = rq.astype(ACCUM_DTYPE, copy=False), rk.astype(ACCUM_DTYPE, copy=False)
-    S = np.matmul(rk.transpose(0, 2, 1), v.astype(ACCUM_DTYPE))    # (P, K, e)  'pnk,pne->pke'
-    z = rk.sum(axis=1)                                             # (P, K)
-    if slot:
-        return np.matmul(rq, S / (z[:, :, None] + eps))            # (P, N, e)
-    den = np.matmul(rq, z[:, :, None]) + eps                       # (P, N, 1)
-    return np.matmul(rq, S) / den                                  # (P, N, e)
+    """O (P, N, e) in v's dtype from routed rq, rk (P, N, K) and v (P, N, e): one Numba
+    pass writes S = rk^T v, z = rk^T 1 (float64), a second reads (never an N x N array)."""
+    P, N, K = rq.shape
+    S = np.empty((P, K, v.shape[2]), dtype=ACCUM_DTYPE)
+    z = np.empty((P, K), dtype=ACCUM_DTYPE)
+    out = np.empty_like(v)
+    with threads_for(P * N * K * v.shape[2]):
+        _bidirectional_scan_forward(rq, rk, v, slot, eps, S, z, out)
+    return out
 
 
-def _bidirectional_backward(rq, rk, v, do, slot, eps):
-    """(drq, drk, dv) of sum(O * do) for O = _bidirectional_forward(...), through BLAS."""
-    rq, rk = rq.astype(ACCUM_DTYPE, copy=False), rk.astype(ACCUM_DTYPE, copy=False)
-    v64 = v.astype(ACCUM_DTYPE)
-    do = do.astype(ACCUM_DTYPE)
-    S = np.matmul(rk.transpose(0, 2, 1), v64)                      # (P, K, e)
-    z = rk.sum(axis=1)                                             # (P, K)
-    if slot:
-        inv = 1.0 / (z + eps)                                      # (P, K)
-        M = S * inv[:, :, None]                                    # (P, K, e) slot averages
-        # in the forward pass this was: O = rq @ M
-        drq = np.matmul(do, M.transpose(0, 2, 1))                  # (P, N, K)
-        dM = np.matmul(rq.transpose(0, 2, 1), do)                  # (P, K, e)
-        # in the forward pass this was: M = S / (z + eps)
-        G = dM * inv[:, :, None]                                   # dS (P, K, e)
-        g = -(dM * S).sum(axis=-1) * inv * inv                     # dz (P, K)
-    else:
-        den = np.matmul(rq, z[:, :, None]) + eps                   # (P, N, 1)
-        O = np.matmul(rq, S) / den                                 # (P, N, e)
-        # in the forward pass this was: O = num / den, num = rq @ S, den = rq @ z + eps
-        dnum = do / den                                            # (P, N, e)
-        dden = -(do * O).sum(axis=-1, keepdims=True) / den         # (P, N, 1)
-        drq = np.matmul(dnum, S.transpose(0, 2, 1)) + dden * z[:, None, :]
-        G = np.matmul(rq.transpose(0, 2, 1), dnum)                 # dS (P, K, e)
-        g = np.matmul(rq.transpose(0, 2, 1), dden)[:, :, 0]        # dz (P, K)
-    # in the forward pass this was: S = rk^T v, z = rk^T 1
-    dv = np.matmul(rk, G)                                          # (P, N, e)
-    drk = np.matmul(v64, G.transpose(0, 2, 1)) + g[:, None, :]     # (P, N, K)
-    return drq, drk, dv
+def _bidirectional_backward(rq, rk, v, do, slot, eps, drq, drk):
+    """dv, and drq, drk written into the given (P, N, K) buffers, for
+    O = _bidirectional_forward(...) (kernel _bidirectional_scan_backward)."""
+    P, N, K = rq.shape
+    e = v.shape[2]
+    S = np.empty((P, K, e), dtype=ACCUM_DTYPE)
+    G = np.empty((P, K, e), dtype=ACCUM_DTYPE)
+    z = np.empty((P, K), dtype=ACCUM_DTYPE)
+    g = np.empty((P, K), dtype=ACCUM_DTYPE)
+    dv = np.empty_like(v)
+    with threads_for(P * N * K * e):
+        _bidirectional_scan_backward(rq, rk, v, do, slot, eps, S, z, G, g, drq, drk, dv)
+    return dv
 
 
 def _causal_forward(rq, rk, v, slot, eps):
@@ -223,10 +214,8 @@ def gma_backward(do, cache):
         dv = _causal_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
                               dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K))
     else:
-        drq, drk, dv = _bidirectional_backward(cache.rq, cache.rk, cache.v, do3,
-                                               cache.slot, cache.eps)
-        dr[:B] = drq.reshape(B, H, N, K)
-        dr[B:] = drk.reshape(B, H, N, K)
+        dv = _bidirectional_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
+                                     dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K))
     if cache.masked:
         # in the forward pass this was: rk = mask * r(k)
         dr[B:] *= cache.mask[:, None, :, None]
