@@ -49,7 +49,7 @@ from gma_np.ops.routing import prepare_mixture, route_backward, route_forward
 @dataclass
 class GMACache:
     """Everything gma_backward needs. Stored: the routed queries and keys and V.
-    Recomputed in the backward: the memory S, z (bidirectional: two matmuls;
+    Recomputed in the backward: the memory S, z (bidirectional: a write pass again;
     causal: the scan runs again, O(K e) memory instead of O(N K e))."""
     shape: tuple            # (B, H, N, d, e, K)
     dtype: np.dtype         # dtype of q, k, v and of the output
