@@ -99,9 +99,10 @@ def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
 #     g = F @ [-2 (mu' inv_var)^T ; inv_var^T]   = x2 - 2 cross          (N, K)
 # with x2 = x'^2 @ inv_var^T, cross = x' @ (mu' inv_var)^T, and then
 #     quad = g + m2,  m2[k] = sum_j mu'_kj^2 inv_var_kj                  (the matmul expansion)
-# The kernels below finish the job row by row, in one pass over memory. The three
-# that run once per block of ROUTING_BLOCK tokens (_features, _log_density_expanded,
-# _softmax_rows) are serial: a block is small, and launching Numba's thread pool
+# The kernels below finish the job row by row, in one pass over memory (the row
+# softmax is scipy.special.logsumexp, in gma_np.ops.routing). The two
+# that run once per block of ROUTING_BLOCK tokens (_features, _log_density_expanded)
+# are serial: a block is small, and launching Numba's thread pool
 # once per block (hundreds of times per call) cost more than it gained: measured on
 # the loaded 2-core machine, causal fwd+bwd at N=8192 took 11 s with 2 threads
 # against 0.5 s with 1 (docs/performance.md). Their `prange` is then a plain range.
@@ -183,48 +184,10 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
                 out[p, h, n, k] = const[h, k] - 0.5 * quad
 
 
-@njit(cache=True, nogil=True)
-def _softmax_rows(a, inv_tau, n0, r, shift):
-    """Row softmax of a / tau for a block of tokens: one pass per row, max-shifted, one exp
-    per entry, summed in float64 and stored in the dtype of r.
-
-    r[p,h,n0+n,:] = exp(a/tau - m) / sum_k exp(a/tau - m), m = max_k a/tau: the
-    max-shifted log-sum-exp of scipy.special.logsumexp, r = exp(a/tau - lse),
-    with the division by sum exp done as a product so that each entry costs
-    one exp. Fused so that the (P, H, N, K) arrays are read once;
-    tests/test_fastpaths.py checks it against scipy.
-
-    a        (P, H, nb, K)  float64 log-densities l of the block, overwritten by exp(a/tau - m)
-    inv_tau  (H,)           float64 1 / tau
-    n0       int            first token of the block
-    r        (P, H, N, K)   float32 or float64, rows n0 .. n0 + nb - 1 written
-    shift    (P, H, N)      float64, rows n0 .. written: tau * m = max_k l, the common
-                            part of the row that the temperature gradient takes out
-                            (see _softmax_rows_backward)
-    """
-    P, H, nb, K = a.shape
-    for ph in prange(P * H):
-        p = ph // H
-        h = ph % H
-        s = inv_tau[h]
-        for n in range(nb):
-            m = a[p, h, n, 0] * s
-            for k in range(1, K):
-                m = max(m, a[p, h, n, k] * s)
-            total = 0.0
-            for k in range(K):
-                u = np.exp(a[p, h, n, k] * s - m)
-                a[p, h, n, k] = u
-                total += u
-            inv_total = 1.0 / total
-            for k in range(K):
-                r[p, h, n0 + n, k] = a[p, h, n, k] * inv_total
-            shift[p, h, n0 + n] = m / s
-
-
 @njit(cache=True, parallel=True)
 def _softmax_rows_backward(dr, r, inv_tau, shift, dl, dl_shift):
-    """Backward of _softmax_rows: dl = d/dl of sum(r * dr), and a correction of dtau.
+    """Backward of the row softmax (gma_np.ops.routing._softmax_block): dl = d/dl of
+    sum(r * dr), and a correction of dtau.
 
     In the forward pass this was r = softmax_k(a), a = l / tau, so
         da = r * (dr - sum_k r dr)                       (softmax Jacobian)
@@ -243,7 +206,7 @@ def _softmax_rows_backward(dr, r, inv_tau, shift, dl, dl_shift):
 
     dr, r     (P, H, N, K)  float32 or float64 (one dtype), read in float64
     inv_tau   (H,)          float64
-    shift     (P, H, N)     float64 from _softmax_rows
+    shift     (P, H, N)     float64 max_k l, from _softmax_block
     dl        (P, H, N, K)  dtype of dr, written (may be `dr` itself)
     dl_shift  (P, H)        float64, written
     """

@@ -27,16 +27,15 @@ from cancelling for data far from the origin):
 in float64 whatever the dtype of x, as ONE GEMM [x', x'^2] @ [-2 (mu' inv_var)^T ;
 inv_var^T]; a fused Numba pass adds the terms and recomputes directly the rare
 entries where the expansion could lose more than 4 bits
-(gma_np._numerics.EXPANSION_CANCELLATION_BOUND), and a second one takes the
-row softmax. The backward is one fused pass and two more GEMMs,
+(gma_np._numerics.EXPANSION_CANCELLATION_BOUND), and scipy.special.logsumexp
+takes the row softmax. The backward is one fused pass and two more GEMMs,
 dl @ [mu' inv_var | inv_var] and dl^T @ [x', x'^2]. No (N, K, d) array is
 ever formed. The
 direct-form kernels (log_density_direct, log_density_backward_direct) are kept
 as the naive path the fast one is checked against (tests/test_fastpaths.py).
 
-Log-sum-exps are scipy.special.logsumexp, except inside the fused softmax
-kernel, which runs the same max-shifted algorithm in its loop (and is checked
-against scipy in tests/test_fastpaths.py). Log-densities, responsibilities
+Every log-sum-exp is scipy.special.logsumexp (the row softmax too, block by
+block in _softmax_block). Log-densities, responsibilities
 inside the cache and every gradient sum are float64 whatever the input dtype
 (gma_np._numerics.ACCUM_DTYPE); r and dx come back in the dtype of x.
 """
@@ -59,7 +58,6 @@ from gma_np.kernels.routing import (
     _features,
     _log_density_expanded,
     _log_density_forward,
-    _softmax_rows,
     _softmax_rows_backward,
 )
 from gma_np.ops._threads import blas_single_thread, run_streams, threads_for
@@ -171,6 +169,20 @@ def log_density_direct(x4, mix):
     return out
 
 
+def _softmax_block(l, inv_tau, n0, r, shift):
+    """Row softmax of a = l / tau for one block of tokens, by scipy.special.logsumexp.
+
+    l      (P, H, nb, K)  float64 log-densities of tokens n0 .. n0 + nb - 1
+    r      (P, H, N, K)   rows n0 .. written: exp(a - logsumexp_k(a)), in the dtype of r
+    shift  (P, H, N)      rows n0 .. written: max_k l, the common part of each row that
+                          the temperature gradient takes out (_softmax_rows_backward)
+    """
+    nb = l.shape[2]
+    a = l * inv_tau[None, :, None, None]                           # (P, H, nb, K)
+    r[:, :, n0:n0 + nb] = np.exp(a - logsumexp(a, axis=-1, keepdims=True))
+    shift[:, :, n0:n0 + nb] = l.max(axis=-1)
+
+
 def _route_blocks(x_parts, mix, inv_tau, r, shift=None):
     """The GEMM routing, block by block: with inv_tau None, r (P, H, N, K) float64 receives
     the log-densities l; else r (float32 or float64) receives softmax_k(l / tau) and
@@ -188,7 +200,7 @@ def _route_blocks(x_parts, mix, inv_tau, r, shift=None):
             if inv_tau is None:
                 r[:, :, n0:n1] = g
             else:
-                _softmax_rows(g, inv_tau, n0, r, shift)            # r = exp(a - logsumexp_k(a))
+                _softmax_block(g, inv_tau, n0, r, shift)           # r = exp(a - logsumexp_k(a))
 
     with blas_single_thread():                                     # small GEMMs: see _threads
         run_streams(stream, ROUTING_STREAMS)
