@@ -77,3 +77,22 @@ def test_state_is_checked():
     bad.z[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match=r"state\.z.*finite"):
         gma_np.gma_recurrent(**inputs, state=bad)
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_zero_eps_on_empty_memory_is_an_error_in_every_form(norm):
+    """eps = 0 and nothing written: gma, gma_recurrent and gma_step all raise the same error."""
+    rng = np.random.default_rng(15)
+    inputs, _ = make_problem(rng, B=1, H=1, N=5, d=2, e=2, K=2)
+    empty = np.zeros((1, 5), dtype=bool)
+    with pytest.raises(FloatingPointError, match="eps"):
+        gma_np.gma(**inputs, causal=True, norm=norm, eps=0.0, key_mask=empty)
+    with pytest.raises(FloatingPointError, match="eps"):
+        gma_np.gma_recurrent(**inputs, norm=norm, eps=0.0, key_mask=empty)
+    params = {n: inputs[n] for n in ("means", "log_var", "logits", "temperature")}
+    with pytest.raises(FloatingPointError, match="eps"):
+        gma_np.gma_step(inputs["q"][:, :, 0], inputs["k"][:, :, 0], inputs["v"][:, :, 0], **params,
+                        norm=norm, eps=0.0, key_mask_t=np.zeros(1, dtype=bool))
+    with pytest.raises(TypeError, match="key_mask_t"):
+        gma_np.gma_step(inputs["q"][:, :, 0], inputs["k"][:, :, 0], inputs["v"][:, :, 0], **params,
+                        key_mask_t=[True])

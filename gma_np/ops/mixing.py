@@ -134,6 +134,18 @@ def _causal_backward(rq, rk, v, do, slot, eps, drq, drk):
     return dv
 
 
+def check_output_finite(o, eps):
+    """Raise FloatingPointError if o holds NaN or inf.
+
+    Finite inputs (validated) and eps > 0 give a finite output; eps = 0 does not
+    when a query reads a memory nothing was written to (all keys masked so far).
+    """
+    if not np.isfinite(o).all():
+        raise FloatingPointError(
+            f"gma: the output is not finite; with eps = {eps} a query that reads an empty memory "
+            f"(all keys masked so far) divides 0 by 0: pass eps > 0")
+
+
 def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
                 temperature=1.0, eps=DEFAULT_EPS, key_mask=None):
     """Gaussian Mixture Attention, returning the output and the cache for gma_backward.
@@ -176,12 +188,7 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
         o = _causal_forward(rq, rk, v3, slot, eps)
     else:
         o = _bidirectional_forward(rq, rk, v3, slot, eps)
-    if not np.isfinite(o).all():
-        # finite inputs (validated) and eps > 0 give a finite output; eps = 0 does not
-        # when a query reads a memory nothing was written to (all keys masked so far)
-        raise FloatingPointError(
-            f"gma: the output is not finite; with eps = {eps} a query that reads an empty memory "
-            f"(all keys masked so far) divides 0 by 0: pass eps > 0")
+    check_output_finite(o, eps)
     o = o.astype(q.dtype, copy=False).reshape(B, H, N, e)
     cache = GMACache(shape=(B, H, N, d, e, K), dtype=q.dtype, causal=causal, slot=slot,
                      eps=eps, mask=mask, masked=key_mask is not None, rq=rq, rk=rk, v=v3, routing=routing)

@@ -22,13 +22,14 @@ keeps long float32 generations from drifting.
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import logsumexp
 
 from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
 from gma_np.kernels.scan import _causal_scan_forward
-from gma_np.kernels.step import _gma_step
+from gma_np.kernels.step import _step_log_densities, _step_write_read
 from gma_np.ops._threads import threads_for
-from gma_np.ops.mixing import _validate
+from gma_np.ops.mixing import _validate, check_output_finite
 from gma_np.ops.routing import route_forward
 
 
@@ -92,6 +93,7 @@ def gma_recurrent(q, k, v, means, log_var, logits, state=None, *, norm="row",
     o = np.empty((B * H, N, e), dtype=v.dtype)
     with threads_for(B * H * N * K * e):
         _causal_scan_forward(rq, rk, v.reshape(B * H, N, e), slot, eps, S, z, o)
+    check_output_finite(o, eps)
     return o.reshape(B, H, N, e), GMAState(S.reshape(B, H, K, e), z.reshape(B, H, K))
 
 
@@ -107,8 +109,11 @@ def gma_step(q_t, k_t, v_t, means, log_var, logits, state=None, *, norm="row",
         arrays.append(a[:, :, None, :])                            # (B, H, 1, .)
     mask = None
     if key_mask_t is not None:
-        if not isinstance(key_mask_t, np.ndarray) or key_mask_t.ndim != 1:
-            raise ValueError(f"key_mask_t: expected a boolean array of shape (B,), got {key_mask_t!r:.80}")
+        if not isinstance(key_mask_t, np.ndarray):
+            raise TypeError(f"key_mask_t: expected a boolean array of shape (B,) or None, "
+                            f"got {type(key_mask_t).__name__}")
+        if key_mask_t.ndim != 1:
+            raise ValueError(f"key_mask_t: expected shape (B,), got {key_mask_t.shape}")
         mask = key_mask_t[:, None]
     # the same validation as gma_recurrent on the (B, H, 1, .) chunk, then one serial
     # fused kernel (no thread pool, no (2B, H, 1, .) temporaries: see gma_np.kernels.step)
@@ -123,6 +128,10 @@ def gma_step(q_t, k_t, v_t, means, log_var, logits, state=None, *, norm="row",
     S = state.S.copy()                                             # (B, H, K, e)
     z = state.z.copy()                                             # (B, H, K)
     o = np.empty((B, H, e), dtype=v.dtype)
-    _gma_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], np.ascontiguousarray(mask[:, 0]), mix.means,
-              mix.inv_var, mix.const, 1.0 / tau, slot, eps, S, z, o)
+    a = np.empty((2, B, H, K))                                     # l / tau of q_t and k_t
+    _step_log_densities(np.stack([q[:, :, 0], k[:, :, 0]]), mix.means, mix.inv_var, mix.const,
+                        1.0 / tau, a)
+    r = np.exp(a - logsumexp(a, axis=-1, keepdims=True))           # (2, B, H, K)
+    _step_write_read(r[0], r[1], v[:, :, 0], np.ascontiguousarray(mask[:, 0]), slot, eps, S, z, o)
+    check_output_finite(o, eps)
     return o, GMAState(S, z)
