@@ -60,6 +60,14 @@ def _check_state(state, B, H, K, e):
         check.check_finite(name, a)
 
 
+def _starting_state(state, B, H, K, e):
+    """The state a call starts from: the empty memory for None, else `state` once checked."""
+    if state is None:
+        return init_state(B, H, K, e)
+    _check_state(state, B, H, K, e)
+    return state
+
+
 def gma_recurrent(q, k, v, means, log_var, logits, state=None, *, norm="row",
                   temperature=1.0, eps=DEFAULT_EPS, key_mask=None):
     """Causal GMA over a chunk of tokens, continuing from `state`.
@@ -82,9 +90,7 @@ def gma_recurrent(q, k, v, means, log_var, logits, state=None, *, norm="row",
     B, H, N, d = q.shape
     e = v.shape[3]
     K = mix.means.shape[1]
-    if state is None:
-        state = init_state(B, H, K, e)
-    _check_state(state, B, H, K, e)
+    state = _starting_state(state, B, H, K, e)
     r, _ = route_forward((q, k), mix, tau)                        # (2B, H, N, K)
     rq = r[:B].reshape(B * H, N, K)
     rk = (r[B:] * mask.astype(r.dtype)[:, None, :, None]).reshape(B * H, N, K)
@@ -122,9 +128,7 @@ def gma_step(q_t, k_t, v_t, means, log_var, logits, state=None, *, norm="row",
     B, H, _, d = q.shape
     e = v.shape[3]
     K = mix.means.shape[1]
-    if state is None:
-        state = init_state(B, H, K, e)
-    _check_state(state, B, H, K, e)
+    state = _starting_state(state, B, H, K, e)
     S = state.S.copy()                                             # (B, H, K, e)
     z = state.z.copy()                                             # (B, H, K)
     o = np.empty((B, H, e), dtype=v.dtype)
