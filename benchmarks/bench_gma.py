@@ -119,6 +119,7 @@ def _fixed_mmap_threshold():
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024)                      # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)                              # give back what the timing left free
     except (OSError, AttributeError):
         pass
 
@@ -218,29 +219,41 @@ def interleaved_medians(fns, repeats):
 
 # ----------------------------------------------------------------------------- the table
 
-def run_point(N, d, K, config, dtype, args):
+def _runners(N, d, K, config, dtype, args):
+    """The timed functions of one point: names and callables (gma_np, then torch and SDPA)."""
     causal = config.startswith("causal")
     norm = config.split("-")[1]
-    e, B, H = d, args.B, args.H
-    inputs = make_problem(N, d, K, e, B, H, dtype)
+    inputs = make_problem(N, d, K, d, args.B, args.H, dtype)
     fns = list(gma_np_runners(inputs, causal, norm))
     names = ["fwd", "fwd_bwd"]
-    use_torch = torch is not None and not args.no_torch and N <= args.torch_max_n
-    if use_torch:
+    if torch is not None and not args.no_torch and N <= args.torch_max_n:
         fns += list(torch_runners(inputs, causal, norm))
         names += ["torch_fwd", "torch_fwd_bwd"]
         if N <= args.sdpa_max_n and norm == "row":
             fns.append(sdpa_runner(inputs, causal))
             names.append("sdpa_fwd_bwd")
-    row = dict(config=config, dtype=dtype, N=N, d=d, K=K, e=e, B=B, H=H)
+    return names, fns
+
+
+def time_point(N, d, K, config, dtype, args):
+    """Medians of the interleaved repeats of one point (glibc's default allocator settings)."""
+    names, fns = _runners(N, d, K, config, dtype, args)
+    row = dict(config=config, dtype=dtype, N=N, d=d, K=K, e=d, B=args.B, H=args.H)
     row.update(zip(names, interleaved_medians(fns, args.repeats)))
-    row["gflops"] = flops_model(N, d, K, e, H, B) / row["fwd_bwd"] / 1e9
-    row["peak_mb"] = peak_memory_mb(fns[1])
-    if use_torch:
-        row["torch_peak_mb"] = peak_memory_mb(fns[3])
+    row["gflops"] = flops_model(N, d, K, d, args.H, args.B) / row["fwd_bwd"] / 1e9
+    if "torch_fwd_bwd" in row:
         row["ratio"] = row["fwd_bwd"] / row["torch_fwd_bwd"]
-        row["torch_gflops"] = flops_model(N, d, K, e, H, B) / row["torch_fwd_bwd"] / 1e9
+        row["torch_gflops"] = flops_model(N, d, K, d, args.H, args.B) / row["torch_fwd_bwd"] / 1e9
     return row
+
+
+def measure_memory(row, args):
+    """Peak memory of fwd+bwd of one timed point, gma_np and torch (after _fixed_mmap_threshold)."""
+    names, fns = _runners(row["N"], row["d"], row["K"], row["config"], row["dtype"], args)
+    fn = dict(zip(names, fns))
+    row["peak_mb"] = peak_memory_mb(fn["fwd_bwd"])
+    if "torch_fwd_bwd" in fn:
+        row["torch_peak_mb"] = peak_memory_mb(fn["torch_fwd_bwd"])
 
 
 def fmt_row(r):
@@ -329,7 +342,6 @@ def plot(rows, path):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    _fixed_mmap_threshold()
     if args.threads is not None:
         import numba
         numba.set_num_threads(args.threads)
@@ -341,16 +353,20 @@ def main(args):
           f"{torch.__version__ + f' ({torch.get_num_threads()} threads)' if torch is not None else 'not installed'}")
     print(f"B={args.B} H={args.H}, e = d; medians of {args.repeats} interleaved repeats; "
           f"ratio = gma_np f+b / torch f+b\n")
+    points = [(N, d, K, config, dtype) for config in args.configs for dtype in args.dtypes
+              for K in args.K for d in args.d for N in args.n]
+    # Timing first, with glibc's default allocator (what a user runs with); then the
+    # peak memory of every point, with the fixed mmap threshold that keeps RSS honest.
+    # The threshold returns every freed block >= 64 KiB to the system, so with it
+    # each large temporary costs fresh page faults: measured, it doubled the time of
+    # both gma_np and torch at N = 8192, which is why timings never run under it.
+    print("timing ...", flush=True)
+    rows = [time_point(*pt, args) for pt in points]
+    _fixed_mmap_threshold()
     print(HEADER)
-    rows = []
-    for config in args.configs:
-        for dtype in args.dtypes:
-            for K in args.K:
-                for d in args.d:
-                    for N in args.n:
-                        r = run_point(N, d, K, config, dtype, args)
-                        rows.append(r)
-                        print(fmt_row(r), flush=True)
+    for r in rows:
+        measure_memory(r, args)
+        print(fmt_row(r), flush=True)
     print("\nfitted slopes in N (N >= 4096): time / peak memory")
     for g in sorted({(r["config"], r["dtype"], r["K"], r["d"]) for r in rows}):
         sel = [r for r in rows if (r["config"], r["dtype"], r["K"], r["d"]) == g]
