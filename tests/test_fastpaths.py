@@ -3,7 +3,7 @@
 - routing by one GEMM on centred points (ops.routing.log_density) against the
   direct-form kernel and the naive broadcast, including data where the
   expansion would cancel and the fallback must fire;
-- the fused softmax kernel against scipy.special.logsumexp;
+- the fused softmax kernel against scipy.special.softmax and logsumexp;
 - the GEMM backward of the log-density against the direct-form kernel;
 - the fused causal scans (forward, backward) against the dense N x N reference (the
   bidirectional kernels are held to it by tests/test_mixing.py and below);
@@ -18,10 +18,11 @@ import sys
 import numba
 import numpy as np
 import pytest
+from scipy.special import logsumexp, softmax
 
 import gma_np
 from gma_np._numerics import EXPANSION_CANCELLATION_BOUND
-from gma_np.kernels.routing import _log_density_expanded
+from gma_np.kernels.routing import _log_density_expanded, _softmax_rows_forward
 from gma_np.ops import routing
 from gma_np.reference.dense import gma_dense, gma_dense_backward
 from gma_np.reference.routing import log_density_naive, responsibilities_naive
@@ -87,6 +88,23 @@ def test_cancellation_fallback_is_what_keeps_it_accurate(rng):
         errs[bound] = np.max(np.abs(g - naive) / scale)
     assert errs[EXPANSION_CANCELLATION_BOUND] <= 1e-13, errs
     assert errs[np.inf] > 1e-10, f"expansion without fallback was accurate anyway: {errs}"
+
+
+def test_fused_softmax_matches_scipy(rng):
+    P, H, N, K = 2, 3, 37, 5
+    l = 30 * rng.standard_normal((P, H, N, K)) - 500.0             # far from every component
+    inv_tau = rng.uniform(0.3, 3.0, H)
+    a = l * inv_tau[None, :, None, None]
+    r = np.full((P, H, N + 3, K), np.nan)                          # the block lands at rows 3..
+    shift = np.full((P, H, N + 3), np.nan)
+    _softmax_rows_forward(l.copy(), inv_tau, 3, r, shift)
+    assert np.isnan(r[:, :, :3]).all() and np.isnan(shift[:, :, :3]).all()
+    r = r[:, :, 3:]
+    np.testing.assert_array_equal(shift[:, :, 3:], l.max(-1))
+    # exp(a - m) / sum against scipy: both round |a| ~ 1000 once, 1000 * eps_64 ~ 2e-13
+    np.testing.assert_allclose(r, softmax(a, axis=-1), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(r, np.exp(a - logsumexp(a, axis=-1, keepdims=True)),
+                               rtol=1e-12, atol=1e-300)
 
 
 @pytest.mark.parametrize("covariance", COVARIANCES)

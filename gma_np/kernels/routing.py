@@ -99,10 +99,9 @@ def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
 #     g = F @ [-2 (mu' inv_var)^T ; inv_var^T]   = x2 - 2 cross          (N, K)
 # with x2 = x'^2 @ inv_var^T, cross = x' @ (mu' inv_var)^T, and then
 #     quad = g + m2,  m2[k] = sum_j mu'_kj^2 inv_var_kj                  (the matmul expansion)
-# The kernels below finish the job row by row, in one pass over memory (the row
-# softmax is scipy.special.logsumexp, in gma_np.ops.routing). The two
-# that run once per block of ROUTING_BLOCK tokens (_features, _log_density_expanded)
-# are serial: a block is small, and launching Numba's thread pool
+# The kernels below finish the job row by row, in one pass over memory. The three
+# that run once per block of ROUTING_BLOCK tokens (_features, _log_density_expanded,
+# _softmax_rows_forward) are serial: a block is small, and launching Numba's thread pool
 # once per block (hundreds of times per call) cost more than it gained: measured on
 # the loaded 2-core machine, causal fwd+bwd at N=8192 took 11 s with 2 threads
 # against 0.5 s with 1 (docs/performance.md). Their `prange` is then a plain range.
@@ -184,10 +183,49 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
                 out[p, h, n, k] = const[h, k] - 0.5 * quad
 
 
+@njit(cache=True, nogil=True)
+def _softmax_rows_forward(l, inv_tau, n0, r, shift):
+    """Row softmax of a = l / tau for one block of tokens, the algorithm of
+    scipy.special.softmax (shift by the row maximum, exponentiate, divide by the sum),
+    one pass per row with the sum in float64.
+
+    r[p,h,n0+n,:] = exp(a - m) / sum_k exp(a - m), m = max_k a. No log is taken:
+    a softmax is not a log-sum-exp, and the package's rule (scipy.special.logsumexp
+    for every log-sum-exp) applies where one is (log pi, the log-likelihood, the
+    naive reference). Fused so that the block is read once; tests/test_fastpaths.py
+    checks it against scipy.special.softmax.
+
+    l        (P, H, nb, K)  float64 log-densities of the block, overwritten by exp(a - m)
+    inv_tau  (H,)           float64 1 / tau
+    n0       int            first token of the block
+    r        (P, H, N, K)   float32 or float64, rows n0 .. n0 + nb - 1 written
+    shift    (P, H, N)      float64, rows n0 .. written: m tau = max_k l, the common part
+                            of the row that the temperature gradient takes out
+                            (_softmax_rows_backward)
+    """
+    P, H, nb, K = l.shape
+    for ph in prange(P * H):
+        p = ph // H
+        h = ph % H
+        s = inv_tau[h]
+        for n in range(nb):
+            m = l[p, h, n, 0]
+            for k in range(1, K):
+                m = max(m, l[p, h, n, k])
+            total = 0.0
+            for k in range(K):
+                u = np.exp((l[p, h, n, k] - m) * s)
+                l[p, h, n, k] = u
+                total += u
+            inv_total = 1.0 / total
+            for k in range(K):
+                r[p, h, n0 + n, k] = l[p, h, n, k] * inv_total
+            shift[p, h, n0 + n] = m
+
+
 @njit(cache=True, parallel=True)
 def _softmax_rows_backward(dr, r, inv_tau, shift, dl, dl_shift):
-    """Backward of the row softmax (gma_np.ops.routing._softmax_block): dl = d/dl of
-    sum(r * dr), and a correction of dtau.
+    """Backward of _softmax_rows_forward: dl = d/dl of sum(r * dr), and a correction of dtau.
 
     In the forward pass this was r = softmax_k(a), a = l / tau, so
         da = r * (dr - sum_k r dr)                       (softmax Jacobian)
@@ -206,7 +244,7 @@ def _softmax_rows_backward(dr, r, inv_tau, shift, dl, dl_shift):
 
     dr, r     (P, H, N, K)  float32 or float64 (one dtype), read in float64
     inv_tau   (H,)          float64
-    shift     (P, H, N)     float64 max_k l, from _softmax_block
+    shift     (P, H, N)     float64 max_k l, from _softmax_rows_forward
     dl        (P, H, N, K)  dtype of dr, written (may be `dr` itself)
     dl_shift  (P, H)        float64, written
     """

@@ -27,16 +27,18 @@ from cancelling for data far from the origin):
 in float64 whatever the dtype of x, as ONE GEMM [x', x'^2] @ [-2 (mu' inv_var)^T ;
 inv_var^T]; a fused Numba pass adds the terms and recomputes directly the rare
 entries where the expansion could lose more than 4 bits
-(gma_np._numerics.EXPANSION_CANCELLATION_BOUND), and scipy.special.logsumexp
-takes the row softmax. The backward is one fused pass and two more GEMMs,
-dl @ [mu' inv_var | inv_var] and dl^T @ [x', x'^2]. No (N, K, d) array is
-ever formed. The
-direct-form kernels (log_density_direct, log_density_backward_direct) are kept
-as the naive path the fast one is checked against (tests/test_fastpaths.py).
+(gma_np._numerics.EXPANSION_CANCELLATION_BOUND), and a second one takes the
+row softmax with the algorithm of scipy.special.softmax (_softmax_rows_forward).
+The backward is one fused pass and two more GEMMs, dl @ [mu' inv_var | inv_var]
+and dl^T @ [x', x'^2]. No (N, K, d) array is ever formed, and a stream of
+blocks reuses its scratch arrays from block to block. The direct-form kernels
+(log_density_direct, log_density_backward_direct) are kept as the naive path
+the fast one is checked against (tests/test_fastpaths.py).
 
-Every log-sum-exp is scipy.special.logsumexp (the row softmax too, block by
-block in _softmax_block). Log-densities, responsibilities
-inside the cache and every gradient sum are float64 whatever the input dtype
+Every log-sum-exp (log pi, the log-likelihood) is scipy.special.logsumexp; the
+responsibilities are a softmax, which takes no log (docs/numerics.md).
+Log-densities, responsibilities inside the cache and every gradient sum are
+float64 whatever the input dtype
 (gma_np._numerics.ACCUM_DTYPE); r and dx come back in the dtype of x.
 """
 
@@ -59,6 +61,7 @@ from gma_np.kernels.routing import (
     _log_density_expanded,
     _log_density_forward,
     _softmax_rows_backward,
+    _softmax_rows_forward,
 )
 from gma_np.ops._threads import blas_single_thread, run_streams, threads_for
 
@@ -138,23 +141,33 @@ def _blocks(N):
         yield n0, min(N, n0 + size)
 
 
-def features(x_parts, mix, n0, n1):
+def features(x_parts, mix, n0, n1, out=None):
     """F = [x', x'^2] (P, H, n1 - n0, 2d) float64 of tokens n0 .. n1 - 1, x' = x - c: the
     points seen from the centre c of their head's means, and their squares, the left
     operand of every routing GEMM.
 
     x_parts: one array (P, H, N, d) or a tuple of them (e.g. (q, k)), stacked
-    along the first axis.
+    along the first axis. out: a float64 buffer (P, H, >= n1 - n0, 2d) to write
+    into (its first n1 - n0 rows are returned), or None for a new array.
     """
     x_parts = _parts(x_parts)
     P = sum(a.shape[0] for a in x_parts)
     _, H, N, d = x_parts[0].shape
-    out = np.empty((P, H, n1 - n0, 2 * d), dtype=ACCUM_DTYPE)
+    if out is None:
+        out = np.empty((P, H, n1 - n0, 2 * d), dtype=ACCUM_DTYPE)
+    out = out[:, :, :n1 - n0]
     start = 0
     for a in x_parts:
         _features(a, mix.center, n0, out[start:start + a.shape[0]])
         start += a.shape[0]
     return out
+
+
+def _block_buffers(P, H, N, widths):
+    """One float64 scratch array (P, H, block, w) per width: what a stream of routing
+    blocks reuses from block to block instead of allocating per block."""
+    size = next(_blocks(N))[1]
+    return [np.empty((P, H, size, w), dtype=ACCUM_DTYPE) for w in widths]
 
 
 def log_density_direct(x4, mix):
@@ -169,38 +182,27 @@ def log_density_direct(x4, mix):
     return out
 
 
-def _softmax_block(l, inv_tau, n0, r, shift):
-    """Row softmax of a = l / tau for one block of tokens, by scipy.special.logsumexp.
-
-    l      (P, H, nb, K)  float64 log-densities of tokens n0 .. n0 + nb - 1
-    r      (P, H, N, K)   rows n0 .. written: exp(a - logsumexp_k(a)), in the dtype of r
-    shift  (P, H, N)      rows n0 .. written: max_k l, the common part of each row that
-                          the temperature gradient takes out (_softmax_rows_backward)
-    """
-    nb = l.shape[2]
-    a = l * inv_tau[None, :, None, None]                           # (P, H, nb, K)
-    r[:, :, n0:n0 + nb] = np.exp(a - logsumexp(a, axis=-1, keepdims=True))
-    shift[:, :, n0:n0 + nb] = l.max(axis=-1)
-
-
 def _route_blocks(x_parts, mix, inv_tau, r, shift=None):
     """The GEMM routing, block by block: with inv_tau None, r (P, H, N, K) float64 receives
     the log-densities l; else r (float32 or float64) receives softmax_k(l / tau) and
     shift (P, H, N) float64 the row maxima of l."""
     xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
-    blocks = list(_blocks(xa.shape[2]))
+    P, H, N, K = r.shape
+    d = xa.shape[3]
+    blocks = list(_blocks(N))
 
     def stream(s):                                                 # blocks s, s + S, s + 2S, ...
+        feats_buf, g_buf = _block_buffers(P, H, N, (2 * d, K))
         for n0, n1 in blocks[s::ROUTING_STREAMS]:
-            feats = features(x_parts, mix, n0, n1)                 # (P, H, nb, 2d)
-            g = np.matmul(feats, mix.w_forward)                    # (P, H, nb, K) 'phnf,hfk->phnk'
+            feats = features(x_parts, mix, n0, n1, feats_buf)      # (P, H, nb, 2d)
+            g = np.matmul(feats, mix.w_forward, out=g_buf[:, :, :n1 - n0])   # (P, H, nb, K)
             # g += m2, -1/2, + const, and the direct form where the expansion cancels: g = l
             _log_density_expanded(g, feats, xa, xb, n0, mix.means, mix.inv_var_max, mix.m2,
                                   mix.const, mix.inv_var, EXPANSION_CANCELLATION_BOUND, g)
             if inv_tau is None:
                 r[:, :, n0:n1] = g
             else:
-                _softmax_block(g, inv_tau, n0, r, shift)           # r = exp(a - logsumexp_k(a))
+                _softmax_rows_forward(g, inv_tau, n0, r, shift)    # r = softmax_k(l / tau)
 
     with blas_single_thread():                                     # small GEMMs: see _threads
         run_streams(stream, ROUTING_STREAMS)
@@ -275,10 +277,13 @@ def log_density_backward(dl, x_parts, mix, dx_dtype):
 
     def stream(s):                                                 # blocks s, s + S, s + 2S, ...
         dl_f = np.zeros((H, K, 2 * d), dtype=ACCUM_DTYPE)          # dl^T @ [x', x'^2], summed
+        feats_buf, g_buf, dl_buf = _block_buffers(P, H, N, (2 * d, 2 * d, K))
         for n0, n1 in blocks[s::ROUTING_STREAMS]:
-            feats = features(x_parts, mix, n0, n1)                 # (P, H, nb, 2d)
-            dl_b = dl[:, :, n0:n1].astype(ACCUM_DTYPE)             # (P, H, nb, K)
-            g = np.matmul(dl_b, mix.w_backward)                    # (P, H, nb, 2d) 'phnk,hkf->phnf'
+            nb = n1 - n0
+            feats = features(x_parts, mix, n0, n1, feats_buf)      # (P, H, nb, 2d)
+            dl_b = dl_buf[:, :, :nb]                               # (P, H, nb, K) float64
+            dl_b[...] = dl[:, :, n0:n1]
+            g = np.matmul(dl_b, mix.w_backward, out=g_buf[:, :, :nb])   # 'phnk,hkf->phnf'
             np.multiply(feats[..., :d], g[..., d:], out=g[..., d:])  # x' * (dl @ inv_var)
             np.subtract(g[..., :d], g[..., d:], out=dx[:, :, n0:n1], casting="same_kind")
             dl_f += np.matmul(dl_b.transpose(0, 1, 3, 2), feats).sum(axis=0)   # 'phnk,phnf->hkf'
