@@ -99,9 +99,9 @@ def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
 #     g = F @ [-2 (mu' inv_var)^T ; inv_var^T]   = x2 - 2 cross          (N, K)
 # with x2 = x'^2 @ inv_var^T, cross = x' @ (mu' inv_var)^T, and then
 #     quad = g + m2,  m2[k] = sum_j mu'_kj^2 inv_var_kj                  (the matmul expansion)
-# The kernels below finish the job row by row, in one pass over memory. The three
+# The kernels below finish the job row by row, in one pass over memory. The four
 # that run once per block of ROUTING_BLOCK tokens (_features, _log_density_expanded,
-# _softmax_rows_forward) are serial: a block is small, and launching Numba's thread pool
+# _softmax_rows_forward, _dx_from_gemm) are serial: a block is small, and launching Numba's thread pool
 # once per block (hundreds of times per call) cost more than it gained: measured on
 # the loaded 2-core machine, causal fwd+bwd at N=8192 took 11 s with 2 threads
 # against 0.5 s with 1 (docs/performance.md). Their `prange` is then a plain range.
@@ -181,6 +181,30 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
                         diff = xj - means[h, k, j]
                         quad += diff * diff * inv_var[h, k, j]
                 out[p, h, n, k] = const[h, k] - 0.5 * quad
+
+
+@njit(cache=True, nogil=True)
+def _dx_from_gemm(g, feats, n0, dx):
+    """dx of the points from the backward GEMM of one block of tokens:
+    dx[p,h,n0+n,j] = g[p,h,n,j] - x'[p,h,n,j] g[p,h,n,d+j].
+
+    With g = dl @ [mu' inv_var | inv_var] this is
+    sum_k dl_k (mu'_kj - x'_j) inv_var_kj, the gradient of
+    l = const - 1/2 sum_j (x'_j - mu'_kj)^2 inv_var_kj (gma_np.ops.routing.log_density_backward).
+
+    g      (P, H, nb, 2d)  float64
+    feats  (P, H, nb, 2d)  float64 [x', x'^2] of the block
+    n0     int             first token of the block
+    dx     (P, H, N, d)    float32 or float64, rows n0 .. n0 + nb - 1 written
+    """
+    P, H, nb, d2 = g.shape
+    d = d2 // 2
+    for ph in prange(P * H):
+        p = ph // H
+        h = ph % H
+        for n in range(nb):
+            for j in range(d):
+                dx[p, h, n0 + n, j] = g[p, h, n, j] - feats[p, h, n, j] * g[p, h, n, d + j]
 
 
 @njit(cache=True, nogil=True)

@@ -56,6 +56,7 @@ from gma_np._numerics import (
     ROUTING_STREAMS,
 )
 from gma_np.kernels.routing import (
+    _dx_from_gemm,
     _log_density_backward,
     _features,
     _log_density_expanded,
@@ -233,13 +234,13 @@ def log_density_backward_direct(dl, x4, mix):
     dmeans_part = np.empty((P, H, K, d), dtype=ACCUM_DTYPE)
     dquad_part = np.empty((P, H, K, d), dtype=ACCUM_DTYPE)
     _log_density_backward(dl, x4, mix.means, mix.inv_var, dx, dmeans_part, dquad_part)
-    return dx, _mixture_grads(dl, dmeans_part.sum(axis=0), dquad_part.sum(axis=0), mix)
-
-
-def _mixture_grads(dl, dmeans, dquad, mix):
-    """The parameter gradients from dl (P, H, N, K), dmeans (H, K, d) and
-    dquad = 1/2 sum_n dl (x - mu)^2 inv_var (H, K, d), in the dtypes that were passed."""
     dl_sum = dl.sum(axis=(0, 2), dtype=ACCUM_DTYPE)                # (H, K) = sum over p, n
+    return dx, _mixture_grads(dl_sum, dmeans_part.sum(axis=0), dquad_part.sum(axis=0), mix)
+
+
+def _mixture_grads(dl_sum, dmeans, dquad, mix):
+    """The parameter gradients from dl_sum = sum_{p,n} dl (H, K), dmeans (H, K, d) and
+    dquad = 1/2 sum_n dl (x - mu)^2 inv_var (H, K, d), in the dtypes that were passed."""
     # in the forward pass this was: l = ... - 1/2 sum_j (quad_kj + log_var_kj)
     dlog_var = dquad - 0.5 * dl_sum[:, :, None]                    # (H, K, d)
     if mix.covariance == "spherical":
@@ -277,6 +278,7 @@ def log_density_backward(dl, x_parts, mix, dx_dtype):
 
     def stream(s):                                                 # blocks s, s + S, s + 2S, ...
         dl_f = np.zeros((H, K, 2 * d), dtype=ACCUM_DTYPE)          # dl^T @ [x', x'^2], summed
+        dl_sum = np.zeros((H, K), dtype=ACCUM_DTYPE)               # sum_{p,n} dl, summed
         feats_buf, g_buf, dl_buf = _block_buffers(P, H, N, (2 * d, 2 * d, K))
         for n0, n1 in blocks[s::ROUTING_STREAMS]:
             nb = n1 - n0
@@ -284,23 +286,23 @@ def log_density_backward(dl, x_parts, mix, dx_dtype):
             dl_b = dl_buf[:, :, :nb]                               # (P, H, nb, K) float64
             dl_b[...] = dl[:, :, n0:n1]
             g = np.matmul(dl_b, mix.w_backward, out=g_buf[:, :, :nb])   # 'phnk,hkf->phnf'
-            np.multiply(feats[..., :d], g[..., d:], out=g[..., d:])  # x' * (dl @ inv_var)
-            np.subtract(g[..., :d], g[..., d:], out=dx[:, :, n0:n1], casting="same_kind")
+            _dx_from_gemm(g, feats, n0, dx)                        # dx = g[:d] - x' * g[d:]
             dl_f += np.matmul(dl_b.transpose(0, 1, 3, 2), feats).sum(axis=0)   # 'phnk,phnf->hkf'
-        return dl_f
+            dl_sum += dl_b.sum(axis=(0, 2))
+        return dl_f, dl_sum
 
     with blas_single_thread():                                     # small GEMMs: see _threads
         partial = run_streams(stream, ROUTING_STREAMS)
-    dl_f = partial[0]
-    for part in partial[1:]:                                       # in stream order: deterministic
-        dl_f = dl_f + part
+    dl_f, dl_sum = partial[0]
+    for part_f, part_sum in partial[1:]:                           # in stream order: deterministic
+        dl_f = dl_f + part_f
+        dl_sum = dl_sum + part_sum
     dl_x, dl_x2 = dl_f[..., :d], dl_f[..., d:]
-    dl_sum = dl.sum(axis=(0, 2), dtype=ACCUM_DTYPE)                # (H, K)
     mu, inv_var = mix.means_c, mix.inv_var
     dmeans = inv_var * (dl_x - mu * dl_sum[:, :, None])
     dquad = 0.5 * inv_var * (dl_x2 - 2.0 * mu * dl_x + mu * mu * dl_sum[:, :, None])
     dl_dot_l = (mix.const * dl_sum).sum(-1) - dquad.sum(axis=(1, 2))   # (H,)
-    return dx, _mixture_grads(dl, dmeans, dquad, mix), dl_dot_l
+    return dx, _mixture_grads(dl_sum, dmeans, dquad, mix), dl_dot_l
 
 
 @dataclass
