@@ -7,7 +7,8 @@ written for latency, not throughput: serial loops (no prange: waking a
 thread pool costs more than the O(K (d + e)) work of a token), the direct
 form of the log-density (K*d terms, exact whatever the offset, no GEMM to
 amortise), and the write and read fused. Between the two kernels the wrapper
-takes the softmax with scipy.special.logsumexp. Per head it does exactly
+takes the softmax with the routing's fused kernel
+(gma_np.kernels.routing._softmax_rows_forward). Per head it does exactly
 what the long-sequence path does for token t: the same definition, checked
 against it in tests/test_recurrent.py and tests/test_fastpaths.py.
 
@@ -19,15 +20,15 @@ from numba import njit
 
 
 @njit(cache=True)
-def _step_log_densities(x, means, inv_var, const, inv_tau, a):
-    """a[p,b,h,k] = l_k(x[p,b,h]) / tau_h for the query (p = 0) and key (p = 1) of one token.
+def _step_log_densities(x, means, inv_var, const, l):
+    """l[p,b,h,k] = l_k(x[p,b,h]) for the query (p = 0) and key (p = 1) of one token.
 
-    Direct form, float64 accumulation; the softmax over k is taken by the wrapper
-    with scipy.special.logsumexp, like every log-sum-exp of the package.
+    Direct form, float64 accumulation; the softmax over k (with the temperature)
+    is taken by the wrapper.
 
     x        (2, B, H, d)  float32 or float64: q_t and k_t stacked
-    means, inv_var (H, K, d), const (H, K), inv_tau (H,)   float64
-    a        (2, B, H, K)  float64, written
+    means, inv_var (H, K, d), const (H, K)   float64
+    l        (2, B, H, K)  float64, written
     """
     _, B, H, d = x.shape
     K = means.shape[1]
@@ -39,7 +40,7 @@ def _step_log_densities(x, means, inv_var, const, inv_tau, a):
                     for j in range(d):
                         diff = x[p, b, h, j] - means[h, k, j]
                         acc += diff * diff * inv_var[h, k, j]
-                    a[p, b, h, k] = (const[h, k] - 0.5 * acc) * inv_tau[h]
+                    l[p, b, h, k] = const[h, k] - 0.5 * acc
 
 
 @njit(cache=True, error_model="numpy")  # x / 0 gives inf or nan, checked by the wrapper

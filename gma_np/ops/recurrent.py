@@ -22,11 +22,11 @@ keeps long float32 generations from drifting.
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import logsumexp
 
 from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
 from gma_np.kernels.scan import _causal_scan_forward
+from gma_np.kernels.routing import _softmax_rows_forward
 from gma_np.kernels.step import _step_log_densities, _step_write_read
 from gma_np.ops._threads import threads_for
 from gma_np.ops.mixing import _validate, check_output_finite
@@ -132,10 +132,12 @@ def gma_step(q_t, k_t, v_t, means, log_var, logits, state=None, *, norm="row",
     S = state.S.copy()                                             # (B, H, K, e)
     z = state.z.copy()                                             # (B, H, K)
     o = np.empty((B, H, e), dtype=v.dtype)
-    a = np.empty((2, B, H, K))                                     # l / tau of q_t and k_t
+    l = np.empty((2 * B, H, 1, K))                                 # l of q_t (rows :B), k_t (B:)
     _step_log_densities(np.stack([q[:, :, 0], k[:, :, 0]]), mix.means, mix.inv_var, mix.const,
-                        1.0 / tau, a)
-    r = np.exp(a - logsumexp(a, axis=-1, keepdims=True))           # (2, B, H, K)
+                        l.reshape(2, B, H, K))
+    r = np.empty_like(l)                                           # softmax_k(l / tau)
+    _softmax_rows_forward(l, 1.0 / tau, 0, r, np.empty((2 * B, H, 1)))
+    r = r.reshape(2, B, H, K)
     _step_write_read(r[0], r[1], v[:, :, 0], np.ascontiguousarray(mask[:, 0]), slot, eps, S, z, o)
     check_output_finite(o, eps)
     return o, GMAState(S, z)
