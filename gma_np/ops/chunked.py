@@ -1,0 +1,384 @@
+"""Causal GMA mixing in chunked form: BLAS matrix products over chunks of C tokens.
+
+Dimension legend: P = batch x heads (flattened), N tokens, K components, e value size,
+C tokens per chunk, G chunks per group, T = G*C tokens per group, e' = e + 1 (row) or e (slot).
+
+This is the second causal form beside the Numba token scan (gma_np.kernels.scan,
+wrapped by _causal_forward / _causal_backward in gma_np.ops.mixing), with the same
+contract, so that gma_np.ops.mixing can pick either:
+
+    causal_chunked_forward(rq, rk, v, slot, eps, chunk) -> out
+    causal_chunked_backward(rq, rk, v, do, slot, eps, chunk, drq, drk) -> dv
+
+It computes the same numbers (to rounding) in a different order: the scan does
+O(K e) work per token in a sequential loop; the chunked form does O(C (K + e) + K e)
+per token, all of it in matrix products of a few dozen rows that NumPy hands to BLAS.
+gma_np.reference.dense holds the N x N definition both are tested against.
+
+The linear core
+---------------
+Both read-outs are one computation, "causal linear attention" of a read matrix Qr
+over keys rk and values Vr, with Qr, Vr chosen per norm:
+
+    row:  Qr = rq,                 Vr = [v | 1]   (e' = e + 1: the normaliser is a value column)
+    slot: Qr = U = rq / (Z + eps), Vr = v         (Z_i = sum_{j <= i} rk_j, inclusive prefix)
+
+    F_i = Qr_i S_i,    S_i = sum_{j <= i} outer(rk_j, Vr_j)        (F (N, e'), S_i (K, e'))
+
+    row:  o_i = F_i[:e] / (F_i[e] + eps)     (F_i[e] = rq_i . z_i, the row denominator minus eps)
+    slot: o_i = F_i
+
+Per chunk c (tokens of the chunk as rows: Qc, Kc (C, K), Vc (C, e')), with the state
+S_{c-1} (K, e') summed over all previous chunks and L (C, C) lower-triangular with
+its diagonal:
+
+    1. write   W_c = Kc^T Vc (K, e'),   S_c = S_{c-1} + W_c   (exclusive prefix: a cumsum over chunks)
+    2. intra   A_c = (Qc Kc^T) o L (C, C)
+    3. read    F_c = Qc S_{c-1} + A_c Vc (C, e')
+
+The masked entries of A_c are exact zeros (0 times a finite number), so row i of F_c
+sums exactly the terms of tokens j <= i, bit for bit whatever tokens after i hold.
+
+Backward of the core
+--------------------
+From dF (C, e') per chunk (the read-outs below say what dF is):
+
+    3. F_c = Qc S_{c-1} + A_c Vc gives
+         dQc   += dF_c S_{c-1}^T                       (C, K)
+         dA_c   = (dF_c Vc^T) o L                      (C, C)
+         dVc   += A_c^T dF_c                           (C, e')
+         dS_{c-1} += Qc^T dF_c =: Y_c                  (K, e')
+    2. A_c = (Qc Kc^T) o L gives
+         dQc   += dA_c Kc,    dKc += dA_c^T Qc
+    1. S_c = S_{c-1} + Kc^T Vc: the write of chunk c is read by every later chunk, so
+       it receives the suffix sum of their state gradients,
+         Gx_c = sum_{c' > c} Y_{c'}                    (K, e')   (exclusive suffix over chunks)
+         dKc  += Vc Gx_c^T,   dVc += Kc Gx_c
+
+Read-outs
+---------
+row (o_i = num_i / den_i, num_i = F_i[:e], den_i = F_i[e] + eps):
+
+    dnum_i = do_i / den_i,   dden_i = -(do_i . o_i) / den_i,   dF_i = [dnum_i | dden_i]
+    drq = dQr;   drk = dK;   dv = dVr[:, :e]   (the gradient of the ones column is dropped)
+
+  Written out: dA = (dnum V^T + dden 1^T) o L; the state gradient is the suffix sum
+  of rq_c^T dnum_c (the G of the scan) and of rq_c^T dden_c (its g), and
+  dK gets V Gx^T + 1 gx^T, which is Vr Gx^T with Vr = [V | 1].
+
+slot (o_i = F_i, Qr_i = U_i = rq_i / D_i, D_i = Z_i + eps, Z_i = z_prev + cumsum within the chunk):
+
+    dF = do;   dU = dQr
+    U_i = rq_i / D_i:      drq_i = dU_i / D_i,   dD_i = -dU_i o U_i / D_i    (= dZ_i)
+    Z_i = sum_{j <= i} rk_j:   drk_j += sum_{i >= j} dZ_i     (a reverse cumulative sum over tokens)
+    drk += dK;   dv = dVr
+
+Algorithm and memory
+--------------------
+Chunks are taken in groups of G = max(1, GROUP_TOKENS // C) (T = G*C tokens); every
+step above is one batched np.matmul over (P, G) per group, and the prefix (suffix)
+of states over the chunks of a group is one np.cumsum over the chunk axis, started
+from the carry of the previous (next) group. Each group's rq, rk, v (and do) are
+cast to float64 into padded buffers (the last chunk may be shorter than C: its
+padding rows are zeros, their denominators set to 1, and their outputs dropped).
+All arithmetic is float64; the carried S, z are float64; outputs and gradients are
+rounded once to the input dtype when they are written.
+
+Forward: per group, float64 buffers of O(P T (K + e)) for the inputs and F, O(P G C^2)
+for A, O(P G K e) for the chunk states: with T = GROUP_TOKENS fixed, constant in N.
+Nothing is N x N, nothing N x K x e: the states of one group only, G*K*e numbers
+per sequence (<= T*e whenever C >= K).
+Backward: pass 1, forward over groups, recomputes the states and writes drq, and
+stores in float64 what pass 2 needs: dF (P, N, e') (row) or U and dZ (P, N, K)
+each (slot), and the within-chunk parts of dv (P, N, e) and drk (P, N, K).
+Pass 2, backward over groups, forms Y_c, their suffix sums (carried from the
+next group), adds the state terms and writes dv and drk. Peak: O(P N (K + e))
+float64 (about 2-3x the size of drq + drk + dv in float64), plus the per-group
+buffers; linear in N. The scan's backward stores O(P N) (row) or O(P N K) (slot).
+"""
+
+import numpy as np
+
+from gma_np._numerics import ACCUM_DTYPE
+
+# Tokens per group of chunks: the float64 buffers of one group (inputs, F, A, the
+# chunk states) are what the chunked form allocates beyond its O(N) arrays, so the
+# group, not N, sets them. 256 tokens of K = e = 64 float64 for P = 4 are ~2 MiB of
+# buffers, about the L2 cache; measured by benchmarks/causal_forms.py (module docstring).
+GROUP_TOKENS = 256
+
+
+def _groups(N, chunk):
+    """(start, tokens, chunks) of each group of whole chunks; the last may be shorter."""
+    G = max(1, GROUP_TOKENS // chunk)
+    T = G * chunk
+    for s in range(0, N, T):
+        n = min(T, N - s)
+        yield s, n, -(-n // chunk)
+
+
+def _load(buf, src, s, n, t):
+    """buf[:, :t] = float64(src[:, s:s+n]) padded with zero rows; returns the view buf[:, :t]."""
+    b = buf[:, :t]
+    b[:, :n] = src[:, s:s + n]
+    b[:, n:] = 0.0
+    return b
+
+
+def _tril(chunk):
+    """L (C, C): ones on and below the diagonal, float64."""
+    return np.tril(np.ones((chunk, chunk), dtype=ACCUM_DTYPE))
+
+
+class _Buffers:
+    """The float64 buffers of one group, allocated once per call at the largest group."""
+
+    def __init__(self, P, N, K, e, ev, chunk, backward):
+        G = max(1, GROUP_TOKENS // chunk)
+        T = min(G * chunk, -(-N // chunk) * chunk)
+        G = T // chunk
+        f = ACCUM_DTYPE
+        self.q = np.empty((P, T, K), f)             # (P, T, K)  Qr: rq (row) or U (slot)
+        self.k = np.empty((P, T, K), f)             # (P, T, K)  rk
+        self.v = np.empty((P, T, ev), f)            # (P, T, e') Vr: [v | 1] (row) or v
+        self.F = np.empty((P, T, ev), f)            # (P, T, e') read-out / dF
+        self.F2 = np.empty((P, T, ev), f)           # (P, T, e') second product
+        self.A = np.empty((P, G, chunk, chunk), f)  # (P, G, C, C) intra-chunk affinity
+        self.S = np.empty((P, G + 1, K, ev), f)     # (P, G+1, K, e') chunk states (prefix / suffix)
+        if backward:
+            self.dA = np.empty((P, G, chunk, chunk), f)   # (P, G, C, C)
+            self.dq = np.empty((P, T, K), f)              # (P, T, K)
+            self.dk = np.empty((P, T, K), f)              # (P, T, K)
+            self.D = np.empty((P, T, K), f)               # (P, T, K) slot: Z + eps
+        if ev > e:
+            self.v[:, :, e] = 1.0                   # the normaliser column of row
+
+
+def _read_chunks(b, q4, k4, v4, g, carry):
+    """Steps 1-3 of the core for g chunks; returns F (P, g*C, e') in b.F, states in b.S.
+
+    q4, k4 (P, g, C, K), v4 (P, g, C, e'); carry (P, K, e') is S before the group and
+    is replaced by S after it. b.S[:, c] is S_{c-1} of chunk c (exclusive prefix).
+    """
+    P, _, C, K = q4.shape
+    ev = v4.shape[3]
+    S = b.S[:, :g + 1]                                              # (P, g+1, K, e')
+    # 1. write: W_c = Kc^T Vc into S[:, 1:], the carry into S[:, 0], then the prefix sum
+    S[:, 0] = carry
+    np.matmul(k4.transpose(0, 1, 3, 2), v4, out=S[:, 1:])          # 'pgck,pgce->pgke'
+    np.cumsum(S, axis=1, out=S)                                     # S[:, c] = S_{c-1}
+    carry[...] = S[:, g]
+    # 2. intra-chunk affinity A_c = (Qc Kc^T) o L
+    A = b.A[:, :g]                                                  # (P, g, C, C)
+    np.matmul(q4, k4.transpose(0, 1, 3, 2), out=A)                  # 'pgik,pgjk->pgij'
+    A *= _tril(C)
+    # 3. read F_c = Qc S_{c-1} + A_c Vc
+    F = b.F[:, :g * C].reshape(P, g, C, ev)                         # (P, g, C, e')
+    F2 = b.F2[:, :g * C].reshape(P, g, C, ev)                       # (P, g, C, e')
+    np.matmul(q4, S[:, :g], out=F)                                  # 'pgck,pgke->pgce'
+    np.matmul(A, v4, out=F2)                                        # 'pgij,pgje->pgie'
+    F += F2
+    return F.reshape(P, g * C, ev), A
+
+
+def _slot_query(b, rq, rk, s, n, t, zcarry, eps):
+    """U = rq / D with D = Z + eps, Z the inclusive prefix of rk from zcarry (P, K), which
+    is advanced; returns (U (P, t, K) in b.q, D (P, t, K)). Padding rows: U = 0, D = 1."""
+    D = _load(b.D, rk, s, n, t)                                     # (P, t, K) rk, then Z, then D
+    D[:, 0] += zcarry
+    np.cumsum(D, axis=1, out=D)                                     # Z_i = z_prev + sum_{j<=i} rk_j
+    zcarry[...] = D[:, n - 1]
+    D += eps
+    D[:, n:] = 1.0
+    U = _load(b.q, rq, s, n, t)
+    U /= D
+    return U, D
+
+
+def causal_chunked_forward(rq, rk, v, slot, eps, chunk):
+    """Causal read-out of the K-slot memory, chunk by chunk (module docstring).
+
+    Parameters
+    ----------
+    rq, rk : arrays of shape (P, N, K), routed queries and (already masked) keys
+    v : array of shape (P, N, e), one dtype with rq, rk (float32 or float64)
+    slot : bool, False for norm "row", True for norm "slot"
+    eps : float >= 0
+    chunk : int >= 1, tokens per chunk C (N need not be a multiple)
+
+    Returns
+    -------
+    out : array of shape (P, N, e), dtype of v
+    """
+    P, N, K = rq.shape
+    e = v.shape[2]
+    ev = e if slot else e + 1
+    out = np.empty_like(v)                                          # (P, N, e)
+    if N == 0:
+        return out
+    b = _Buffers(P, N, K, e, ev, chunk, backward=False)
+    if slot:
+        b.D = np.empty_like(b.q)
+    carry = np.zeros((P, K, ev), ACCUM_DTYPE)                       # (P, K, e') S before the group
+    zcarry = np.zeros((P, K), ACCUM_DTYPE)                          # (P, K) slot: z before the group
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for s, n, g in _groups(N, chunk):
+            t = g * chunk
+            if slot:
+                q, _ = _slot_query(b, rq, rk, s, n, t, zcarry, eps)  # (P, t, K) U
+            else:
+                q = _load(b.q, rq, s, n, t)                           # (P, t, K)
+            k = _load(b.k, rk, s, n, t)                               # (P, t, K)
+            vr = b.v[:, :t]                                           # (P, t, e')
+            vr[:, :n, :e] = v[:, s:s + n]
+            vr[:, n:, :e] = 0.0
+            F, _ = _read_chunks(b, q.reshape(P, g, chunk, K), k.reshape(P, g, chunk, K),
+                                vr.reshape(P, g, chunk, ev), g, carry)
+            if slot:
+                out[:, s:s + n] = F[:, :n]
+            else:
+                # o_i = num_i / den_i,  den_i = rq_i . z_i + eps
+                den = F[:, :n, e:] + eps                              # (P, n, 1)
+                out[:, s:s + n] = F[:, :n, :e] / den
+    return out
+
+
+def causal_chunked_backward(rq, rk, v, do, slot, eps, chunk, drq, drk):
+    """Gradient of sum(out * do) for out = causal_chunked_forward(rq, rk, v, slot, eps, chunk).
+
+    Parameters
+    ----------
+    rq, rk, v, slot, eps, chunk : as for causal_chunked_forward
+    do : array of shape (P, N, e), the cotangent of out
+    drq, drk : arrays of shape (P, N, K) in the dtype of rq, written (may be views)
+
+    Returns
+    -------
+    dv : array of shape (P, N, e), dtype of v
+    """
+    P, N, K = rq.shape
+    e = v.shape[2]
+    ev = e if slot else e + 1
+    dv = np.empty_like(v)                                           # (P, N, e)
+    if N == 0:
+        return dv
+    f = ACCUM_DTYPE
+    b = _Buffers(P, N, K, e, ev, chunk, backward=True)
+    L = _tril(chunk)                                                # (C, C)
+    # stored by pass 1 for pass 2 (float64):
+    dv64 = np.empty((P, N, e), f)          # (P, N, e)  dv: within-chunk part, then all of it
+    drk64 = np.empty((P, N, K), f)         # (P, N, K)  drk: likewise
+    if slot:
+        U_all = np.empty((P, N, K), f)     # (P, N, K)  Qr = U of every token
+        dZ_all = np.empty((P, N, K), f)    # (P, N, K)  dZ_i = -dU_i o U_i / D_i
+    else:
+        dF_all = np.empty((P, N, ev), f)   # (P, N, e+1)  dF_i = [dnum_i | dden_i]
+    carry = np.zeros((P, K, ev), f)        # (P, K, e') S before the group (pass 1), Gx after it (pass 2)
+    zcarry = np.zeros((P, K), f)           # (P, K)     slot: z before the group / sum of dZ after it
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # ---- pass 1: forward over groups ---------------------------------------------
+        for s, n, g in _groups(N, chunk):
+            t = g * chunk
+            C = chunk
+            if slot:
+                q, D = _slot_query(b, rq, rk, s, n, t, zcarry, eps)  # (P, t, K) U, D
+            else:
+                q = _load(b.q, rq, s, n, t)                           # (P, t, K)
+            k = _load(b.k, rk, s, n, t)                               # (P, t, K)
+            vr = b.v[:, :t]                                           # (P, t, e')
+            vr[:, :n, :e] = v[:, s:s + n]
+            vr[:, n:, :e] = 0.0
+            q4, k4 = q.reshape(P, g, C, K), k.reshape(P, g, C, K)     # (P, g, C, K)
+            v4 = vr.reshape(P, g, C, ev)                              # (P, g, C, e')
+            F, A = _read_chunks(b, q4, k4, v4, g, carry)              # (P, t, e'), (P, g, C, C)
+            # the read-out's gradient dF (in place of F)
+            dF = F
+            if slot:
+                # in the forward pass this was: o_i = F_i
+                dF[:, :n] = do[:, s:s + n]
+                dF[:, n:] = 0.0
+            else:
+                # in the forward pass this was: o_i = num_i / den_i, den_i = F_i[e] + eps
+                den = F[:, :, e:] + eps                               # (P, t, 1)
+                den[:, n:] = 1.0
+                o = F[:, :, :e] / den                                 # (P, t, e)
+                dF[:, :n, :e] = do[:, s:s + n]
+                dF[:, n:, :e] = 0.0
+                # dden_i = -(do_i . o_i) / den_i;  dnum_i = do_i / den_i
+                np.einsum("pte,pte->pt", dF[:, :, :e], o, out=dF[:, :, e])
+                dF[:, :, e] *= -1.0
+                dF /= den
+                dF_all[:, s:s + n] = dF[:, :n]
+            dF4 = dF.reshape(P, g, C, ev)                             # (P, g, C, e')
+            S = b.S[:, :g]                                            # (P, g, K, e') S_{c-1}
+            # 3. F_c = Qc S_{c-1} + A_c Vc:  dA_c = (dF_c Vc^T) o L,  dVc = A_c^T dF_c
+            dA = b.dA[:, :g]                                          # (P, g, C, C)
+            np.matmul(dF4, v4.transpose(0, 1, 3, 2), out=dA)          # 'pgie,pgje->pgij'
+            dA *= L
+            dvl = b.F2[:, :t].reshape(P, g, C, ev)                    # (P, g, C, e')
+            np.matmul(A.transpose(0, 1, 3, 2), dF4, out=dvl)          # 'pgij,pgie->pgje'
+            dv64[:, s:s + n] = dvl.reshape(P, t, ev)[:, :n, :e]
+            #    dQc = dF_c S_{c-1}^T + dA_c Kc   (2. A_c = (Qc Kc^T) o L)
+            dq = b.dq[:, :t].reshape(P, g, C, K)                      # (P, g, C, K)
+            dk = b.dk[:, :t].reshape(P, g, C, K)                      # (P, g, C, K)
+            np.matmul(dF4, S.transpose(0, 1, 3, 2), out=dq)           # 'pgie,pgke->pgik'
+            np.matmul(dA, k4, out=dk)                                 # 'pgij,pgjk->pgik'
+            dq += dk
+            #    dKc = dA_c^T Qc
+            np.matmul(dA.transpose(0, 1, 3, 2), q4, out=dk)           # 'pgij,pgik->pgjk'
+            drk64[:, s:s + n] = dk.reshape(P, t, K)[:, :n]
+            dq = dq.reshape(P, t, K)
+            if slot:
+                # in the forward pass this was: U_i = rq_i / D_i
+                U_all[:, s:s + n] = q[:, :n]
+                dq /= D                                               # drq_i = dU_i / D_i
+                drq[:, s:s + n] = dq[:, :n]
+                dq *= q                                               # dZ_i = -dU_i o U_i / D_i
+                np.negative(dq, out=dq)
+                dZ_all[:, s:s + n] = dq[:, :n]
+            else:
+                drq[:, s:s + n] = dq[:, :n]
+
+        # ---- pass 2: backward over groups --------------------------------------------
+        carry[...] = 0.0                                              # Gx after the group
+        zcarry[...] = 0.0                                             # sum of dZ after the group
+        for s, n, g in reversed(list(_groups(N, chunk))):
+            t = g * chunk
+            C = chunk
+            q = _load(b.q, U_all if slot else rq, s, n, t)            # (P, t, K) Qr
+            k = _load(b.k, rk, s, n, t)                               # (P, t, K)
+            dF = _load(b.F, do if slot else dF_all, s, n, t)          # (P, t, e')
+            q4, k4 = q.reshape(P, g, C, K), k.reshape(P, g, C, K)     # (P, g, C, K)
+            dF4 = dF.reshape(P, g, C, ev)                             # (P, g, C, e')
+            # 1. Y_c = Qc^T dF_c into Gx[:, :g], the carry into Gx[:, g], then the suffix sum
+            Gx = b.S[:, :g + 1]                                       # (P, g+1, K, e')
+            Gx[:, g] = carry
+            np.matmul(q4.transpose(0, 1, 3, 2), dF4, out=Gx[:, :g])   # 'pgck,pgce->pgke'
+            rev = Gx[:, ::-1]
+            np.cumsum(rev, axis=1, out=rev)                           # Gx[:, c] = sum_{c' >= c} Y_c'
+            carry[...] = Gx[:, 0]
+            Gn = Gx[:, 1:]                                            # (P, g, K, e') exclusive: chunks after c
+            # in the forward pass this was: S_c = S_{c-1} + Kc^T Vc
+            #    dVc += Kc Gx_c,   dKc += Vc Gx_c^T
+            vr = b.v[:, :t]                                           # (P, t, e')
+            vr[:, :n, :e] = v[:, s:s + n]
+            vr[:, n:, :e] = 0.0
+            v4 = vr.reshape(P, g, C, ev)                              # (P, g, C, e')
+            dvs = b.F2[:, :t].reshape(P, g, C, ev)                    # (P, g, C, e')
+            np.matmul(k4, Gn, out=dvs)                                # 'pgck,pgke->pgce'
+            dks = b.dk[:, :t].reshape(P, g, C, K)                     # (P, g, C, K)
+            np.matmul(v4, Gn.transpose(0, 1, 3, 2), out=dks)          # 'pgce,pgke->pgck'
+            dks = dks.reshape(P, t, K)
+            if slot:
+                # in the forward pass this was: Z_i = z_prev + sum_{j <= i} rk_j:
+                #    drk_j += sum_{i >= j} dZ_i, the suffix sum carried from the next group
+                dZ = _load(b.D, dZ_all, s, n, t)                      # (P, t, K)
+                dZ[:, n - 1] += zcarry
+                rz = dZ[:, n - 1::-1]                                 # (P, n, K) tokens n-1 .. 0
+                np.cumsum(rz, axis=1, out=rz)
+                zcarry[...] = dZ[:, 0]
+                dks += dZ
+            dv[:, s:s + n] = dv64[:, s:s + n] + dvs.reshape(P, t, ev)[:, :n, :e]
+            drk[:, s:s + n] = drk64[:, s:s + n] + dks[:, :n]
+    return dv
