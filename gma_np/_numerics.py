@@ -76,9 +76,17 @@ PARALLEL_MIN_WORK = 2 ** 20
 # is used (faster there, and the block temporaries are a large share of the memory).
 ROUTING_BLOCK = 128
 
-# The routing's blocks are dealt round-robin to this many streams, which run on
-# Python threads when Numba has more than one thread (gma_np.ops._threads.run_streams).
-# Fixed, not the thread count, so that the parameter-gradient sums (one per stream,
-# added in stream order) are bit for bit the same whatever the thread count. 2: the
-# machines this was measured on have 2 cores.
-ROUTING_STREAMS = 2
+# The blocks of tokens of the routing and of the bidirectional mixing are dealt
+# round-robin to this many streams, which run on Python threads when Numba has more
+# than one thread (gma_np.ops._threads.run_streams), each with BLAS on one thread.
+# Fixed, not the thread count, so that the sums over blocks (added in a fixed order)
+# are bit for bit the same whatever the thread count. 2: the machines this was
+# measured on have 2 cores.
+BLOCK_STREAMS = 2
+
+# Tokens per block of the bidirectional mixing GEMMs (gma_np.ops.mixing): rq, rk, v
+# and do are read one block at a time and widened to float64 there, so the float64
+# temporaries are O(P * block * (K + e)), never a float64 copy of an (N, K) or (N, e)
+# array; 1024 rows keep each GEMM large enough for BLAS to run near its peak
+# (fewer where that would leave a stream without a block).
+MIXING_BLOCK = 1024

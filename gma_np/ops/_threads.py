@@ -99,8 +99,8 @@ def blas_single_thread():
 # Streams of routing blocks on Python threads.
 #
 # The block loop of the routing (small GEMMs and serial fused kernels, all of which
-# release the GIL) is split into ROUTING_STREAMS interleaved streams of blocks:
-# block i goes to stream i % ROUTING_STREAMS. The streams run concurrently on
+# release the GIL) is split into BLOCK_STREAMS interleaved streams of blocks:
+# block i goes to stream i % BLOCK_STREAMS. The streams run concurrently on
 # Python threads when Numba has more than one thread (numba.get_num_threads() in
 # the calling thread, so threads_for and numba.set_num_threads apply), else one
 # after the other. Each stream's sums are its own and are added in stream order

@@ -24,10 +24,11 @@ and every key j receives the sum of the dS_i, dz_i of the queries that read it
     dV[j] = R~_K[j] G_j,   dR~_K[j,k] = G_j[k] . V[j] + g_j[k],   dR_K = key_mask * dR~_K.
 
 Three forms of the same math live in the package; this module is the fast one:
-bidirectional through a two-pass Numba kernel (write all, then read; never an N x N
-matrix), causal through the
-Numba prefix scan of gma_np.kernels.scan (never an N x N nor an N x K x e
-array). gma_np.reference holds the dense N x N form and the loop over t.
+bidirectional by float64 GEMMs through the (K, e) memory, one block of tokens at a
+time (write all, then read; never an N x N matrix nor a float64 copy of an (N, K)
+array), causal through the Numba prefix scan of gma_np.kernels.scan (never an
+N x N nor an N x K x e array). gma_np.reference holds the dense N x N form and
+the loop over t.
 """
 
 from dataclasses import dataclass
@@ -35,14 +36,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from gma_np import _validation as check
-from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
+from gma_np._numerics import ACCUM_DTYPE, BLOCK_STREAMS, DEFAULT_EPS, MIXING_BLOCK, ROUTING_BLOCK
 from gma_np.kernels.scan import (
-    _bidirectional_scan_backward,
-    _bidirectional_scan_forward,
     _causal_scan_backward,
     _causal_scan_forward,
 )
-from gma_np.ops._threads import threads_for
+from gma_np.ops._threads import blas_single_thread, run_streams, threads_for
 from gma_np.ops.routing import prepare_mixture, route_backward, route_forward
 
 
@@ -79,30 +78,114 @@ def _validate(q, k, v, means, log_var, logits, causal, norm, temperature, eps, k
     return q, k, v, mix, tau, per_head, tau_dtype, bool(causal), norm == "slot", eps, mask
 
 
+def _token_blocks(N):
+    """Token ranges [n0, n1) of the bidirectional GEMMs: MIXING_BLOCK tokens, or fewer so
+    that every stream gets a block (never below ROUTING_BLOCK)."""
+    size = min(MIXING_BLOCK, max(ROUTING_BLOCK, -(-N // BLOCK_STREAMS)))
+    return [(n0, min(N, n0 + size)) for n0 in range(0, N, size)]
+
+
+def _over_blocks(N, body):
+    """[body(n0, n1) for each token block], in block order. The blocks are dealt to
+    BLOCK_STREAMS streams (Python threads, BLAS on one thread each: gma_np.ops._threads);
+    the caller sums what they return in block order, so results do not depend on the
+    thread count."""
+    blocks = _token_blocks(N)
+
+    def stream(s):
+        return [body(n0, n1) for n0, n1 in blocks[s::BLOCK_STREAMS]]
+
+    with blas_single_thread():
+        parts = run_streams(stream, BLOCK_STREAMS)
+    return [parts[i % BLOCK_STREAMS][i // BLOCK_STREAMS] for i in range(len(blocks))]
+
+
+def _in_order_sum(terms):
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def _f64(a):
+    """a widened to float64 (no copy if it already is)."""
+    return a.astype(ACCUM_DTYPE, copy=False)
+
+
+def _bidirectional_write(rk, v):
+    """S = rk^T v (P, K, e) and z = rk^T 1 (P, K, 1), float64, by GEMMs block by block."""
+    def write(n0, n1):
+        rk_b = _f64(rk[:, n0:n1])                                  # (P, nb, K)
+        return (np.matmul(rk_b.transpose(0, 2, 1), _f64(v[:, n0:n1])),   # 'pnk,pne->pke'
+                rk_b.sum(axis=1)[:, :, None])
+    parts = _over_blocks(rk.shape[1], write)
+    return _in_order_sum([S for S, _ in parts]), _in_order_sum([z for _, z in parts])
+
+
 def _bidirectional_forward(rq, rk, v, slot, eps):
-    """O (P, N, e) in v's dtype from routed rq, rk (P, N, K) and v (P, N, e): one Numba
-    pass writes S = rk^T v, z = rk^T 1 (float64), a second reads (never an N x N array)."""
-    P, N, K = rq.shape
-    S = np.empty((P, K, v.shape[2]), dtype=ACCUM_DTYPE)
-    z = np.empty((P, K), dtype=ACCUM_DTYPE)
+    """O (P, N, e) in v's dtype from routed rq, rk (P, N, K) and v (P, N, e), by GEMMs
+    (docs/derivations.md, section 4): write S = rk^T v, z = rk^T 1 (float64), then read
+    block by block of queries. Never an N x N array."""
+    S, z = _bidirectional_write(rk, v)                             # (P, K, e), (P, K, 1)
+    M = S / (z + eps) if slot else S                               # (P, K, e) read matrix
     out = np.empty_like(v)
-    with threads_for(P * N * K * v.shape[2]):
-        _bidirectional_scan_forward(rq, rk, v, slot, eps, S, z, out)
+
+    def read(n0, n1):
+        rq_b = _f64(rq[:, n0:n1])                                  # (P, nb, K)
+        num = np.matmul(rq_b, M)                                   # (P, nb, e)
+        if not slot:
+            num /= np.matmul(rq_b, z) + eps                        # den (P, nb, 1)
+        out[:, n0:n1] = num
+
+    with np.errstate(divide="ignore", invalid="ignore"):           # eps = 0: check_output_finite
+        _over_blocks(rq.shape[1], read)
     return out
 
 
 def _bidirectional_backward(rq, rk, v, do, slot, eps, drq, drk):
     """dv, and drq, drk written into the given (P, N, K) buffers, for
-    O = _bidirectional_forward(...) (kernel _bidirectional_scan_backward)."""
-    P, N, K = rq.shape
-    e = v.shape[2]
-    S = np.empty((P, K, e), dtype=ACCUM_DTYPE)
-    G = np.empty((P, K, e), dtype=ACCUM_DTYPE)
-    z = np.empty((P, K), dtype=ACCUM_DTYPE)
-    g = np.empty((P, K), dtype=ACCUM_DTYPE)
+    O = _bidirectional_forward(...) (docs/derivations.md, section 4):
+
+        row:  dnum = dO / den, dden = -(dO . num) / den^2
+              dR_Q = dnum S^T + dden z^T,   G = R_Q^T dnum,   g = R_Q^T dden
+        slot: M = S / (z + eps),   dR_Q = dO M^T,   dM = R_Q^T dO,
+              G = dM / (z + eps),   g = -(dM . S) / (z + eps)^2   (row by row of K)
+        both: dV = R~_K G,   dR~_K = V G^T + 1 g^T
+    """
+    S, z = _bidirectional_write(rk, v)                             # (P, K, e), (P, K, 1)
+    u = 1.0 / (z + eps)                                            # (P, K, 1), slot only
+    M = S * u if slot else S                                       # (P, K, e)
+
+    def read_backward(n0, n1):                                     # dR_Q, and G, g of the block
+        rq_b = _f64(rq[:, n0:n1])                                  # (P, nb, K)
+        do_b = _f64(do[:, n0:n1])                                  # (P, nb, e)
+        if slot:
+            drq[:, n0:n1] = np.matmul(do_b, M.transpose(0, 2, 1))
+            return np.matmul(rq_b.transpose(0, 2, 1), do_b), None  # dM of the block
+        den = np.matmul(rq_b, z) + eps                             # (P, nb, 1)
+        dnum = do_b / den                                          # (P, nb, e)
+        dnum_S = np.matmul(dnum, S.transpose(0, 2, 1))             # (P, nb, K)
+        # dnum . num = sum_k rq_k (S dnum)_k: num = rq S itself is never formed
+        dden = -(rq_b * dnum_S).sum(axis=2, keepdims=True) / den   # (P, nb, 1)
+        drq[:, n0:n1] = dnum_S + dden * z.transpose(0, 2, 1)
+        return (np.matmul(rq_b.transpose(0, 2, 1), dnum),         # 'pnk,pne->pke'
+                np.matmul(rq_b.transpose(0, 2, 1), dden))          # 'pnk,pn->pk'
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        parts = _over_blocks(rq.shape[1], read_backward)
+        G = _in_order_sum([a for a, _ in parts])                   # (P, K, e)
+        if slot:
+            g = -(G * S).sum(axis=2, keepdims=True) * u * u        # (P, K, 1)
+            G = G * u
+        else:
+            g = _in_order_sum([b for _, b in parts])               # (P, K, 1)
     dv = np.empty_like(v)
-    with threads_for(P * N * K * e):
-        _bidirectional_scan_backward(rq, rk, v, do, slot, eps, S, z, G, g, drq, drk, dv)
+
+    def write_backward(n0, n1):                                    # dV, dR~_K of the block
+        dv[:, n0:n1] = np.matmul(_f64(rk[:, n0:n1]), G)            # (P, nb, e)
+        drk[:, n0:n1] = np.matmul(_f64(v[:, n0:n1]), G.transpose(0, 2, 1)) + g.transpose(0, 2, 1)
+
+    _over_blocks(rq.shape[1], write_backward)
     return dv
 
 

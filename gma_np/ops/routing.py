@@ -53,7 +53,7 @@ from gma_np._numerics import (
     EXPANSION_CANCELLATION_BOUND,
     LOG_2PI,
     ROUTING_BLOCK,
-    ROUTING_STREAMS,
+    BLOCK_STREAMS,
 )
 from gma_np.kernels.routing import (
     _dx_from_gemm,
@@ -194,7 +194,7 @@ def _route_blocks(x_parts, mix, inv_tau, r, shift=None):
 
     def stream(s):                                                 # blocks s, s + S, s + 2S, ...
         feats_buf, g_buf = _block_buffers(P, H, N, (2 * d, K))
-        for n0, n1 in blocks[s::ROUTING_STREAMS]:
+        for n0, n1 in blocks[s::BLOCK_STREAMS]:
             feats = features(x_parts, mix, n0, n1, feats_buf)      # (P, H, nb, 2d)
             g = np.matmul(feats, mix.w_forward, out=g_buf[:, :, :n1 - n0])   # (P, H, nb, K)
             # g += m2, -1/2, + const, and the direct form where the expansion cancels: g = l
@@ -206,7 +206,7 @@ def _route_blocks(x_parts, mix, inv_tau, r, shift=None):
                 _softmax_rows_forward(g, inv_tau, n0, r, shift)    # r = softmax_k(l / tau)
 
     with blas_single_thread():                                     # small GEMMs: see _threads
-        run_streams(stream, ROUTING_STREAMS)
+        run_streams(stream, BLOCK_STREAMS)
     return r
 
 
@@ -280,7 +280,7 @@ def log_density_backward(dl, x_parts, mix, dx_dtype):
         dl_f = np.zeros((H, K, 2 * d), dtype=ACCUM_DTYPE)          # dl^T @ [x', x'^2], summed
         dl_sum = np.zeros((H, K), dtype=ACCUM_DTYPE)               # sum_{p,n} dl, summed
         feats_buf, g_buf, dl_buf = _block_buffers(P, H, N, (2 * d, 2 * d, K))
-        for n0, n1 in blocks[s::ROUTING_STREAMS]:
+        for n0, n1 in blocks[s::BLOCK_STREAMS]:
             nb = n1 - n0
             feats = features(x_parts, mix, n0, n1, feats_buf)      # (P, H, nb, 2d)
             dl_b = dl_buf[:, :, :nb]                               # (P, H, nb, K) float64
@@ -292,7 +292,7 @@ def log_density_backward(dl, x_parts, mix, dx_dtype):
         return dl_f, dl_sum
 
     with blas_single_thread():                                     # small GEMMs: see _threads
-        partial = run_streams(stream, ROUTING_STREAMS)
+        partial = run_streams(stream, BLOCK_STREAMS)
     dl_f, dl_sum = partial[0]
     for part_f, part_sum in partial[1:]:                           # in stream order: deterministic
         dl_f = dl_f + part_f
