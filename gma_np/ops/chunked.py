@@ -97,9 +97,13 @@ float64 (about 2-3x the size of drq + drk + dv in float64), plus the per-group
 buffers; linear in N. The scan's backward stores O(P N) (row) or O(P N K) (slot).
 """
 
+import functools
+
+import numba
 import numpy as np
 
 from gma_np._numerics import ACCUM_DTYPE
+from gma_np.ops._threads import blas_single_thread, run_streams, threads_for
 
 # Tokens per group of chunks: the float64 buffers of one group (inputs, F, A, the
 # chunk states) are what the chunked form allocates beyond its O(N) arrays, so the
@@ -125,9 +129,12 @@ def _load(buf, src, s, n, t):
     return b
 
 
+@functools.lru_cache(maxsize=16)
 def _tril(chunk):
-    """L (C, C): ones on and below the diagonal, float64."""
-    return np.tril(np.ones((chunk, chunk), dtype=ACCUM_DTYPE))
+    """L (C, C): ones on and below the diagonal, float64 (read-only, made once per C)."""
+    L = np.tril(np.ones((chunk, chunk), dtype=ACCUM_DTYPE))
+    L.flags.writeable = False
+    return L
 
 
 class _Buffers:
@@ -150,44 +157,69 @@ class _Buffers:
             self.dq = np.empty((P, T, K), f)              # (P, T, K)
             self.dk = np.empty((P, T, K), f)              # (P, T, K)
             self.D = np.empty((P, T, K), f)               # (P, T, K) slot: Z + eps
+            self.dO = np.empty((P, T, e), f)              # (P, T, e) do
         if ev > e:
             self.v[:, :, e] = 1.0                   # the normaliser column of row
 
 
-def _read_chunks(b, q4, k4, v4, g, carry):
-    """Steps 1-3 of the core for g chunks; returns F (P, g*C, e') in b.F, states in b.S.
+def _chunk_states(b, k4, v4, g, carry):
+    """Step 1 of the core for g chunks: S (P, g, K, e') in b.S, S[:, c] = S_{c-1} of chunk c.
 
-    q4, k4 (P, g, C, K), v4 (P, g, C, e'); carry (P, K, e') is S before the group and
-    is replaced by S after it. b.S[:, c] is S_{c-1} of chunk c (exclusive prefix).
+    k4 (P, g, C, K), v4 (P, g, C, e'); carry (P, K, e') is S before the group and is
+    replaced by S after it.
+    """
+    S = b.S[:, :g + 1]                                              # (P, g+1, K, e')
+    # W_c = Kc^T Vc into S[:, 1:], the carry into S[:, 0], then the prefix sum over
+    # chunks (a loop of g vector adds: np.cumsum along a middle axis is 5-10x slower)
+    S[:, 0] = carry
+    np.matmul(k4.transpose(0, 1, 3, 2), v4, out=S[:, 1:])          # 'pgck,pgce->pgke'
+    for c in range(1, g + 1):
+        S[:, c] += S[:, c - 1]                                      # S[:, c] = S_{c-1} of chunk c
+    carry[...] = S[:, g]
+    return S[:, :g]
+
+
+def _affinity(b, q4, k4, g):
+    """Step 2: A_c = (Qc Kc^T) o L (P, g, C, C) in b.A; masked entries exact zeros."""
+    A = b.A[:, :g]                                                  # (P, g, C, C)
+    np.matmul(q4, k4.transpose(0, 1, 3, 2), out=A)                  # 'pgik,pgjk->pgij'
+    A *= _tril(q4.shape[2])
+    return A
+
+
+def _read_chunks(b, q4, k4, v4, g, carry):
+    """Steps 1-3 of the core for g chunks: F (P, g*C, e') in b.F (and S in b.S, A in b.A).
+
+    q4, k4 (P, g, C, K), v4 (P, g, C, e'); carry as for _chunk_states.
     """
     P, _, C, K = q4.shape
     ev = v4.shape[3]
-    S = b.S[:, :g + 1]                                              # (P, g+1, K, e')
-    # 1. write: W_c = Kc^T Vc into S[:, 1:], the carry into S[:, 0], then the prefix sum
-    S[:, 0] = carry
-    np.matmul(k4.transpose(0, 1, 3, 2), v4, out=S[:, 1:])          # 'pgck,pgce->pgke'
-    np.cumsum(S, axis=1, out=S)                                     # S[:, c] = S_{c-1}
-    carry[...] = S[:, g]
-    # 2. intra-chunk affinity A_c = (Qc Kc^T) o L
-    A = b.A[:, :g]                                                  # (P, g, C, C)
-    np.matmul(q4, k4.transpose(0, 1, 3, 2), out=A)                  # 'pgik,pgjk->pgij'
-    A *= _tril(C)
+    S = _chunk_states(b, k4, v4, g, carry)                          # (P, g, K, e') S_{c-1}
+    A = _affinity(b, q4, k4, g)                                     # (P, g, C, C)
     # 3. read F_c = Qc S_{c-1} + A_c Vc
     F = b.F[:, :g * C].reshape(P, g, C, ev)                         # (P, g, C, e')
     F2 = b.F2[:, :g * C].reshape(P, g, C, ev)                       # (P, g, C, e')
-    np.matmul(q4, S[:, :g], out=F)                                  # 'pgck,pgke->pgce'
+    np.matmul(q4, S, out=F)                                         # 'pgck,pgke->pgce'
     np.matmul(A, v4, out=F2)                                        # 'pgij,pgje->pgie'
     F += F2
-    return F.reshape(P, g * C, ev), A
+    return F.reshape(P, g * C, ev)
 
 
-def _slot_query(b, rq, rk, s, n, t, zcarry, eps):
-    """U = rq / D with D = Z + eps, Z the inclusive prefix of rk from zcarry (P, K), which
-    is advanced; returns (U (P, t, K) in b.q, D (P, t, K)). Padding rows: U = 0, D = 1."""
-    D = _load(b.D, rk, s, n, t)                                     # (P, t, K) rk, then Z, then D
-    D[:, 0] += zcarry
-    np.cumsum(D, axis=1, out=D)                                     # Z_i = z_prev + sum_{j<=i} rk_j
-    zcarry[...] = D[:, n - 1]
+def _slot_query(b, rq, k4, s, n, t, zcarry, eps):
+    """U = rq / D with D = Z + eps, Z_i = z_prev + sum_{j <= i in the chunk} rk_j (inclusive),
+    from the float64 keys k4 (P, g, C, K) and zcarry (P, K), z before the group, which is
+    advanced; returns (U (P, t, K) in b.q, D (P, t, K) in b.D). Padding rows: U = 0, D = 1.
+
+    The sum within the chunk is the product L Kc (C x C by C x K, the masked entries exact
+    zeros); then each chunk adds the total of the chunks before it (a loop of g adds:
+    np.cumsum along the token axis is slower than the product)."""
+    P, g, C, K = k4.shape
+    Z = b.D[:, :t].reshape(P, g, C, K)                              # (P, g, C, K)
+    np.matmul(_tril(C), k4, out=Z)                                  # 'ij,pgjk->pgik'
+    for c in range(g):
+        Z[:, c] += zcarry[:, None, :]
+        zcarry[...] = Z[:, c, C - 1]                                # z after chunk c
+    D = Z.reshape(P, t, K)
     D += eps
     D[:, n:] = 1.0
     U = _load(b.q, rq, s, n, t)
@@ -195,27 +227,11 @@ def _slot_query(b, rq, rk, s, n, t, zcarry, eps):
     return U, D
 
 
-def causal_chunked_forward(rq, rk, v, slot, eps, chunk):
-    """Causal read-out of the K-slot memory, chunk by chunk (module docstring).
-
-    Parameters
-    ----------
-    rq, rk : arrays of shape (P, N, K), routed queries and (already masked) keys
-    v : array of shape (P, N, e), one dtype with rq, rk (float32 or float64)
-    slot : bool, False for norm "row", True for norm "slot"
-    eps : float >= 0
-    chunk : int >= 1, tokens per chunk C (N need not be a multiple)
-
-    Returns
-    -------
-    out : array of shape (P, N, e), dtype of v
-    """
+def _forward(rq, rk, v, slot, eps, chunk, out):
+    """causal_chunked_forward on the sequences given (a slice of P), writing out."""
     P, N, K = rq.shape
     e = v.shape[2]
     ev = e if slot else e + 1
-    out = np.empty_like(v)                                          # (P, N, e)
-    if N == 0:
-        return out
     b = _Buffers(P, N, K, e, ev, chunk, backward=False)
     if slot:
         b.D = np.empty_like(b.q)
@@ -224,15 +240,15 @@ def causal_chunked_forward(rq, rk, v, slot, eps, chunk):
     with np.errstate(divide="ignore", invalid="ignore"):
         for s, n, g in _groups(N, chunk):
             t = g * chunk
+            k = _load(b.k, rk, s, n, t)                               # (P, t, K)
             if slot:
-                q, _ = _slot_query(b, rq, rk, s, n, t, zcarry, eps)  # (P, t, K) U
+                q, _ = _slot_query(b, rq, k.reshape(P, g, chunk, K), s, n, t, zcarry, eps)  # U
             else:
                 q = _load(b.q, rq, s, n, t)                           # (P, t, K)
-            k = _load(b.k, rk, s, n, t)                               # (P, t, K)
             vr = b.v[:, :t]                                           # (P, t, e')
             vr[:, :n, :e] = v[:, s:s + n]
             vr[:, n:, :e] = 0.0
-            F, _ = _read_chunks(b, q.reshape(P, g, chunk, K), k.reshape(P, g, chunk, K),
+            F = _read_chunks(b, q.reshape(P, g, chunk, K), k.reshape(P, g, chunk, K),
                                 vr.reshape(P, g, chunk, ev), g, carry)
             if slot:
                 out[:, s:s + n] = F[:, :n]
@@ -240,28 +256,13 @@ def causal_chunked_forward(rq, rk, v, slot, eps, chunk):
                 # o_i = num_i / den_i,  den_i = rq_i . z_i + eps
                 den = F[:, :n, e:] + eps                              # (P, n, 1)
                 out[:, s:s + n] = F[:, :n, :e] / den
-    return out
 
 
-def causal_chunked_backward(rq, rk, v, do, slot, eps, chunk, drq, drk):
-    """Gradient of sum(out * do) for out = causal_chunked_forward(rq, rk, v, slot, eps, chunk).
-
-    Parameters
-    ----------
-    rq, rk, v, slot, eps, chunk : as for causal_chunked_forward
-    do : array of shape (P, N, e), the cotangent of out
-    drq, drk : arrays of shape (P, N, K) in the dtype of rq, written (may be views)
-
-    Returns
-    -------
-    dv : array of shape (P, N, e), dtype of v
-    """
+def _backward(rq, rk, v, do, slot, eps, chunk, drq, drk, dv):
+    """causal_chunked_backward on the sequences given (a slice of P), writing drq, drk, dv."""
     P, N, K = rq.shape
     e = v.shape[2]
     ev = e if slot else e + 1
-    dv = np.empty_like(v)                                           # (P, N, e)
-    if N == 0:
-        return dv
     f = ACCUM_DTYPE
     b = _Buffers(P, N, K, e, ev, chunk, backward=True)
     L = _tril(chunk)                                                # (C, C)
@@ -281,48 +282,67 @@ def causal_chunked_backward(rq, rk, v, do, slot, eps, chunk, drq, drk):
         for s, n, g in _groups(N, chunk):
             t = g * chunk
             C = chunk
+            k = _load(b.k, rk, s, n, t)                               # (P, t, K)
             if slot:
-                q, D = _slot_query(b, rq, rk, s, n, t, zcarry, eps)  # (P, t, K) U, D
+                q, D = _slot_query(b, rq, k.reshape(P, g, C, K), s, n, t, zcarry, eps)  # U, D
             else:
                 q = _load(b.q, rq, s, n, t)                           # (P, t, K)
-            k = _load(b.k, rk, s, n, t)                               # (P, t, K)
             vr = b.v[:, :t]                                           # (P, t, e')
             vr[:, :n, :e] = v[:, s:s + n]
             vr[:, n:, :e] = 0.0
             q4, k4 = q.reshape(P, g, C, K), k.reshape(P, g, C, K)     # (P, g, C, K)
             v4 = vr.reshape(P, g, C, ev)                              # (P, g, C, e')
-            F, A = _read_chunks(b, q4, k4, v4, g, carry)              # (P, t, e'), (P, g, C, C)
-            # the read-out's gradient dF (in place of F)
-            dF = F
-            if slot:
-                # in the forward pass this was: o_i = F_i
-                dF[:, :n] = do[:, s:s + n]
-                dF[:, n:] = 0.0
-            else:
-                # in the forward pass this was: o_i = num_i / den_i, den_i = F_i[e] + eps
-                den = F[:, :, e:] + eps                               # (P, t, 1)
-                den[:, n:] = 1.0
-                o = F[:, :, :e] / den                                 # (P, t, e)
-                dF[:, :n, :e] = do[:, s:s + n]
-                dF[:, n:, :e] = 0.0
-                # dden_i = -(do_i . o_i) / den_i;  dnum_i = do_i / den_i
-                np.einsum("pte,pte->pt", dF[:, :, :e], o, out=dF[:, :, e])
-                dF[:, :, e] *= -1.0
-                dF /= den
-                dF_all[:, s:s + n] = dF[:, :n]
-            dF4 = dF.reshape(P, g, C, ev)                             # (P, g, C, e')
-            S = b.S[:, :g]                                            # (P, g, K, e') S_{c-1}
-            # 3. F_c = Qc S_{c-1} + A_c Vc:  dA_c = (dF_c Vc^T) o L,  dVc = A_c^T dF_c
+            S = _chunk_states(b, k4, v4, g, carry)                    # (P, g, K, e') S_{c-1}
+            A = _affinity(b, q4, k4, g)                               # (P, g, C, C)
+            dO = _load(b.dO, do, s, n, t)                             # (P, t, e)
+            dO4 = dO.reshape(P, g, C, e)                              # (P, g, C, e)
             dA = b.dA[:, :g]                                          # (P, g, C, C)
-            np.matmul(dF4, v4.transpose(0, 1, 3, 2), out=dA)          # 'pgie,pgje->pgij'
-            dA *= L
-            dvl = b.F2[:, :t].reshape(P, g, C, ev)                    # (P, g, C, e')
-            np.matmul(A.transpose(0, 1, 3, 2), dF4, out=dvl)          # 'pgij,pgie->pgje'
-            dv64[:, s:s + n] = dvl.reshape(P, t, ev)[:, :n, :e]
-            #    dQc = dF_c S_{c-1}^T + dA_c Kc   (2. A_c = (Qc Kc^T) o L)
             dq = b.dq[:, :t].reshape(P, g, C, K)                      # (P, g, C, K)
             dk = b.dk[:, :t].reshape(P, g, C, K)                      # (P, g, C, K)
-            np.matmul(dF4, S.transpose(0, 1, 3, 2), out=dq)           # 'pgie,pgke->pgik'
+            if slot:
+                # in the forward pass this was: o_i = F_i, so dF = do
+                dF4 = dO4
+                # 3. F_c = Qc S_{c-1} + A_c Vc:  dA_c = (dF_c Vc^T) o L,  dQc = dF_c S_{c-1}^T + ...
+                np.matmul(dF4, v4.transpose(0, 1, 3, 2), out=dA)      # 'pgie,pgje->pgij'
+                dA *= L
+                np.matmul(dF4, S.transpose(0, 1, 3, 2), out=dq)       # 'pgie,pgke->pgik'
+            else:
+                # in the forward pass this was: o_i = num_i / den_i, with (F = [num | den - eps])
+                #    num_i = rq_i S_{c-1} + sum_j A_ij v_j,  den_i = rq_i . z_{c-1} + sum_j A_ij + eps.
+                # The backward needs do_i . o_i, not o_i: with M_ij = do_i . v_j and
+                # s_i = S_{c-1} do_i (both needed below anyway), do_i . num_i = rq_i . s_i + sum_j A_ij M_ij,
+                # so the read F is not formed again (it would cost C K e + C^2 e per chunk).
+                np.matmul(dO4, v4[..., :e].transpose(0, 1, 3, 2), out=dA)   # M (P, g, C, C)
+                np.matmul(dO4, S[..., :e].transpose(0, 1, 3, 2), out=dq)    # s (P, g, C, K)
+                z = S[..., e]                                         # (P, g, K) z_{c-1}
+                den = np.einsum("pgck,pgk->pgc", q4, z)               # (P, g, C)
+                den += A.sum(axis=3)
+                den += eps
+                den.reshape(P, t)[:, n:] = 1.0                        # padding rows
+                don = np.einsum("pgck,pgck->pgc", q4, dq)             # (P, g, C) do_i . num_i
+                don += np.einsum("pgij,pgij->pgi", A, dA)
+                inv = 1.0 / den                                       # (P, g, C)
+                # dden_i = -(do_i . o_i) / den_i = -(do_i . num_i) / den_i^2;  dnum_i = do_i / den_i
+                dden = don                                            # (P, g, C)
+                dden *= inv
+                dden *= inv
+                np.negative(dden, out=dden)
+                dF4 = b.F[:, :t].reshape(P, g, C, ev)                 # (P, g, C, e+1) [dnum | dden]
+                np.multiply(dO4, inv[..., None], out=dF4[..., :e])
+                dF4[..., e] = dden
+                dF_all[:, s:s + n] = dF4.reshape(P, t, ev)[:, :n]
+                # 3. dA_c = (dnum_c Vc^T + dden_c 1^T) o L = (M / den + dden) o L
+                dA *= inv[..., None]
+                dA += dden[..., None]
+                dA *= L
+                #    dQc = dnum_c S_{c-1}^T + dden_c z_{c-1}^T + ... = s / den + dden z^T + ...
+                dq *= inv[..., None]
+                dq += dden[..., None] * z[:, :, None, :]
+            #    dVc = A_c^T dnum_c  (row: the e columns of dF; slot: dF)
+            dvl = b.F2[:, :t].reshape(P, g, C, ev)                    # (P, g, C, e')
+            np.matmul(A.transpose(0, 1, 3, 2), dF4[..., :e], out=dvl[..., :e])  # 'pgij,pgie->pgje'
+            dv64[:, s:s + n] = dvl.reshape(P, t, ev)[:, :n, :e]
+            # 2. A_c = (Qc Kc^T) o L:  dQc += dA_c Kc
             np.matmul(dA, k4, out=dk)                                 # 'pgij,pgjk->pgik'
             dq += dk
             #    dKc = dA_c^T Qc
@@ -355,8 +375,8 @@ def causal_chunked_backward(rq, rk, v, do, slot, eps, chunk, drq, drk):
             Gx = b.S[:, :g + 1]                                       # (P, g+1, K, e')
             Gx[:, g] = carry
             np.matmul(q4.transpose(0, 1, 3, 2), dF4, out=Gx[:, :g])   # 'pgck,pgce->pgke'
-            rev = Gx[:, ::-1]
-            np.cumsum(rev, axis=1, out=rev)                           # Gx[:, c] = sum_{c' >= c} Y_c'
+            for c in range(g - 1, -1, -1):
+                Gx[:, c] += Gx[:, c + 1]                              # Gx[:, c] = sum_{c' >= c} Y_c'
             carry[...] = Gx[:, 0]
             Gn = Gx[:, 1:]                                            # (P, g, K, e') exclusive: chunks after c
             # in the forward pass this was: S_c = S_{c-1} + Kc^T Vc
@@ -373,12 +393,82 @@ def causal_chunked_backward(rq, rk, v, do, slot, eps, chunk, drq, drk):
             if slot:
                 # in the forward pass this was: Z_i = z_prev + sum_{j <= i} rk_j:
                 #    drk_j += sum_{i >= j} dZ_i, the suffix sum carried from the next group
-                dZ = _load(b.D, dZ_all, s, n, t)                      # (P, t, K)
-                dZ[:, n - 1] += zcarry
-                rz = dZ[:, n - 1::-1]                                 # (P, n, K) tokens n-1 .. 0
-                np.cumsum(rz, axis=1, out=rz)
-                zcarry[...] = dZ[:, 0]
+                dZ = _load(b.D, dZ_all, s, n, t).reshape(P, g, C, K)  # (P, g, C, K)
+                sZ = b.dq[:, :t].reshape(P, g, C, K)                  # (P, g, C, K)
+                np.matmul(_tril(C).T, dZ, out=sZ)                     # 'ji,pgjk->pgik' within the chunk
+                for c in range(g - 1, -1, -1):
+                    sZ[:, c] += zcarry[:, None, :]
+                    zcarry[...] = sZ[:, c, 0]                         # sum of dZ from chunk c on
+                dZ = sZ.reshape(P, t, K)
                 dks += dZ
             dv[:, s:s + n] = dv64[:, s:s + n] + dvs.reshape(P, t, ev)[:, :n, :e]
             drk[:, s:s + n] = drk64[:, s:s + n] + dks[:, :n]
+
+
+# ---------------------------------------------------------------------------------------
+# Public wrappers: the sequences are independent, so P is cut into streams that run
+# concurrently on Python threads (NumPy's matmul releases the GIL) with BLAS on one
+# thread each: the products are small (C x K by K x e), where a multi-threaded BLAS
+# wakes its pool for every one of thousands of calls (gma_np.ops._threads). Every
+# sequence is computed by the same calls whatever the streams, so the results are bit
+# for bit the same for any thread count.
+# ---------------------------------------------------------------------------------------
+
+def _streams(P, work):
+    """The (start, stop) slices of P, one per stream: as many as Numba's threads for large work."""
+    with threads_for(work):
+        n = max(1, min(P, numba.get_num_threads()))
+    bounds = [P * i // n for i in range(n + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(n)]
+
+
+def causal_chunked_forward(rq, rk, v, slot, eps, chunk):
+    """Causal read-out of the K-slot memory, chunk by chunk (module docstring).
+
+    Parameters
+    ----------
+    rq, rk : arrays of shape (P, N, K), routed queries and (already masked) keys
+    v : array of shape (P, N, e), one dtype with rq, rk (float32 or float64)
+    slot : bool, False for norm "row", True for norm "slot"
+    eps : float >= 0
+    chunk : int >= 1, tokens per chunk C (N need not be a multiple)
+
+    Returns
+    -------
+    out : array of shape (P, N, e), dtype of v
+    """
+    P, N, K = rq.shape
+    e = v.shape[2]
+    out = np.empty_like(v)                                          # (P, N, e)
+    if N == 0 or P == 0:
+        return out
+    parts = _streams(P, P * N * (chunk + K) * (K + e))
+    with blas_single_thread():
+        run_streams(lambda i: _forward(rq[slice(*parts[i])], rk[slice(*parts[i])], v[slice(*parts[i])],
+                                       slot, eps, chunk, out[slice(*parts[i])]), len(parts))
+    return out
+
+
+def causal_chunked_backward(rq, rk, v, do, slot, eps, chunk, drq, drk):
+    """Gradient of sum(out * do) for out = causal_chunked_forward(rq, rk, v, slot, eps, chunk).
+
+    Parameters
+    ----------
+    rq, rk, v, slot, eps, chunk : as for causal_chunked_forward
+    do : array of shape (P, N, e), the cotangent of out
+    drq, drk : arrays of shape (P, N, K) in the dtype of rq, written (may be views)
+
+    Returns
+    -------
+    dv : array of shape (P, N, e), dtype of v
+    """
+    P, N, K = rq.shape
+    e = v.shape[2]
+    dv = np.empty_like(v)                                           # (P, N, e)
+    if N == 0 or P == 0:
+        return dv
+    parts = _streams(P, 4 * P * N * (chunk + K) * (K + e))
+    with blas_single_thread():
+        run_streams(lambda i: _backward(*(a[slice(*parts[i])] for a in (rq, rk, v, do)), slot, eps, chunk,
+                                        *(a[slice(*parts[i])] for a in (drq, drk, dv))), len(parts))
     return dv
