@@ -121,8 +121,13 @@ def _groups(N, chunk):
         yield s, n, -(-n // chunk)
 
 
-def _load(buf, src, s, n, t):
-    """buf[:, :t] = float64(src[:, s:s+n]) padded with zero rows; returns the view buf[:, :t]."""
+def _load(buf, src, s, n, t, read_only=False):
+    """buf[:, :t] = float64(src[:, s:s+n]) padded with zero rows; returns the view buf[:, :t].
+
+    read_only: the caller will not write to the result, so a whole group of a float64
+    src is returned as the view src[:, s:s+t] without a copy."""
+    if read_only and n == t and src.dtype == ACCUM_DTYPE:
+        return src[:, s:s + t]
     b = buf[:, :t]
     b[:, :n] = src[:, s:s + n]
     b[:, n:] = 0.0
@@ -240,11 +245,11 @@ def _forward(rq, rk, v, slot, eps, chunk, out):
     with np.errstate(divide="ignore", invalid="ignore"):
         for s, n, g in _groups(N, chunk):
             t = g * chunk
-            k = _load(b.k, rk, s, n, t)                               # (P, t, K)
+            k = _load(b.k, rk, s, n, t, True)                             # (P, t, K)
             if slot:
                 q, _ = _slot_query(b, rq, k.reshape(P, g, chunk, K), s, n, t, zcarry, eps)  # U
             else:
-                q = _load(b.q, rq, s, n, t)                           # (P, t, K)
+                q = _load(b.q, rq, s, n, t, True)                         # (P, t, K)
             vr = b.v[:, :t]                                           # (P, t, e')
             vr[:, :n, :e] = v[:, s:s + n]
             vr[:, n:, :e] = 0.0
@@ -282,11 +287,11 @@ def _backward(rq, rk, v, do, slot, eps, chunk, drq, drk, dv):
         for s, n, g in _groups(N, chunk):
             t = g * chunk
             C = chunk
-            k = _load(b.k, rk, s, n, t)                               # (P, t, K)
+            k = _load(b.k, rk, s, n, t, True)                             # (P, t, K)
             if slot:
                 q, D = _slot_query(b, rq, k.reshape(P, g, C, K), s, n, t, zcarry, eps)  # U, D
             else:
-                q = _load(b.q, rq, s, n, t)                           # (P, t, K)
+                q = _load(b.q, rq, s, n, t, True)                         # (P, t, K)
             vr = b.v[:, :t]                                           # (P, t, e')
             vr[:, :n, :e] = v[:, s:s + n]
             vr[:, n:, :e] = 0.0
@@ -294,7 +299,7 @@ def _backward(rq, rk, v, do, slot, eps, chunk, drq, drk, dv):
             v4 = vr.reshape(P, g, C, ev)                              # (P, g, C, e')
             S = _chunk_states(b, k4, v4, g, carry)                    # (P, g, K, e') S_{c-1}
             A = _affinity(b, q4, k4, g)                               # (P, g, C, C)
-            dO = _load(b.dO, do, s, n, t)                             # (P, t, e)
+            dO = _load(b.dO, do, s, n, t, True)                           # (P, t, e)
             dO4 = dO.reshape(P, g, C, e)                              # (P, g, C, e)
             dA = b.dA[:, :g]                                          # (P, g, C, C)
             dq = b.dq[:, :t].reshape(P, g, C, K)                      # (P, g, C, K)
@@ -337,7 +342,8 @@ def _backward(rq, rk, v, do, slot, eps, chunk, drq, drk, dv):
                 dA *= L
                 #    dQc = dnum_c S_{c-1}^T + dden_c z_{c-1}^T + ... = s / den + dden z^T + ...
                 dq *= inv[..., None]
-                dq += dden[..., None] * z[:, :, None, :]
+                np.multiply(dden[..., None], z[:, :, None, :], out=dk)
+                dq += dk
             #    dVc = A_c^T dnum_c  (row: the e columns of dF; slot: dF)
             dvl = b.F2[:, :t].reshape(P, g, C, ev)                    # (P, g, C, e')
             np.matmul(A.transpose(0, 1, 3, 2), dF4[..., :e], out=dvl[..., :e])  # 'pgij,pgie->pgje'
@@ -366,9 +372,9 @@ def _backward(rq, rk, v, do, slot, eps, chunk, drq, drk, dv):
         for s, n, g in reversed(list(_groups(N, chunk))):
             t = g * chunk
             C = chunk
-            q = _load(b.q, U_all if slot else rq, s, n, t)            # (P, t, K) Qr
-            k = _load(b.k, rk, s, n, t)                               # (P, t, K)
-            dF = _load(b.F, do if slot else dF_all, s, n, t)          # (P, t, e')
+            q = _load(b.q, U_all if slot else rq, s, n, t, True)          # (P, t, K) Qr
+            k = _load(b.k, rk, s, n, t, True)                             # (P, t, K)
+            dF = _load(b.F, do if slot else dF_all, s, n, t, True)        # (P, t, e')
             q4, k4 = q.reshape(P, g, C, K), k.reshape(P, g, C, K)     # (P, g, C, K)
             dF4 = dF.reshape(P, g, C, ev)                             # (P, g, C, e')
             # 1. Y_c = Qc^T dF_c into Gx[:, :g], the carry into Gx[:, g], then the suffix sum
@@ -393,7 +399,7 @@ def _backward(rq, rk, v, do, slot, eps, chunk, drq, drk, dv):
             if slot:
                 # in the forward pass this was: Z_i = z_prev + sum_{j <= i} rk_j:
                 #    drk_j += sum_{i >= j} dZ_i, the suffix sum carried from the next group
-                dZ = _load(b.D, dZ_all, s, n, t).reshape(P, g, C, K)  # (P, g, C, K)
+                dZ = _load(b.D, dZ_all, s, n, t, True).reshape(P, g, C, K)  # (P, g, C, K)
                 sZ = b.dq[:, :t].reshape(P, g, C, K)                  # (P, g, C, K)
                 np.matmul(_tril(C).T, dZ, out=sZ)                     # 'ji,pgjk->pgik' within the chunk
                 for c in range(g - 1, -1, -1):
