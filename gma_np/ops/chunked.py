@@ -62,39 +62,66 @@ row (o_i = num_i / den_i, num_i = F_i[:e], den_i = F_i[e] + eps):
     dnum_i = do_i / den_i,   dden_i = -(do_i . o_i) / den_i,   dF_i = [dnum_i | dden_i]
     drq = dQr;   drk = dK;   dv = dVr[:, :e]   (the gradient of the ones column is dropped)
 
-  Written out: dA = (dnum V^T + dden 1^T) o L; the state gradient is the suffix sum
-  of rq_c^T dnum_c (the G of the scan) and of rq_c^T dden_c (its g), and
-  dK gets V Gx^T + 1 gx^T, which is Vr Gx^T with Vr = [V | 1].
+  Written out per chunk, with z_{c-1} = S_{c-1}[:, e] the normaliser before the chunk:
 
-slot (o_i = F_i, Qr_i = U_i = rq_i / D_i, D_i = Z_i + eps, Z_i = z_prev + cumsum within the chunk):
+    dA_c  = (dnum_c Vc^T + dden_c 1^T) o L
+    drq_c = dnum_c S_{c-1}[:, :e]^T + dden_c z_{c-1}^T + dA_c Kc
+    G_c   = sum_{c' > c} rq_c'^T dnum_c'  (the G of the scan),   g_c = sum_{c' > c} rq_c'^T dden_c'
+    dv_c  = A_c^T dnum_c + Kc G_c,   drk_c = dA_c^T rq_c + Vc G_c^T + 1 g_c^T
+
+  (Vr Gx^T with Vr = [V | 1] is V G^T + 1 g^T: the ones column carries g.) The backward
+  needs do_i . o_i but not o_i itself: with M_c = do_c Vc^T (C, C) and s_c = do_c
+  S_{c-1}[:, :e]^T (C, K), both needed for dA_c and drq_c anyway,
+
+    do_i . num_i = rq_i . s_i + sum_j A_ij M_ij,    den_i = rq_i . z_{c-1} + sum_j A_ij + eps
+
+  so the read F_c is not formed again (that would cost C K e + C^2 e more per chunk), and
+  dA_c = (M_c / den + dden 1^T) o L, drq_c = s_c / den + dden z_{c-1}^T + dA_c Kc.
+
+slot (o_i = F_i, Qr_i = U_i = rq_i / D_i, D_i = Z_i + eps):
 
     dF = do;   dU = dQr
     U_i = rq_i / D_i:      drq_i = dU_i / D_i,   dD_i = -dU_i o U_i / D_i    (= dZ_i)
     Z_i = sum_{j <= i} rk_j:   drk_j += sum_{i >= j} dZ_i     (a reverse cumulative sum over tokens)
     drk += dK;   dv = dVr
 
-Algorithm and memory
---------------------
-Chunks are taken in groups of G = max(1, GROUP_TOKENS // C) (T = G*C tokens); every
-step above is one batched np.matmul over (P, G) per group, and the prefix (suffix)
-of states over the chunks of a group is one np.cumsum over the chunk axis, started
-from the carry of the previous (next) group. Each group's rq, rk, v (and do) are
-cast to float64 into padded buffers (the last chunk may be shorter than C: its
-padding rows are zeros, their denominators set to 1, and their outputs dropped).
-All arithmetic is float64; the carried S, z are float64; outputs and gradients are
-rounded once to the input dtype when they are written.
+  Z of a chunk is z_prev + L Kc (the sum within the chunk as a C x C by C x K product,
+  masked entries exact zeros), and its reverse sum is L^T dZ_c plus the sum of dZ
+  over all later chunks.
 
-Forward: per group, float64 buffers of O(P T (K + e)) for the inputs and F, O(P G C^2)
-for A, O(P G K e) for the chunk states: with T = GROUP_TOKENS fixed, constant in N.
-Nothing is N x N, nothing N x K x e: the states of one group only, G*K*e numbers
-per sequence (<= T*e whenever C >= K).
-Backward: pass 1, forward over groups, recomputes the states and writes drq, and
-stores in float64 what pass 2 needs: dF (P, N, e') (row) or U and dZ (P, N, K)
-each (slot), and the within-chunk parts of dv (P, N, e) and drk (P, N, K).
-Pass 2, backward over groups, forms Y_c, their suffix sums (carried from the
-next group), adds the state terms and writes dv and drk. Peak: O(P N (K + e))
-float64 (about 2-3x the size of drq + drk + dv in float64), plus the per-group
-buffers; linear in N. The scan's backward stores O(P N) (row) or O(P N K) (slot).
+Algorithm
+---------
+Chunks are taken in groups of G = max(1, GROUP_TOKENS // C) (T = G*C tokens); every
+product above is one batched np.matmul over (P, G) per group, and the prefix (suffix)
+of states over the chunks of a group is a loop of G vector additions started from the
+carry of the previous (next) group. Each group's rq, rk, v (and do) are cast to
+float64 into padded buffers (the last chunk may be shorter than C: its padding rows
+are zeros, their denominators set to 1, and their outputs dropped). All arithmetic is
+float64; the carried S, z are float64; outputs and gradients are rounded once to the
+input dtype when they are written. The sequences are independent: the public functions
+cut P into as many streams as Numba has threads and run them on Python threads with
+BLAS on one thread (see the comment above them).
+
+Backward: pass 1, forward over groups, rebuilds the states S_{c-1}, writes drq, and
+stores in float64 what pass 2 needs; pass 2, backward over groups, forms Y_c = Qc^T dF_c,
+their suffix sums Gx_c (carried from the next group), adds the state terms and writes
+dv and drk. As in the scan, pass 1 recomputes the states rather than storing them.
+
+Memory
+------
+Never N x N, never N x K x e. Per call, beyond the outputs:
+
+- per group (reused from group to group, sized by GROUP_TOKENS, not by N): the float64
+  inputs and products O(P T (K + e)), the affinities A (and dA) O(P G C^2) = O(P T C),
+  the chunk states (or their suffix sums) O(P G K e) = O(P T K e / C);
+- backward only, O(N) arrays in float64, stored by pass 1 for pass 2: dF (P, N, e+1)
+  (row) or U and dZ (P, N, K) each (slot), and the within-chunk parts of dv (P, N, e) and
+  drk (P, N, K). About 3 (P, N, K or e) float64 arrays: linear in N, of the order of the
+  inputs (in float64); the scan's backward stores less, (P, N, 1) (row) or (P, N, K)
+  (slot) twice.
+
+The forward's temporaries are therefore constant in N and the backward's linear in N,
+with the per-group part of the order of a megabyte (P = 4, T = 256, K = e = 64: ~2 MiB).
 """
 
 import functools
