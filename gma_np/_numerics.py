@@ -90,3 +90,23 @@ BLOCK_STREAMS = 2
 # array; 1024 rows keep each GEMM large enough for BLAS to run near its peak
 # (fewer where that would leave a stream without a block).
 MIXING_BLOCK = 1024
+
+# Causal mixing has two forms (gma_np.ops.mixing.causal_form): the Numba token scan
+# (gma_np.kernels.scan) and the chunked BLAS form (gma_np.ops.chunked). The chunked
+# form does the scan's work plus C (4K + 3e) multiply-adds per token, in float64
+# matrix products of a few dozen rows; it wins only where K e is large enough for
+# those products to beat the fused scan loop. Measured (benchmarks/causal_forms.py,
+# row, P = 4, N = 4096, chunk 64, medians of 5 interleaved, forward+backward
+# chunked / scan): K = e = 64: 1.98 (float32) 1.96 (float64); 128: 1.20, 1.12;
+# 192: 1.06, 0.95; 256: 0.95, 0.93. So the chunked form is used from K e >= 256^2.
+CHUNKED_MIN_KE = 256 * 256
+# Tokens per chunk of the chunked form: 64 was the fastest of 16, 32, 64, 128 at
+# K = e >= 128 (32 as fast up to 128; 16 pays per-product overhead, 128 the C^2 terms).
+CAUSAL_CHUNK = 64
+# Tokens per group of chunks of the chunked form: the float64 buffers of one group
+# (inputs, F, A, the chunk states) are what it allocates beyond its O(N) arrays, so
+# the group, not N, sets them: ~4 MiB for the forward at P = 4, K = e = 64, C = 64.
+# Measured on one thread, causal forward + backward, P = 4, N = 8192, C = 32 or 64,
+# interleaved: 128 to 512 tokens within noise of each other, 2048 tokens 20-60%
+# slower (K = e = 64 and 128), 1024 about as fast at K = e <= 32.
+CHUNK_GROUP_TOKENS = 256

@@ -44,6 +44,40 @@ def test_fast_matches_dense_and_loop(point):
         assert_close(f"d{name} vs dense", got[name], ref[name], 1e-11)
 
 
+def test_causal_form_is_chosen_by_k_times_e():
+    from gma_np._numerics import CHUNKED_MIN_KE
+    from gma_np.ops.mixing import causal_form
+    assert causal_form(64, 64) == "scan"
+    assert causal_form(256, 256) == "chunked"
+    assert causal_form(1, CHUNKED_MIN_KE) == "chunked"
+    assert causal_form(1, CHUNKED_MIN_KE - 1) == "scan"
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_chunked_form_through_the_public_api_matches_dense(norm, masked, monkeypatch):
+    """gma_forward / gma_backward with the chunked causal form forced (CHUNKED_MIN_KE = 0):
+    the same 1e-12 / 1e-11 against the dense reference as the token scan."""
+    from gma_np.ops import chunked, mixing
+    calls = []
+    monkeypatch.setattr(mixing, "CHUNKED_MIN_KE", 0)
+    monkeypatch.setattr(mixing, "CAUSAL_CHUNK", 16)                 # 37 tokens: 16, 16, 5
+    for name in ("causal_chunked_forward", "causal_chunked_backward"):
+        fn = getattr(chunked, name)
+        monkeypatch.setattr(mixing, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    rng = np.random.default_rng(8)
+    inputs, mask = make_problem(rng, B=2, H=3, N=37, d=4, e=3, K=5, per_head=True, masked=masked)
+    opts = dict(causal=True, norm=norm, key_mask=mask)
+    o, cache = gma_np.gma_forward(**inputs, **opts)
+    assert_close("o vs dense", o, gma_dense(**inputs, **opts), 1e-12)
+    do = rng.standard_normal(o.shape)
+    got = gma_np.gma_backward(do, cache)
+    ref = gma_dense_backward(do, **inputs, **opts)
+    for name in ref:
+        assert_close(f"d{name} vs dense", got[name], ref[name], 1e-11)
+    assert calls == ["causal_chunked_forward", "causal_chunked_backward"]
+
+
 @pytest.mark.parametrize("point", GRID, ids=grid_id)
 def test_gradcheck_every_configuration(point):
     """Every gradient matches 5-point central differences to rtol 1e-6 (the `gma-np check` matrix)."""

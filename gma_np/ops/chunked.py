@@ -91,7 +91,7 @@ slot (o_i = F_i, Qr_i = U_i = rq_i / D_i, D_i = Z_i + eps):
 
 Algorithm
 ---------
-Chunks are taken in groups of G = max(1, GROUP_TOKENS // C) (T = G*C tokens); every
+Chunks are taken in groups of G = max(1, CHUNK_GROUP_TOKENS // C) (T = G*C tokens); every
 product above is one batched np.matmul over (P, G) per group, and the prefix (suffix)
 of states over the chunks of a group is a loop of G vector additions started from the
 carry of the previous (next) group. Each group's rq, rk, v (and do) are cast to
@@ -111,7 +111,7 @@ Memory
 ------
 Never N x N, never N x K x e. Per call, beyond the outputs:
 
-- per group (reused from group to group, sized by GROUP_TOKENS, not by N): the float64
+- per group (reused from group to group, sized by CHUNK_GROUP_TOKENS, not by N): the float64
   inputs and products O(P T (K + e)), the affinities A (and dA) O(P G C^2) = O(P T C),
   the chunk states (or their suffix sums) O(P G K e) = O(P T K e / C);
 - backward only, O(N) arrays in float64, stored by pass 1 for pass 2: dF (P, N, e+1)
@@ -132,21 +132,12 @@ import functools
 import numba
 import numpy as np
 
-from gma_np._numerics import ACCUM_DTYPE
+from gma_np._numerics import ACCUM_DTYPE, CHUNK_GROUP_TOKENS
 from gma_np.ops._threads import blas_single_thread, run_streams, threads_for
-
-# Tokens per group of chunks: the float64 buffers of one group (inputs, F, A, the
-# chunk states) are what the chunked form allocates beyond its O(N) arrays, so the
-# group, not N, sets them: ~4 MiB for the forward at P = 4, K = e = 64, C = 64 (half of
-# it per stream of 2 sequences). Measured on one thread, causal forward + backward,
-# P = 4, N = 8192, C = 32 or 64, interleaved: 128 to 512 tokens within noise of each
-# other, 2048 tokens 20-60% slower (K = e = 64 and 128), 1024 about as fast at K = e <= 32.
-GROUP_TOKENS = 256
-
 
 def _groups(N, chunk):
     """(start, tokens, chunks) of each group of whole chunks; the last may be shorter."""
-    G = max(1, GROUP_TOKENS // chunk)
+    G = max(1, CHUNK_GROUP_TOKENS // chunk)
     T = G * chunk
     for s in range(0, N, T):
         n = min(T, N - s)
@@ -178,7 +169,7 @@ class _Buffers:
     """The float64 buffers of one group, allocated once per call at the largest group."""
 
     def __init__(self, P, N, K, e, ev, chunk, backward):
-        G = max(1, GROUP_TOKENS // chunk)
+        G = max(1, CHUNK_GROUP_TOKENS // chunk)
         T = min(G * chunk, -(-N // chunk) * chunk)
         G = T // chunk
         f = ACCUM_DTYPE

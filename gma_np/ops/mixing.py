@@ -36,12 +36,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from gma_np import _validation as check
-from gma_np._numerics import ACCUM_DTYPE, BLOCK_STREAMS, DEFAULT_EPS, MIXING_BLOCK, ROUTING_BLOCK
+from gma_np._numerics import (
+    ACCUM_DTYPE,
+    BLOCK_STREAMS,
+    CAUSAL_CHUNK,
+    CHUNKED_MIN_KE,
+    DEFAULT_EPS,
+    MIXING_BLOCK,
+    ROUTING_BLOCK,
+)
 from gma_np.kernels.scan import (
     _causal_scan_backward,
     _causal_scan_forward,
 )
 from gma_np.ops._threads import blas_single_thread, run_streams, threads_for
+from gma_np.ops.chunked import causal_chunked_backward, causal_chunked_forward
 from gma_np.ops.routing import prepare_mixture, route_backward, route_forward
 
 
@@ -189,6 +198,14 @@ def _bidirectional_backward(rq, rk, v, do, slot, eps, drq, drk):
     return dv
 
 
+def causal_form(K, e):
+    """Which causal form gma_forward / gma_backward use for K components and value size e:
+    "chunked" (gma_np.ops.chunked) where it measured faster than the token scan,
+    K e >= CHUNKED_MIN_KE, else "scan" (gma_np.kernels.scan). Both compute the same
+    numbers to rounding and are tested against the dense reference (docs/performance.md)."""
+    return "chunked" if K * e >= CHUNKED_MIN_KE else "scan"
+
+
 def _causal_forward(rq, rk, v, slot, eps):
     """O (P, N, e) in v's dtype, by the Numba prefix scan from a zero state."""
     P, N, K = rq.shape
@@ -267,7 +284,9 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
     rk = rk.reshape(P, N, K)
     v3 = v.reshape(P, N, e)                                        # (P, N, e)
     # 2. write the memory and read it out
-    if causal:
+    if causal and causal_form(K, e) == "chunked":
+        o = causal_chunked_forward(rq, rk, v3, slot, eps, CAUSAL_CHUNK)
+    elif causal:
         o = _causal_forward(rq, rk, v3, slot, eps)
     else:
         o = _bidirectional_forward(rq, rk, v3, slot, eps)
@@ -300,7 +319,10 @@ def gma_backward(do, cache):
     # dr (2B, H, N, K) holds drq in [:B] and drk in [B:], the stacking of the routing
     dr = np.empty((2 * B, H, N, K), dtype=cache.rq.dtype)
     # 2. backward through the memory read and write
-    if cache.causal:
+    if cache.causal and causal_form(K, e) == "chunked":
+        dv = causal_chunked_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
+                                     CAUSAL_CHUNK, dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K))
+    elif cache.causal:
         dv = _causal_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
                               dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K))
     else:
