@@ -65,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--no-decode", action="store_true", help="skip the gma_step timing")
     p.add_argument("--plot", default="bench_gma.png", help="PNG path ('' to skip)")
     p.add_argument("--json", default="", help="also write the rows as JSON to this path")
+    p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: child process
     args = p.parse_args(argv)
     if args.quick:
         args.n = args.n or [1024, 4096]
@@ -248,12 +249,36 @@ def time_point(N, d, K, config, dtype, args):
 
 
 def measure_memory(row, args):
-    """Peak memory of fwd+bwd of one timed point, gma_np and torch (after _fixed_mmap_threshold)."""
-    names, fns = _runners(row["N"], row["d"], row["K"], row["config"], row["dtype"], args)
-    fn = dict(zip(names, fns))
-    row["peak_mb"] = peak_memory_mb(fn["fwd_bwd"])
-    if "torch_fwd_bwd" in fn:
-        row["torch_peak_mb"] = peak_memory_mb(fn["torch_fwd_bwd"])
+    """Peak memory of fwd+bwd of one timed point, gma_np and torch, each measured in a
+    fresh child process (see _memory_child): in one process, memory that one library
+    (or an earlier point) freed but kept resident is reused by the next call, which
+    then reads as using none of its own."""
+    import subprocess
+    for impl, key in (("gma_np", "peak_mb"), ("torch", "torch_peak_mb")):
+        if impl == "torch" and "torch_fwd_bwd" not in row:
+            continue
+        point = json.dumps(dict(impl=impl, **{k: row[k] for k in ("config", "dtype", "N", "d", "K")}))
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-of", point,
+               "--B", str(args.B), "--H", str(args.H)]
+        if args.threads is not None:
+            cmd += ["--threads", str(args.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode == 0:
+            row[key] = float(res.stdout.strip().splitlines()[-1])
+        else:
+            print(f"(peak memory of {impl} {row['config']} N={row['N']} failed: "
+                  f"{res.stderr.strip().splitlines()[-1:]})")
+
+
+def _memory_child(point, args):
+    """In a fresh process: one warm-up call (Numba's cache, first-touch), then the peak
+    resident memory of one more fwd+bwd call, printed in MB."""
+    _fixed_mmap_threshold()
+    names, fns = _runners(point["N"], point["d"], point["K"], point["config"], point["dtype"], args)
+    fn = dict(zip(names, fns))["fwd_bwd" if point["impl"] == "gma_np" else "torch_fwd_bwd"]
+    fn()
+    _fixed_mmap_threshold()                              # trim what the warm-up left free
+    print(f"{peak_memory_mb(fn):.3f}")
 
 
 def fmt_row(r):
@@ -356,13 +381,13 @@ def main(args):
     points = [(N, d, K, config, dtype) for config in args.configs for dtype in args.dtypes
               for K in args.K for d in args.d for N in args.n]
     # Timing first, with glibc's default allocator (what a user runs with); then the
-    # peak memory of every point, with the fixed mmap threshold that keeps RSS honest.
+    # peak memory of every point, each in a child process with the fixed mmap
+    # threshold that keeps RSS honest.
     # The threshold returns every freed block >= 64 KiB to the system, so with it
     # each large temporary costs fresh page faults: measured, it doubled the time of
     # both gma_np and torch at N = 8192, which is why timings never run under it.
     print("timing ...", flush=True)
     rows = [time_point(*pt, args) for pt in points]
-    _fixed_mmap_threshold()
     print(HEADER)
     for r in rows:
         measure_memory(r, args)
@@ -394,4 +419,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(ARGS)
+    if ARGS.memory_of:
+        _memory_child(json.loads(ARGS.memory_of), ARGS)
+    else:
+        main(ARGS)

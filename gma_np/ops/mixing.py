@@ -172,11 +172,13 @@ def _bidirectional_backward(rq, rk, v, do, slot, eps, drq, drk):
             drq[:, n0:n1] = np.matmul(do_b, M.transpose(0, 2, 1))
             return np.matmul(rq_b.transpose(0, 2, 1), do_b), None  # dM of the block
         den = np.matmul(rq_b, z) + eps                             # (P, nb, 1)
-        dnum = do_b / den                                          # (P, nb, e)
+        # (P, nb, e); in place when do_b is a float64 copy, not a view of the caller's do
+        dnum = do_b / den if do.dtype == ACCUM_DTYPE else np.divide(do_b, den, out=do_b)
         dnum_S = np.matmul(dnum, S.transpose(0, 2, 1))             # (P, nb, K)
         # dnum . num = sum_k rq_k (S dnum)_k: num = rq S itself is never formed
-        dden = -(rq_b * dnum_S).sum(axis=2, keepdims=True) / den   # (P, nb, 1)
-        drq[:, n0:n1] = dnum_S + dden * z.transpose(0, 2, 1)
+        dden = -np.einsum("pnk,pnk->pn", rq_b, dnum_S)[:, :, None] / den   # (P, nb, 1)
+        dnum_S += dden * z.transpose(0, 2, 1)
+        drq[:, n0:n1] = dnum_S
         return (np.matmul(rq_b.transpose(0, 2, 1), dnum),         # 'pnk,pne->pke'
                 np.matmul(rq_b.transpose(0, 2, 1), dden))          # 'pnk,pn->pk'
 

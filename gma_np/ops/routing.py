@@ -134,10 +134,10 @@ def _parts(x_parts):
 
 
 def _blocks(N):
-    """Token ranges [n0, n1) of ROUTING_BLOCK tokens (half that below N = 16 ROUTING_BLOCK,
-    where the block temporaries would be a large share of the memory and smaller blocks
-    measured faster): every routing temporary is per block."""
-    size = ROUTING_BLOCK if N >= 16 * ROUTING_BLOCK else max(1, ROUTING_BLOCK // 2)
+    """Token ranges [n0, n1) of ROUTING_BLOCK tokens (a quarter of that below
+    N = 16 ROUTING_BLOCK, where the float64 block temporaries would be a large share of
+    the memory): every routing temporary is per block."""
+    size = ROUTING_BLOCK if N >= 16 * ROUTING_BLOCK else max(1, ROUTING_BLOCK // 4)
     for n0 in range(0, N, size):
         yield n0, min(N, n0 + size)
 
@@ -287,7 +287,8 @@ def log_density_backward(dl, x_parts, mix, dx_dtype):
             dl_b[...] = dl[:, :, n0:n1]
             g = np.matmul(dl_b, mix.w_backward, out=g_buf[:, :, :nb])   # 'phnk,hkf->phnf'
             _dx_from_gemm(g, feats, n0, dx)                        # dx = g[:d] - x' * g[d:]
-            dl_f += np.matmul(dl_b.transpose(0, 1, 3, 2), feats).sum(axis=0)   # 'phnk,phnf->hkf'
+            for p in range(P):                                     # 'phnk,phnf->hkf', one p at a
+                dl_f += np.matmul(dl_b[p].transpose(0, 2, 1), feats[p])   # time: no (P, H, K, 2d)
             dl_sum += dl_b.sum(axis=(0, 2))
         return dl_f, dl_sum
 
