@@ -387,7 +387,13 @@ def main(args):
     # each large temporary costs fresh page faults: measured, it doubled the time of
     # both gma_np and torch at N = 8192, which is why timings never run under it.
     print("timing ...", flush=True)
-    rows = [time_point(*pt, args) for pt in points]
+    rows = []
+    for pt in points:
+        rows.append(time_point(*pt, args))
+        r = rows[-1]
+        print(f"  timed {r['config']} {r['dtype']} N={r['N']} K={r['K']} d={r['d']}: "
+              f"f+b {1e3 * r['fwd_bwd']:.1f} ms" + (f", torch {1e3 * r['torch_fwd_bwd']:.1f} ms"
+                                                    if "torch_fwd_bwd" in r else ""), flush=True)
     print(HEADER)
     for r in rows:
         measure_memory(r, args)
