@@ -72,11 +72,12 @@ PARALLEL_MIN_WORK = 2 ** 20
 # results for the fused pass after them. Causal fwd+bwd, B=1 H=4 d=K=e=64 float32,
 # interleaved medians: one thread, N=8192: 394 ms (128) vs 433 (256), 500 (1024),
 # 633 (4096); two threads (two streams), N=8192: 202 ms (64), 160 (128), 170 (256);
-# N=1024: 28 (64), 31 (128), 37 (256). Below N = 16 * ROUTING_BLOCK a quarter of a
+# N=1024: 28 (64), 31 (128), 37 (256). Below N = 32 * ROUTING_BLOCK a quarter of a
 # block is used: there the float64 block temporaries (~3 MB for two streams at 64
-# tokens, B=1 H=4 d=K=64) are a large share of the memory, and the peak of a
-# bidirectional fwd+bwd at N=1024 (tracemalloc) is 12.6 MB with 64-token blocks,
-# 11.1 with 32, for 27 -> 30 ms in time (causal, interleaved medians of 9).
+# tokens, ~6 MB at 128, B=1 H=4 d=K=64) are a large share of the memory, and the
+# peak of a bidirectional fwd+bwd at N=1024 (tracemalloc) is 12.6 MB with 64-token
+# blocks, 11.1 with 32; the time cost, causal fwd+bwd, interleaved medians of 9:
+# N=1024: 27 -> 30 ms, N=2048: 55 -> 59 ms (128 -> 32 tokens).
 ROUTING_BLOCK = 128
 
 # The blocks of tokens of the routing and of the bidirectional mixing are dealt

@@ -135,9 +135,9 @@ def _parts(x_parts):
 
 def _blocks(N):
     """Token ranges [n0, n1) of ROUTING_BLOCK tokens (a quarter of that below
-    N = 16 ROUTING_BLOCK, where the float64 block temporaries would be a large share of
+    N = 32 ROUTING_BLOCK, where the float64 block temporaries would be a large share of
     the memory): every routing temporary is per block."""
-    size = ROUTING_BLOCK if N >= 16 * ROUTING_BLOCK else max(1, ROUTING_BLOCK // 4)
+    size = ROUTING_BLOCK if N >= 32 * ROUTING_BLOCK else max(1, ROUTING_BLOCK // 4)
     for n0 in range(0, N, size):
         yield n0, min(N, n0 + size)
 
