@@ -208,12 +208,22 @@ def timed(fn):
 
 
 def interleaved_medians(fns, repeats):
-    """Median wall time of each fn, timed in turn within each repeat (same load for all)."""
+    """Median wall time of each fn, timed in turn within each repeat (same load for all).
+
+    Each timed call comes right after an untimed call of the same fn: the timed one
+    sees that implementation's steady state (its threads awake, its buffers paged in),
+    as in a training loop, not the state the other implementation left. OpenMP pools
+    spin-wait after a parallel region before they sleep (libgomp: 300,000 pauses, ~10
+    ms on recent CPUs): timed straight after torch, a gma_np call shared the cores with
+    torch's spinning workers (causal-row float32 N=1024: 31.8 ms, against ~28 ms back
+    to back), and a pause before each timed call instead made both slower (cold
+    caches and threads: 36.6 ms gma_np, 19.9 torch against 16.3)."""
     for fn in fns:                                       # warm-up (Numba compile, allocators)
         fn()
     times = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            fn()
             times[i].append(timed(fn))
     return [float(np.median(t)) for t in times]
 

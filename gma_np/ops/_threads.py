@@ -9,15 +9,53 @@ instead: waking the pool would cost more than the work (docs/performance.md).
 """
 
 import contextlib
+import os
 
 import numba
 
 from gma_np._numerics import PARALLEL_MIN_WORK
 
+# ---------------------------------------------------------------------------------------
+# Idle OpenMP workers.
+#
+# Numba's default threading layer is OpenMP (libgomp). After each parallel kernel its
+# workers spin-wait before they sleep: GOMP_SPINCOUNT = 300,000 pause instructions,
+# ~10 ms on CPUs where a pause costs ~100 cycles. gma_np alternates parallel Numba
+# kernels (the scans, the softmax backward) with work on Python threads (the streams
+# of GEMM blocks below), so a spinning worker took the second core from a stream:
+# B=1 H=4 N=1024 d=K=e=64 float32, 2 threads, medians of 7, gma_backward 17.6-23.2 ms
+# with spinning workers, 11.7-12.3 ms with OMP_WAIT_POLICY=PASSIVE (workers sleep at
+# once; waking them costs microseconds, a few times per call). libgomp reads the
+# variable once, when it is loaded: _quiet_openmp_workers sets it (unless the user set
+# it), has Numba load its threading layer, and restores the environment, so that it
+# applies to Numba's OpenMP pool only, not to libraries loaded later (torch bundles
+# its own libgomp, which then reads the environment as the user left it).
+# ---------------------------------------------------------------------------------------
+
+_QUIETED = []
+
+
+def _quiet_openmp_workers():
+    """Once per process, before Numba's first parallel kernel: see the comment above."""
+    if _QUIETED:
+        return
+    _QUIETED.append(True)
+    if "OMP_WAIT_POLICY" in os.environ:                 # the user's choice stands
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        from numba.np.ufunc import parallel
+        parallel._launch_threads()                      # loads the threading layer (libgomp)
+    except (ImportError, AttributeError, RuntimeError):
+        pass                                            # another Numba: its default applies
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
 
 @contextlib.contextmanager
 def threads_for(work):
     """Run the body on one thread if `work` (multiply-adds) is small, else unchanged."""
+    _quiet_openmp_workers()
     n = numba.get_num_threads()
     if work >= PARALLEL_MIN_WORK or n == 1:
         yield
@@ -112,6 +150,7 @@ _POOL = []
 
 def run_streams(fn, n_streams):
     """[fn(0), ..., fn(n_streams - 1)]: concurrently if Numba has > 1 thread, else in order."""
+    _quiet_openmp_workers()
     threads = min(n_streams, numba.get_num_threads())
     if threads <= 1:
         return [fn(s) for s in range(n_streams)]
