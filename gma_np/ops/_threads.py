@@ -28,8 +28,12 @@ from gma_np._numerics import PARALLEL_MIN_WORK
 # once; waking them costs microseconds, a few times per call). libgomp reads the
 # variable once, when it is loaded: _quiet_openmp_workers sets it (unless the user set
 # it), has Numba load its threading layer, and restores the environment, so that it
-# applies to Numba's OpenMP pool only, not to libraries loaded later (torch bundles
-# its own libgomp, which then reads the environment as the user left it).
+# applies to Numba's OpenMP pool only, not to libraries loaded later. It runs at the
+# first call that may go parallel, not at import: torch bundles a libgomp with the
+# same soname, and a torch imported after the quieting would share the passive pool.
+# (The other way round, torch imported before that first call, Numba shares torch's
+# libgomp and its spinning setting: gma_np is then as before, 34-37 ms in the case
+# above.)
 # ---------------------------------------------------------------------------------------
 
 _QUIETED = []
