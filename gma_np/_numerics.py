@@ -91,8 +91,10 @@ BLOCK_STREAMS = 2
 # Tokens per block of the bidirectional mixing GEMMs (gma_np.ops.mixing): rq, rk, v
 # and do are read one block at a time and widened to float64 there, so the float64
 # temporaries are O(P * block * (K + e)), never a float64 copy of an (N, K) or (N, e)
-# array; 1024 rows keep each GEMM large enough for BLAS to run near its peak
-# (fewer where that would leave a stream without a block).
+# array. 256 rows keep each GEMM large enough for BLAS (1024, tried first, was no
+# faster and held ~10 MB of temporaries at N = 1024, a bidirectional fwd+bwd peak
+# above torch's); fewer below N = 2048, down to 64: four blocks per stream keep the
+# float64 block temporaries a small share of the memory there.
 MIXING_BLOCK = 256
 
 # Causal mixing has two forms (gma_np.ops.mixing.causal_form): the Numba token scan

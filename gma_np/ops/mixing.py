@@ -89,8 +89,9 @@ def _validate(q, k, v, means, log_var, logits, causal, norm, temperature, eps, k
 
 def _token_blocks(N):
     """Token ranges [n0, n1) of the bidirectional GEMMs: MIXING_BLOCK tokens, or fewer so
-    that every stream gets a block (never below ROUTING_BLOCK)."""
-    size = min(MIXING_BLOCK, max(ROUTING_BLOCK, -(-N // BLOCK_STREAMS)))
+    that every stream gets four blocks (never below ROUTING_BLOCK / 2): at small N the
+    float64 block temporaries would otherwise be a large share of the memory."""
+    size = min(MIXING_BLOCK, max(ROUTING_BLOCK // 2, -(-N // (4 * BLOCK_STREAMS))))
     return [(n0, min(N, n0 + size)) for n0 in range(0, N, size)]
 
 
