@@ -91,9 +91,9 @@ BLOCK_STREAMS = 2
 # Tokens per block of the bidirectional mixing GEMMs (gma_np.ops.mixing): rq, rk, v
 # and do are read one block at a time and widened to float64 there, so the float64
 # temporaries are O(P * block * (K + e)), never a float64 copy of an (N, K) or (N, e)
-# array. 256 rows keep each GEMM large enough for BLAS (1024, tried first, was no
-# faster and held ~10 MB of temporaries at N = 1024, a bidirectional fwd+bwd peak
-# above torch's); fewer below N = 2048, down to 64: four blocks per stream keep the
+# array. 256 rows keep each GEMM large enough for BLAS (1024, tried first, raised
+# the traced peak of a bidirectional fwd+bwd at N = 1024 from 12.3 to 13.5 MB, above
+# torch's); fewer below N = 2048, down to 64: four blocks per stream keep the
 # float64 block temporaries a small share of the memory there.
 MIXING_BLOCK = 256
 
