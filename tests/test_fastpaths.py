@@ -170,9 +170,11 @@ def test_prepared_mixture_is_not_served_stale(rng):
     assert_close("o after the mixture changed", o2, ref, 1e-12)
 
 
-def test_thread_count_changes_nothing():
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_thread_count_changes_nothing(causal):
     """Large enough to run in parallel (gma_np._numerics.PARALLEL_MIN_WORK): 1 thread and
-    all threads give bit-identical outputs and gradients (each sequence is one thread's)."""
+    all threads give bit-identical outputs and gradients (each sequence is one thread's;
+    block sums are added in block order)."""
     rng = np.random.default_rng(47)
     inputs, _ = make_problem(rng, B=1, H=4, N=1031, d=16, e=16, K=16)
     results = []
@@ -180,7 +182,7 @@ def test_thread_count_changes_nothing():
     for threads in (1, n):
         numba.set_num_threads(threads)
         try:
-            o, cache = gma_np.gma_forward(**inputs, causal=True)
+            o, cache = gma_np.gma_forward(**inputs, causal=causal)
             results.append((o, gma_np.gma_backward(np.ones_like(o), cache)))
         finally:
             numba.set_num_threads(n)

@@ -95,17 +95,18 @@ def _token_blocks(N):
     return [(n0, min(N, n0 + size)) for n0 in range(0, N, size)]
 
 
-def _over_blocks(N, body):
+def _over_blocks(N, work, body):
     """[body(n0, n1) for each token block], in block order. The blocks are dealt to
     BLOCK_STREAMS streams (Python threads, BLAS on one thread each: gma_np.ops._threads);
     the caller sums what they return in block order, so results do not depend on the
-    thread count."""
+    thread count. work: multiply-adds of the whole loop, for threads_for (small work
+    runs the streams one after the other)."""
     blocks = _token_blocks(N)
 
     def stream(s):
         return [body(n0, n1) for n0, n1 in blocks[s::BLOCK_STREAMS]]
 
-    with blas_single_thread():
+    with threads_for(work), blas_single_thread():
         parts = run_streams(stream, BLOCK_STREAMS)
     return [parts[i % BLOCK_STREAMS][i // BLOCK_STREAMS] for i in range(len(blocks))]
 
@@ -128,7 +129,7 @@ def _bidirectional_write(rk, v):
         rk_b = _f64(rk[:, n0:n1])                                  # (P, nb, K)
         return (np.matmul(rk_b.transpose(0, 2, 1), _f64(v[:, n0:n1])),   # 'pnk,pne->pke'
                 rk_b.sum(axis=1)[:, :, None])
-    parts = _over_blocks(rk.shape[1], write)
+    parts = _over_blocks(rk.shape[1], rk.size * v.shape[2], write)
     return _in_order_sum([S for S, _ in parts]), _in_order_sum([z for _, z in parts])
 
 
@@ -148,7 +149,7 @@ def _bidirectional_forward(rq, rk, v, slot, eps):
         out[:, n0:n1] = num
 
     with np.errstate(divide="ignore", invalid="ignore"):           # eps = 0: check_output_finite
-        _over_blocks(rq.shape[1], read)
+        _over_blocks(rq.shape[1], rq.size * v.shape[2], read)
     return out
 
 
@@ -184,7 +185,7 @@ def _bidirectional_backward(rq, rk, v, do, slot, eps, drq, drk):
                 np.matmul(rq_b.transpose(0, 2, 1), dden))          # 'pnk,pn->pk'
 
     with np.errstate(divide="ignore", invalid="ignore"):
-        parts = _over_blocks(rq.shape[1], read_backward)
+        parts = _over_blocks(rq.shape[1], 2 * rq.size * v.shape[2], read_backward)
         G = _in_order_sum([a for a, _ in parts])                   # (P, K, e)
         if slot:
             g = -(G * S).sum(axis=2, keepdims=True) * u * u        # (P, K, 1)
@@ -197,7 +198,7 @@ def _bidirectional_backward(rq, rk, v, do, slot, eps, drq, drk):
         dv[:, n0:n1] = np.matmul(_f64(rk[:, n0:n1]), G)            # (P, nb, e)
         drk[:, n0:n1] = np.matmul(_f64(v[:, n0:n1]), G.transpose(0, 2, 1)) + g.transpose(0, 2, 1)
 
-    _over_blocks(rq.shape[1], write_backward)
+    _over_blocks(rq.shape[1], 2 * rq.size * v.shape[2], write_backward)
     return dv
 
 
