@@ -162,3 +162,13 @@ def run_streams(fn, n_streams):
         from concurrent.futures import ThreadPoolExecutor
         _POOL.append(ThreadPoolExecutor(max_workers=n_streams, thread_name_prefix="gma_np"))
     return list(_POOL[0].map(fn, range(n_streams)))
+
+
+def sum_in_order(terms):
+    """terms[0] + terms[1] + ..., added left to right: the sums over streams or blocks are
+    always taken in the same order, so that they are bit for bit the same whatever the
+    thread count."""
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total

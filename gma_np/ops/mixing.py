@@ -49,7 +49,7 @@ from gma_np.kernels.scan import (
     _causal_scan_backward,
     _causal_scan_forward,
 )
-from gma_np.ops._threads import blas_single_thread, run_streams, threads_for
+from gma_np.ops._threads import blas_single_thread, run_streams, sum_in_order, threads_for
 from gma_np.ops.chunked import causal_chunked_backward, causal_chunked_forward
 from gma_np.ops.routing import prepare_mixture, route_backward, route_forward
 
@@ -111,13 +111,6 @@ def _over_blocks(N, work, body):
     return [parts[i % BLOCK_STREAMS][i // BLOCK_STREAMS] for i in range(len(blocks))]
 
 
-def _in_order_sum(terms):
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t
-    return total
-
-
 def _f64(a):
     """a widened to float64 (no copy if it already is)."""
     return a.astype(ACCUM_DTYPE, copy=False)
@@ -130,7 +123,7 @@ def _bidirectional_write(rk, v):
         return (np.matmul(rk_b.transpose(0, 2, 1), _f64(v[:, n0:n1])),   # 'pnk,pne->pke'
                 rk_b.sum(axis=1)[:, :, None])
     parts = _over_blocks(rk.shape[1], rk.size * v.shape[2], write)
-    return _in_order_sum([S for S, _ in parts]), _in_order_sum([z for _, z in parts])
+    return sum_in_order([S for S, _ in parts]), sum_in_order([z for _, z in parts])
 
 
 def _bidirectional_forward(rq, rk, v, slot, eps):
@@ -186,12 +179,12 @@ def _bidirectional_backward(rq, rk, v, do, slot, eps, drq, drk):
 
     with np.errstate(divide="ignore", invalid="ignore"):
         parts = _over_blocks(rq.shape[1], 2 * rq.size * v.shape[2], read_backward)
-        G = _in_order_sum([a for a, _ in parts])                   # (P, K, e)
+        G = sum_in_order([a for a, _ in parts])                   # (P, K, e)
         if slot:
             g = -(G * S).sum(axis=2, keepdims=True) * u * u        # (P, K, 1)
             G = G * u
         else:
-            g = _in_order_sum([b for _, b in parts])               # (P, K, 1)
+            g = sum_in_order([b for _, b in parts])               # (P, K, 1)
     dv = np.empty_like(v)
 
     def write_backward(n0, n1):                                    # dV, dR~_K of the block

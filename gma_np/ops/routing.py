@@ -50,10 +50,10 @@ from scipy.special import logsumexp
 from gma_np import _validation as check
 from gma_np._numerics import (
     ACCUM_DTYPE,
+    BLOCK_STREAMS,
     EXPANSION_CANCELLATION_BOUND,
     LOG_2PI,
     ROUTING_BLOCK,
-    BLOCK_STREAMS,
 )
 from gma_np.kernels.routing import (
     _dx_from_gemm,
@@ -64,7 +64,7 @@ from gma_np.kernels.routing import (
     _softmax_rows_backward,
     _softmax_rows_forward,
 )
-from gma_np.ops._threads import blas_single_thread, run_streams, threads_for
+from gma_np.ops._threads import blas_single_thread, run_streams, sum_in_order, threads_for
 
 
 @dataclass
@@ -294,10 +294,8 @@ def log_density_backward(dl, x_parts, mix, dx_dtype):
 
     with blas_single_thread():                                     # small GEMMs: see _threads
         partial = run_streams(stream, BLOCK_STREAMS)
-    dl_f, dl_sum = partial[0]
-    for part_f, part_sum in partial[1:]:                           # in stream order: deterministic
-        dl_f = dl_f + part_f
-        dl_sum = dl_sum + part_sum
+    dl_f = sum_in_order([f for f, _ in partial])                   # (H, K, 2d)
+    dl_sum = sum_in_order([t for _, t in partial])                 # (H, K)
     dl_x, dl_x2 = dl_f[..., :d], dl_f[..., d:]
     mu, inv_var = mix.means_c, mix.inv_var
     dmeans = inv_var * (dl_x - mu * dl_sum[:, :, None])
