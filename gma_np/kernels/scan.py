@@ -13,9 +13,9 @@ per token. Forward: the write S += outer(rk[t], v[t]) and the read
 num = rq[t] @ S happen in one pass, on a transposed copy of the state, S^T
 (e, K), with the contiguous component axis k innermost: each entry is loaded,
 updated and stored once, and the read is a dot product over k held in a
-register (with S (K, e) and c innermost, the read's accumulator num[c] was a
-second store per entry, and the forward ran 1.7x slower: 40 vs 24 ms, B*H=4,
-N=8192, K=e=64, float32, medians of 7). Backward: the write and the dot
+register (with S (K, e) and the value axis c innermost, the read's accumulator
+num[c] would be a second store per entry; docs/performance.md has the
+timings). Backward: the write and the dot
 product S[k] . do[t] (pass 1), and the suffix sums (pass 2), over the
 contiguous value axis c. LLVM vectorises the innermost loops; fastmath is
 limited to "reassoc" and "contract" (reassociate the dot products into vector
@@ -39,10 +39,9 @@ _FASTMATH = {"reassoc", "contract"}
 
 
 # The two row operations of the backward scan, over the contiguous value axis c, written
-# once as small functions that Numba inlines into the kernel (inline="always"):
-# as calls (inline="always") each costs a view and its reference counting per
-# (token, component), and the backward ran 1.5x slower (500 vs 335 ms, B*H=4,
-# N=8192, K=e=64, one thread, interleaved medians).
+# once as small functions that Numba inlines into the kernel (inline="always"): as
+# ordinary calls (Numba's default, inline="never") each would cost a view and its
+# reference counting per (token, component), in the innermost loop over tokens.
 
 @njit(cache=True, fastmath=_FASTMATH, inline="always")
 def _write_dot_row(S_k, v_t, w, do_t):
