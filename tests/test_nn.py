@@ -271,13 +271,13 @@ def test_decode_past_max_len_clamps_the_position(rng):
 def _shares_per_layer(model, idx):
     """Responsibility share (H, K) of each layer's components over the batch's queries and keys."""
     from gma_np.nn.gma_layer import _split_heads, temperature_of
-    from gma_np.nn.model import _block_params, _gma_params
+    from gma_np.nn.model import _block_params, _mixer_params
     cfg = model.cfg
     x = model.params["wte"][idx] + model.params["wpe"][:idx.shape[1]]
     out = []
     for l in range(cfg.n_layers):
         bp = _block_params(model.params, l)
-        gp = _gma_params(bp)
+        gp = _mixer_params(bp, cfg)
         h = L.layernorm_forward(x, bp["ln1.g"], bp["ln1.b"])[0]
         points = np.concatenate([_split_heads(h @ gp["Wq"] + gp["bq"], cfg.n_heads),
                                  _split_heads(h @ gp["Wk"] + gp["bk"], cfg.n_heads)])

@@ -21,6 +21,9 @@ import math
 import numpy as np
 from scipy.special import logsumexp
 
+# Standard deviation of the initial weight matrices and embeddings (GPT-2's 0.02).
+INIT_STD = 0.02
+
 # LayerNorm's eps, added to the variance before the square root. 1e-5 is the
 # value of PyTorch's nn.LayerNorm and of GPT-2, so ported weights behave alike;
 # it only matters for rows whose variance is below it (never in practice).

@@ -1,31 +1,35 @@
-"""A GMA language model: the stateful shell over the layers, all of it in this file.
+"""A language model over any registered sequence mixer: the stateful shell over the layers.
 
-Dimension legend: B batch, N tokens, D d_model, V vocabulary, L layers, H heads,
-d key head size, e value head size, K components, F = mlp_ratio * D.
+Dimension legend: B batch, N tokens, D d_model, V vocabulary, L layers, F = mlp_ratio * D.
 
     x = wte[idx] + wpe[0..N-1]                                  (B, N, D)
     for each of the L blocks (pre-norm residual):
-        x = x + gma_layer(conv(layernorm(x)))                   causal GMA, section 4 of the definition
+        x = x + mixer(conv(layernorm(x)))                       causal sequence mixing
         x = x + mlp(layernorm(x))                               gelu MLP, D -> F -> D
     logits = layernorm(x) W_head                                (B, N, V); W_head = wte^T when tied
 
-conv is an optional short depthwise causal convolution (width conv_width,
-identity at initialisation; conv_width = 0 leaves it out and the block is the
-plain section-4 layer). It hands each token its few predecessors, which the
-GMA memory, a position-free average over routed slots, cannot single out
-(docs/training.md, "Why a short convolution").
+The mixer is cfg.mixer, one of gma_np.mixers.REGISTRY (GMA by default: section 4 of
+the definition), called only through the contract gma_np.mixers.contract.Mixer.
+conv is an optional short depthwise causal convolution (width conv_width, identity at
+initialisation; conv_width = 0 leaves it out). It hands each token its few
+predecessors, which a GMA memory, a position-free average over routed slots, cannot
+single out (docs/training.md, "Why a short convolution").
 
-The parameters live in one flat dict name -> array (the names of
-`parameter_shapes`), which is what the optimizer, the checkpoints and
-gma_np.gradcheck see. `model_forward` / `model_backward` are the pure
-functional pair; `GMALanguageModel` holds a config and the dict, and adds the
-data-dependent mixture initialisation and the recurrent decode path.
+The parameters live in one flat dict name -> array (the names of `parameter_shapes`:
+"h{l}.{mixer}.{name}" for a mixer's own), which is what the optimizer, the
+checkpoints and gma_np.gradcheck see; a mixer's untrained buffers (performer's random
+projections) live in a second dict of the same form (`buffer_shapes`).
+`model_forward` / `model_backward` are the pure functional pair over both;
+`LanguageModel` holds a config and the dicts.
 
-Decode (docs/training.md, "Sampling"): per layer a gma_np.GMAState (the K-slot
-memory, K*(e+1) numbers per head) plus one position index shared by the layers.
-A token costs the same whatever its position. Past the positional table
-(position >= max_len) the index is clamped to max_len - 1: every later token
-gets the last learned position, while the GMA memory keeps reading the whole
+ONE block function, `block_forward`, serves training (with a cache for
+block_backward), recurrent decoding (with a BlockState) and the data-dependent
+initialisation (with a hook that sets the mixer's parameters from its input).
+
+Decode (docs/training.md, "Sampling"): per layer the mixer's recurrent state plus
+the convolution's history, and one position index shared by the layers. Past the
+positional table (position >= max_len) the index is clamped to max_len - 1: every
+later token gets the last learned position, while the mixer keeps reading the whole
 prefix. tests/test_nn.py checks decode == full causal forward within max_len.
 """
 
@@ -33,45 +37,52 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from gma_np.mixers import MIXER_NAMES, get_mixer
 from gma_np.nn import layers as L
-from gma_np.nn.gma_layer import gma_layer_backward, gma_layer_chunk, gma_layer_forward, project_keys
-from gma_np.nn.mixture_init import fit_mixture
+from gma_np.nn.layers import INIT_STD
 
-# Standard deviation of the initial weights (GPT-2's 0.02); output projections
-# of residual branches are scaled by 1/sqrt(2 L) so the residual stream's
-# variance does not grow with depth (GPT-2, section 2.3).
-INIT_STD = 0.02
 # Positional embeddings start smaller than token embeddings (GPT-2 uses 0.01).
 POS_INIT_STD = 0.01
+
+# Block parameters with ndim >= 2 that are not weight-decayed: the convolution taps
+# start as the identity tap, and decay would pull it to 0 for no reason.
+BLOCK_NO_DECAY = ("conv.c",)
 
 
 @dataclass
 class ModelConfig:
-    """Shape of a GMA language model. Every default is the `tiny` training preset's."""
+    """Shape of a language model. Every default is the `tiny` training preset's."""
     vocab_size: int = 256          # V: bytes
     max_len: int = 128             # rows of the positional table (training context)
     d_model: int = 128             # D: width of the residual stream
     n_layers: int = 2              # L: pre-norm blocks
-    n_heads: int = 4               # H: GMA heads per layer
+    mixer: str = "gma"             # the sequence mixer: a name of gma_np.mixers.REGISTRY
+    n_heads: int = 4               # H: heads per layer
     head_dim: int = 32             # d: query/key size per head (H*d need not equal D)
     value_dim: int = 32            # e: value size per head
-    n_components: int = 16         # K: mixture components (memory slots) per head
-    covariance: str = "diag"       # "diag" (H, K, d) or "spherical" (H, K) log-variances
-    learn_temperature: bool = True # a learned log-temperature per head (H,)
-    norm: str = "row"              # GMA read-out normalisation, "row" or "slot"
+    n_components: int = 16         # gma: K mixture components (memory slots) per head
+    covariance: str = "diag"       # gma: "diag" (H, K, d) or "spherical" (H, K) log-variances
+    learn_temperature: bool = True # gma: a learned log-temperature per head (H,)
+    norm: str = "row"              # gma: read-out normalisation, "row" or "slot"
+    n_features: int = 64           # performer: m random features per head
+    feature_redraw: int = 0        # performer: redraw the projections every n steps (0 = never)
     mlp_ratio: int = 4             # F = mlp_ratio * D
-    conv_width: int = 4            # width of the causal convolution before each GMA layer (0 = none)
+    conv_width: int = 4            # width of the causal convolution before each mixer (0 = none)
     tie_embeddings: bool = True    # logits = layernorm(x) wte^T (no separate head)
     dtype: str = "float32"         # compute dtype of parameters and activations
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "head_dim",
-                     "value_dim", "n_components", "mlp_ratio"):
+                     "value_dim", "n_components", "n_features", "mlp_ratio"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if not isinstance(self.conv_width, (int, np.integer)) or self.conv_width < 0:
-            raise ValueError(f"conv_width: expected an integer >= 0, got {self.conv_width!r}")
+        for name in ("conv_width", "feature_redraw"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+        if self.mixer not in MIXER_NAMES:
+            raise ValueError(f"mixer: expected one of {MIXER_NAMES}, got {self.mixer!r}")
         if self.covariance not in ("diag", "spherical"):
             raise ValueError(f"covariance: expected 'diag' or 'spherical', got {self.covariance!r}")
         if self.norm not in ("row", "slot"):
@@ -80,123 +91,182 @@ class ModelConfig:
             raise ValueError(f"dtype: expected 'float32' or 'float64', got {self.dtype!r}")
 
 
+def _block_shapes(cfg, l, mixer_shapes):
+    """Block l's parameters, in a fixed order: ln1, conv, the mixer's, ln2, mlp."""
+    D, F = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+    b = f"h{l}."
+    shapes = {b + "ln1.g": (D,), b + "ln1.b": (D,)}
+    if cfg.conv_width:
+        shapes[b + "conv.c"] = (cfg.conv_width, D)
+    shapes.update({f"{b}{cfg.mixer}.{name}": shape for name, shape in mixer_shapes.items()})
+    shapes.update({b + "ln2.g": (D,), b + "ln2.b": (D,),
+                   b + "mlp.W1": (D, F), b + "mlp.b1": (F,),
+                   b + "mlp.W2": (F, D), b + "mlp.b2": (D,)})
+    return shapes
+
+
 def parameter_shapes(cfg):
-    """Every parameter's name and shape, in a fixed order."""
-    D, H, d, e, K = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.value_dim, cfg.n_components
-    F = cfg.mlp_ratio * D
+    """Every trained parameter's name and shape, in a fixed order."""
+    D = cfg.d_model
+    mixer_shapes = get_mixer(cfg.mixer).parameter_shapes(cfg)
     shapes = {"wte": (cfg.vocab_size, D), "wpe": (cfg.max_len, D)}
     for l in range(cfg.n_layers):
-        b = f"h{l}."
-        shapes.update({
-            b + "ln1.g": (D,), b + "ln1.b": (D,),
-            **({b + "conv.c": (cfg.conv_width, D)} if cfg.conv_width else {}),
-            b + "gma.Wq": (D, H * d), b + "gma.bq": (H * d,),
-            b + "gma.Wk": (D, H * d), b + "gma.bk": (H * d,),
-            b + "gma.Wv": (D, H * e), b + "gma.bv": (H * e,),
-            b + "gma.Wo": (H * e, D), b + "gma.bo": (D,),
-            b + "gma.means": (H, K, d),
-            b + "gma.log_var": (H, K, d) if cfg.covariance == "diag" else (H, K),
-            b + "gma.logits": (H, K),
-        })
-        if cfg.learn_temperature:
-            shapes[b + "gma.log_tau"] = (H,)
-        shapes.update({
-            b + "ln2.g": (D,), b + "ln2.b": (D,),
-            b + "mlp.W1": (D, F), b + "mlp.b1": (F,),
-            b + "mlp.W2": (F, D), b + "mlp.b2": (D,),
-        })
+        shapes.update(_block_shapes(cfg, l, mixer_shapes))
     shapes.update({"lnf.g": (D,), "lnf.b": (D,)})
     if not cfg.tie_embeddings:
         shapes["head"] = (D, cfg.vocab_size)
     return shapes
 
 
-def decays(name):
-    """Whether AdamW decays a parameter: weight matrices and embeddings only.
+def buffer_shapes(cfg):
+    """Every untrained buffer's name and shape ({} for most mixers)."""
+    mixer_buffers = get_mixer(cfg.mixer).buffer_shapes(cfg)
+    return {f"h{l}.{cfg.mixer}.{name}": shape
+            for l in range(cfg.n_layers) for name, shape in mixer_buffers.items()}
 
-    Not decayed: norm gains, biases and the convolution taps (decay would pull
-    a gain or the identity tap to 0 for no reason) and the whole mixture: logits, means, log-variances and
-    log-temperature (decay would pull the means to the origin, the variances to
-    1, the mixture weights to uniform: a prior unrelated to weight size)."""
-    last = name.rsplit(".", 1)[-1]
-    return last in ("wte", "wpe", "head", "Wq", "Wk", "Wv", "Wo", "W1", "W2")
+
+def decays(name, cfg=None):
+    """Whether AdamW decays parameter `name`: the rule of gma_np.mixers.contract (ndim >= 2,
+    unless the mixer or the block names it as a non-weight). Embeddings and the head
+    are matrices and are decayed; norm gains and biases have ndim 1 and are not."""
+    cfg = ModelConfig() if cfg is None else cfg
+    shape = parameter_shapes(cfg)[name]
+    local = name.split(".", 1)[1] if name.startswith("h") and "." in name else name
+    if local.startswith(cfg.mixer + "."):
+        return get_mixer(cfg.mixer).decays(local[len(cfg.mixer) + 1:], shape)
+    return len(shape) >= 2 and local not in BLOCK_NO_DECAY
 
 
 def init_params(cfg, rng):
-    """Random initial parameters (dict of arrays in cfg.dtype). The mixtures get
-    placeholders here; GMALanguageModel.init_mixtures fits them to data."""
+    """Random initial parameters (dict of arrays in cfg.dtype). A mixer with
+    init_from_data (GMA's mixtures) gets placeholders here; LanguageModel.init_from_data
+    sets them from the first batch."""
     dtype = np.dtype(cfg.dtype)
+    mixer = get_mixer(cfg.mixer)
     resid_std = INIT_STD / np.sqrt(2 * cfg.n_layers)
-    params = {}
-    for name, shape in parameter_shapes(cfg).items():
-        last = name.rsplit(".", 1)[-1]
-        if last in ("g",):
-            value = np.ones(shape)
-        elif last == "c":                       # the convolution starts as the identity
-            value = np.zeros(shape)
-            value[0] = 1.0
-        elif last in ("Wo", "W2"):
-            value = rng.normal(0.0, resid_std, shape)
-        elif last == "wpe":
-            value = rng.normal(0.0, POS_INIT_STD, shape)
-        elif last in ("wte", "head", "Wq", "Wk", "Wv", "W1"):
-            value = rng.normal(0.0, INIT_STD, shape)
-        elif last == "means":
-            value = rng.normal(0.0, 1.0, shape)
-        else:                                   # biases, log_var, logits, log_tau
-            value = np.zeros(shape)
-        params[name] = value.astype(dtype)
-    return params
+    params = {"wte": rng.normal(0.0, INIT_STD, (cfg.vocab_size, cfg.d_model)),
+              "wpe": rng.normal(0.0, POS_INIT_STD, (cfg.max_len, cfg.d_model))}
+    for l in range(cfg.n_layers):
+        b = f"h{l}."
+        for name, shape in _block_shapes(cfg, l, {}).items():
+            local = name[len(b):]
+            if local == "mlp.W1":
+                value = rng.normal(0.0, INIT_STD, shape)
+            elif local == "mlp.W2":              # output projection of a residual branch
+                value = rng.normal(0.0, resid_std, shape)
+            elif local == "ln1.g" or local == "ln2.g":
+                value = np.ones(shape)
+            elif local == "conv.c":              # the convolution starts as the identity
+                value = np.zeros(shape)
+                value[0] = 1.0
+            else:                                # biases
+                value = np.zeros(shape)
+            params[name] = value
+            if local == ("conv.c" if cfg.conv_width else "ln1.b"):   # the mixer comes next
+                params.update({f"{b}{cfg.mixer}.{n}": v
+                               for n, v in mixer.init_parameters(cfg, rng).items()})
+    params.update({"lnf.g": np.ones(cfg.d_model), "lnf.b": np.zeros(cfg.d_model)})
+    if not cfg.tie_embeddings:
+        params["head"] = rng.normal(0.0, INIT_STD, (cfg.d_model, cfg.vocab_size))
+    order = parameter_shapes(cfg)
+    return {name: params[name].astype(dtype) for name in order}
+
+
+def init_buffers(cfg, rng):
+    """The mixer's buffers of every layer (dict of arrays in cfg.dtype)."""
+    mixer, dtype = get_mixer(cfg.mixer), np.dtype(cfg.dtype)
+    out = {}
+    for l in range(cfg.n_layers):
+        out.update({f"h{l}.{cfg.mixer}.{n}": v.astype(dtype)
+                    for n, v in mixer.init_buffers(cfg, rng).items()})
+    return out
 
 
 def _block_params(params, l):
-    """The parameters of block l, keyed without the "h{l}." prefix."""
+    """The parameters (and buffers) of block l, keyed without the "h{l}." prefix."""
     prefix = f"h{l}."
     return {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
 
 
-def _gma_params(bp):
-    return {name[4:]: value for name, value in bp.items() if name.startswith("gma.")}
+def _mixer_params(bp, cfg):
+    """The mixer's arrays of a block, keyed by their local names."""
+    prefix = cfg.mixer + "."
+    return {name[len(prefix):]: value for name, value in bp.items() if name.startswith(prefix)}
 
 
 def _head_weight(params, cfg):
     return params["wte"].T if cfg.tie_embeddings else params["head"]      # (D, V)
 
 
-def block_forward(x, bp, cfg):
-    """One pre-norm block: x + gma(conv(ln1(x))), then + mlp(ln2(.)). x (B, N, D)."""
+@dataclass
+class BlockState:
+    """What one block carries from a prefix to the next chunk while decoding."""
+    mixer: object         # the mixer's recurrent state (its decode_init / decode)
+    conv: np.ndarray      # (B, conv_width - 1, D): the convolution's last inputs, or None
+
+
+def block_forward(x, bp, cfg, state=None, set_mixer=None):
+    """One pre-norm block: x + mixer(conv(ln1(x))), then + mlp(ln2(.)). x (B, N, D).
+
+    The one block function of the model, in three uses:
+      training:        block_forward(x, bp, cfg) -> (x_out, cache for block_backward)
+      decoding:        block_forward(x, bp, cfg, state) -> (x_out, the BlockState after x),
+                       x (B, n, D) the chunk that continues the state's prefix
+      initialisation:  set_mixer(h, mixer_params) -> {local name: array} is called with the
+                       mixer's input h before it runs; what it returns replaces those
+                       parameters in bp (in place) and in this pass
+    """
+    mixer = get_mixer(cfg.mixer)
+    mp = _mixer_params(bp, cfg)
+    decoding = state is not None
+    # 1. h1 = conv(ln1(x))
     h, c_ln1 = L.layernorm_forward(x, bp["ln1.g"], bp["ln1.b"])
-    c_conv = None
+    c_conv, history = None, None
     if cfg.conv_width:
-        h, c_conv = L.causal_conv_forward(h, bp["conv.c"])
-    a, c_gma = gma_layer_forward(h, _gma_params(bp), n_heads=cfg.n_heads, causal=True, norm=cfg.norm)
+        h, c_conv = L.causal_conv_forward(h, bp["conv.c"], state.conv if decoding else None)
+        xp = c_conv[0]                                               # (B, w-1+N, D) padded input
+        history = xp[:, xp.shape[1] - (cfg.conv_width - 1):]
+    if set_mixer is not None:
+        for name, value in set_mixer(h, mp).items():
+            mp[name] = value.astype(mp[name].dtype)
+            bp[f"{cfg.mixer}.{name}"] = mp[name]
+    # 2. x_mid = x + mixer(h1)
+    if decoding:
+        a, mixer_state = mixer.decode(h, mp, cfg, state.mixer)
+    else:
+        a, c_mix = mixer.forward(h, mp, cfg, causal=True)
     x = x + a
+    # 3, 4. x_out = x_mid + mlp(ln2(x_mid))
     h, c_ln2 = L.layernorm_forward(x, bp["ln2.g"], bp["ln2.b"])
     m, c_mlp = L.mlp_forward(h, bp["mlp.W1"], bp["mlp.b1"], bp["mlp.W2"], bp["mlp.b2"])
-    return x + m, (c_ln1, c_conv, c_gma, c_ln2, c_mlp)
+    if decoding:
+        return x + m, BlockState(mixer=mixer_state, conv=history)
+    return x + m, (c_ln1, c_conv, c_mix, c_ln2, c_mlp, mixer, cfg.mixer)
 
 
 def block_backward(dx, cache):
     """(dx, grads keyed like the block's parameters without prefix) of block_forward."""
-    c_ln1, c_conv, c_gma, c_ln2, c_mlp = cache
+    c_ln1, c_conv, c_mix, c_ln2, c_mlp, mixer, mixer_name = cache
     g = {}
     # 4. x_out = x_mid + mlp(h2): the residual passes dx through unchanged
     dh, g["mlp.W1"], g["mlp.b1"], g["mlp.W2"], g["mlp.b2"] = L.mlp_backward(dx, c_mlp)
     # 3. h2 = ln2(x_mid)
     dmid, g["ln2.g"], g["ln2.b"] = L.layernorm_backward(dh, c_ln2)
     dx = dx + dmid
-    # 2. x_mid = x + gma(conv(h1))
-    dh, gg = gma_layer_backward(dx, c_gma)
-    g.update({"gma." + name: value for name, value in gg.items()})
+    # 2. x_mid = x + mixer(h1)
+    dh, gm = mixer.backward(dx, c_mix)
+    g.update({f"{mixer_name}.{name}": value for name, value in gm.items()})
     if c_conv is not None:
+        # 1b. h1 = conv(ln1(x))
         dh, g["conv.c"] = L.causal_conv_backward(dh, c_conv)
-    # 1. h1 = ln1(x)
+    # 1a. ln1(x)
     dx_ln, g["ln1.g"], g["ln1.b"] = L.layernorm_backward(dh, c_ln1)
     return dx + dx_ln, g
 
 
 def model_forward(params, idx, cfg):
-    """logits (B, N, V) of the token ids idx (B, N), and the cache for model_backward."""
+    """logits (B, N, V) of the token ids idx (B, N), and the cache for model_backward.
+    params holds the parameters and the buffers (model docstring)."""
     B, N = idx.shape
     tok, c_tok = L.embedding_forward(idx, params["wte"])             # (B, N, D)
     pos, c_pos = L.position_forward(N, params["wpe"])                # (N, D)
@@ -211,7 +281,8 @@ def model_forward(params, idx, cfg):
 
 
 def model_backward(dlogits, cache):
-    """Gradients of sum(logits * dlogits) for every parameter: a dict keyed like params."""
+    """Gradients of sum(logits * dlogits) for every parameter: a dict keyed like params
+    (no buffers: they are not trained)."""
     c_tok, c_pos, c_blocks, c_lnf, c_head, cfg = cache
     g = {}
     # in the forward pass this was: logits = lnf(x) W_head
@@ -245,43 +316,59 @@ def lm_loss_backward(cache, dloss=1.0):
 
 @dataclass
 class DecodeState:
-    """The recurrent state of the whole model after a prefix: one GMAState per layer,
-    the convolution's last conv_width - 1 inputs per layer, and the number of tokens
-    consumed (the next token's position). Its size does not depend on the position."""
-    layers: list          # L gma_np.GMAState, each S (B, H, K, e), z (B, H, K) float64
-    conv: list            # L arrays (B, conv_width - 1, D), or None before the first token
+    """The recurrent state of the whole model after a prefix: one BlockState per layer
+    (the mixer's state, the convolution's last conv_width - 1 inputs) and the number of
+    tokens consumed (the next token's position). For GMA, linear and performer its size
+    does not depend on the position; softmax attention's key/value cache grows with it."""
+    blocks: list          # L BlockState
     position: int
 
 
-class GMALanguageModel:
-    """A config, its parameter dict, and the methods that use both.
+class LanguageModel:
+    """A config, its parameter and buffer dicts, and the methods that use them.
 
-        model = GMALanguageModel(ModelConfig(), seed=0)
-        model.init_mixtures(first_batch_ids)                  # data-dependent mixture init
+        model = LanguageModel(ModelConfig(mixer="gma"), seed=0)
+        model.init_from_data(first_batch_ids)                 # e.g. GMA's mixture fit
         loss, grads = model.loss_and_grads(idx, targets)
         state = model.decode_init(batch_size)
         logits, state = model.decode(tokens, state)           # (B, n) -> (B, n, V)
     """
 
-    def __init__(self, cfg, params=None, seed=0):
+    def __init__(self, cfg, params=None, seed=0, buffers=None):
         if not isinstance(cfg, ModelConfig):
             raise TypeError(f"cfg: expected a ModelConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.params = init_params(cfg, np.random.default_rng(seed)) if params is None else params
-        expected = parameter_shapes(cfg)
-        if set(self.params) != set(expected):
-            raise ValueError(f"params: expected the names of parameter_shapes(cfg); missing "
-                             f"{sorted(set(expected) - set(self.params))}, unexpected "
-                             f"{sorted(set(self.params) - set(expected))}")
-        for name, shape in expected.items():
-            if tuple(self.params[name].shape) != shape:
-                raise ValueError(f"params[{name!r}]: expected shape {shape}, got {self.params[name].shape}")
+        rng = np.random.default_rng(seed)
+        self.params = init_params(cfg, rng) if params is None else params
+        self.buffers = init_buffers(cfg, rng) if buffers is None else buffers
+        for what, given, expected in (("params", self.params, parameter_shapes(cfg)),
+                                      ("buffers", self.buffers, buffer_shapes(cfg))):
+            if set(given) != set(expected):
+                raise ValueError(f"{what}: expected the names of {what[:-1]}_shapes(cfg) "
+                                 f"(mixer {cfg.mixer!r}); missing {sorted(set(expected) - set(given))}, "
+                                 f"unexpected {sorted(set(given) - set(expected))}")
+            for name, shape in expected.items():
+                if tuple(given[name].shape) != shape:
+                    raise ValueError(f"{what}[{name!r}]: expected shape {shape}, got {given[name].shape}")
+
+    @property
+    def mixer(self):
+        return get_mixer(self.cfg.mixer)
+
+    def arrays(self):
+        """Parameters and buffers in one dict: what model_forward reads."""
+        return {**self.params, **self.buffers} if self.buffers else self.params
 
     def config_dict(self):
         return asdict(self.cfg)
 
     def n_params(self):
+        """Trained parameters (buffers not counted)."""
         return int(sum(v.size for v in self.params.values()))
+
+    def decay_flags(self):
+        """{name: whether AdamW decays it} for every parameter (gma_np.nn.model.decays)."""
+        return {name: decays(name, self.cfg) for name in self.params}
 
     def _check_ids(self, idx, name="idx"):
         idx = np.asarray(idx)
@@ -295,74 +382,85 @@ class GMALanguageModel:
         return idx
 
     def forward(self, idx):
-        return model_forward(self.params, self._check_ids(idx), self.cfg)
+        return model_forward(self.arrays(), self._check_ids(idx), self.cfg)
 
     def loss_and_grads(self, idx, targets):
         """(mean cross-entropy in nats, gradient dict) on one batch."""
-        loss, cache = lm_loss_forward(self.params, self._check_ids(idx),
+        loss, cache = lm_loss_forward(self.arrays(), self._check_ids(idx),
                                       self._check_ids(targets, "targets"), self.cfg)
         return loss, lm_loss_backward(cache)
 
     def loss(self, idx, targets):
-        return lm_loss_forward(self.params, self._check_ids(idx),
+        return lm_loss_forward(self.arrays(), self._check_ids(idx),
                                self._check_ids(targets, "targets"), self.cfg)[0]
 
-    def init_mixtures(self, idx, rng=None):
-        """Fit every layer's mixture to the keys it projects from the batch idx (B, N),
-        layer by layer (layer l sees the output of the already-initialised layers < l).
-        See gma_np.nn.mixture_init."""
-        cfg = self.cfg
+    def init_from_data(self, idx, rng=None):
+        """Set the parameters a mixer initialises from data (GMA: every layer's mixture
+        fitted to the keys it projects from the batch idx (B, N)), layer by layer: layer l
+        sees the output of the already-initialised layers < l. Nothing for a mixer
+        without init_from_data."""
+        cfg, mixer = self.cfg, self.mixer
+        if mixer.init_from_data is None:
+            return
         rng = np.random.default_rng(0) if rng is None else rng
         idx = self._check_ids(idx)
-        x = self.params["wte"][idx] + self.params["wpe"][:idx.shape[1]]
+        arrays = self.arrays()
+        x = arrays["wte"][idx] + arrays["wpe"][:idx.shape[1]]
         for l in range(cfg.n_layers):
-            bp = _block_params(self.params, l)
-            h, _ = L.layernorm_forward(x, bp["ln1.g"], bp["ln1.b"])
-            if cfg.conv_width:
-                h, _ = L.causal_conv_forward(h, bp["conv.c"])
-            keys = project_keys(h, _gma_params(bp), cfg.n_heads)                    # (B, H, N, d)
-            means, log_var, logits = fit_mixture(keys, cfg.n_components, rng, cfg.covariance)
-            dtype = np.dtype(cfg.dtype)
-            self.params[f"h{l}.gma.means"] = means.astype(dtype)
-            self.params[f"h{l}.gma.log_var"] = log_var.astype(dtype)
-            self.params[f"h{l}.gma.logits"] = logits.astype(dtype)
-            x, _ = block_forward(x, _block_params(self.params, l), cfg)
+            bp = _block_params(arrays, l)
+            x, _ = block_forward(x, bp, cfg,
+                                 set_mixer=lambda h, mp: mixer.init_from_data(h, mp, cfg, rng))
+            for name in mixer.parameter_shapes(cfg):
+                key = f"{cfg.mixer}.{name}"
+                self.params[f"h{l}.{key}"] = bp[key]
+
+    init_mixtures = init_from_data           # TEMPORARY: old name, until the trainer moves
+
+    def redraw_buffers(self, rng):
+        """Redraw every layer's buffers (performer's projections); False if the mixer has
+        nothing to redraw."""
+        cfg, mixer = self.cfg, self.mixer
+        if mixer.redraw is None or not self.buffers:
+            return False
+        for l in range(cfg.n_layers):
+            prefix = f"h{l}.{cfg.mixer}."
+            mine = {n[len(prefix):]: v for n, v in self.buffers.items() if n.startswith(prefix)}
+            for name, value in mixer.redraw(mine, cfg, rng).items():
+                self.buffers[prefix + name] = value.astype(self.buffers[prefix + name].dtype)
+        return True
 
     # ------------------------------------------------------------ recurrent decoding
 
     def decode_init(self, batch_size=1):
         """The empty state: nothing read yet, next position 0."""
-        return DecodeState(layers=[None] * self.cfg.n_layers, conv=[None] * self.cfg.n_layers,
-                           position=0)
+        cfg, mixer, arrays = self.cfg, self.mixer, self.arrays()
+        blocks = []
+        for l in range(cfg.n_layers):
+            mp = _mixer_params(_block_params(arrays, l), cfg)
+            conv = (np.zeros((batch_size, cfg.conv_width - 1, cfg.d_model), dtype=cfg.dtype)
+                    if cfg.conv_width else None)
+            blocks.append(BlockState(mixer=mixer.decode_init(batch_size, mp, cfg), conv=conv))
+        return DecodeState(blocks=blocks, position=0)
 
     def decode(self, tokens, state):
         """Logits (B, n, V) of a chunk of tokens (B, n) continuing from `state`, and the
         new state. Any chunking (one prompt at once, then one token at a time) gives the
         same logits as model_forward on the whole sequence, up to max_len positions."""
-        cfg, p = self.cfg, self.params
+        cfg, p = self.cfg, self.arrays()
         tokens = self._check_ids(tokens, "tokens")
+        if not isinstance(state, DecodeState):
+            raise TypeError(f"state: expected a DecodeState from decode_init or decode, "
+                            f"got {type(state).__name__}")
         B, n = tokens.shape
         positions = np.minimum(state.position + np.arange(n), cfg.max_len - 1)   # clamped
         x = p["wte"][tokens] + p["wpe"][positions]                               # (B, n, D)
-        new_layers, new_conv = [], []
+        blocks = []
         for l in range(cfg.n_layers):
-            bp = _block_params(p, l)
-            h, _ = L.layernorm_forward(x, bp["ln1.g"], bp["ln1.b"])
-            history = None
-            if cfg.conv_width:
-                w = cfg.conv_width
-                history = (np.zeros((B, w - 1, cfg.d_model), dtype=h.dtype) if state.conv[l] is None
-                           else state.conv[l])
-                joined = np.concatenate([history, h], axis=1)                    # (B, w-1+n, D)
-                h, _ = L.causal_conv_forward(h, bp["conv.c"], history)
-                history = joined[:, joined.shape[1] - (w - 1):]
-            new_conv.append(history)
-            a, s = gma_layer_chunk(h, _gma_params(bp), state.layers[l], n_heads=cfg.n_heads,
-                                   norm=cfg.norm)
-            new_layers.append(s)
-            x = x + a
-            h, _ = L.layernorm_forward(x, bp["ln2.g"], bp["ln2.b"])
-            x = x + L.mlp_forward(h, bp["mlp.W1"], bp["mlp.b1"], bp["mlp.W2"], bp["mlp.b2"])[0]
+            x, s = block_forward(x, _block_params(p, l), cfg, state.blocks[l])
+            blocks.append(s)
         h, _ = L.layernorm_forward(x, p["lnf.g"], p["lnf.b"])
         logits = h @ _head_weight(p, cfg)                                         # (B, n, V)
-        return logits, DecodeState(layers=new_layers, conv=new_conv, position=state.position + n)
+        return logits, DecodeState(blocks=blocks, position=state.position + n)
+
+
+GMALanguageModel = LanguageModel             # TEMPORARY: old name, until the callers move
