@@ -20,6 +20,7 @@ The core module defines:
     forward(q, k, v, p, cfg, *, causal, key_mask) -> (o, cache)
     backward(do, cache) -> (dq, dk, dv, {name: gradient of its parameters})
     decode_init(B, p, cfg) -> state;  decode(q, k, v, p, cfg, state) -> (o, state)
+    reference(q, k, v, p, cfg, *, causal, key_mask) -> o     the naive form (dense or loop)
     optional: redraw(buffers, cfg, rng), init_from_keys(k, p, cfg, rng), NO_DECAY,
               CAUSAL_ONLY
 
@@ -31,6 +32,7 @@ L = cfg.n_layers); biases 0.
 
 import numpy as np
 
+from gma_np import _validation as check
 from gma_np.mixers.contract import Mixer
 from gma_np.nn.layers import INIT_STD, linear_backward, linear_forward
 
@@ -68,6 +70,17 @@ def init_projections(cfg, rng):
     return params
 
 
+def check_input(x, cfg):
+    """x must be a finite float32/float64 array (B, N, D) with D = cfg.d_model."""
+    x = check.float_array("x", x, ndim=3)
+    if x.shape[2] != cfg.d_model:
+        raise ValueError(f"x: expected shape (B, N, D) with D = d_model = {cfg.d_model}, "
+                         f"got {x.shape}")
+    if x.shape[1] < 1:
+        raise ValueError(f"x: expected N >= 1 tokens, got shape {x.shape}")
+    return x
+
+
 def _core_params(p, core_names):
     return {name: p[name] for name in core_names}
 
@@ -93,6 +106,7 @@ def attention_mixer(name, core):
         return split_heads(q, H), split_heads(k, H), split_heads(v, H), (cq, ck, cv)
 
     def forward(x, p, cfg, *, causal, key_mask=None):
+        check_input(x, cfg)
         # 1. projections, split into heads
         q, k, v, c_proj = project(x, p, cfg)
         # 2. the core mixes each head
@@ -119,10 +133,19 @@ def attention_mixer(name, core):
         dx += dxv
         return dx, g
 
+    def reference(x, p, cfg, *, causal, key_mask=None):
+        check_input(x, cfg)
+        H = cfg.n_heads
+        q, k, v = (split_heads(x @ p[W] + p[b], H) for W, b in (("Wq", "bq"), ("Wk", "bk"), ("Wv", "bv")))
+        o = core.reference(q, k, v, _core_params(p, core_names(cfg)), cfg, causal=causal,
+                           key_mask=key_mask)
+        return merge_heads(o) @ p["Wo"] + p["bo"]
+
     def decode_init(B, p, cfg):
         return core.decode_init(B, _core_params(p, core_names(cfg)), cfg)
 
     def decode(x, p, cfg, state):
+        check_input(x, cfg)
         q, k, v, _ = project(x, p, cfg)
         o, state = core.decode(q, k, v, _core_params(p, core_names(cfg)), cfg, state)
         return merge_heads(o) @ p["Wo"] + p["bo"], state
@@ -135,6 +158,7 @@ def attention_mixer(name, core):
 
     return Mixer(name=name, parameter_shapes=parameter_shapes, init_parameters=init_parameters,
                  forward=forward, backward=backward, decode_init=decode_init, decode=decode,
+                 reference=reference,
                  buffer_shapes=core.BUFFER_SHAPES, init_buffers=core.init_buffers,
                  redraw=getattr(core, "redraw", None), init_from_data=init_from_data,
                  no_decay=frozenset(getattr(core, "NO_DECAY", ())),

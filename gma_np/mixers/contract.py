@@ -46,6 +46,9 @@ class Mixer:
     # (x (B, n, D), p, cfg, state) -> (y (B, n, D), state): n >= 1 new tokens after the
     # state's prefix; any chunking equals the causal forward of the whole sequence
     decode: Callable
+    # (x (B, N, D), p, cfg, *, causal, key_mask=None) -> y: the naive reference the fast
+    # forward is tested against (the dense N x N form or a loop over t)
+    reference: Callable
     # cfg -> {local name: shape} of the buffers ({} for most mixers)
     buffer_shapes: Callable = lambda cfg: {}
     # (cfg, rng) -> {local name: float64 array}: initial buffers

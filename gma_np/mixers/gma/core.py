@@ -25,6 +25,7 @@ from gma_np.mixers.attention import attention_mixer
 from gma_np.nn.mixture_init import fit_mixture
 from gma_np.ops.mixing import gma_backward, gma_forward
 from gma_np.ops.recurrent import gma_recurrent
+from gma_np.reference.dense import gma_dense
 
 # The mixture is the parameters of a distribution, not weights that multiply
 # activations: decay would pull the means to the origin, the variances to 1 and the
@@ -88,6 +89,12 @@ def decode_init(B, p, cfg):
 def decode(q, k, v, p, cfg, state):
     return gma_recurrent(q, k, v, p["means"], p["log_var"], p["logits"], state,
                          norm=cfg.norm, temperature=temperature_of(p))
+
+
+def reference(q, k, v, p, cfg, *, causal, key_mask=None):
+    """The dense N x N form of the definition (gma_np.reference.dense)."""
+    return gma_dense(q, k, v, p["means"], p["log_var"], p["logits"], causal=causal,
+                     norm=cfg.norm, temperature=temperature_of(p), key_mask=key_mask)
 
 
 def init_from_keys(k, p, cfg, rng):
