@@ -66,6 +66,9 @@ class ModelConfig:
     norm: str = "row"              # gma: read-out normalisation, "row" or "slot"
     n_features: int = 64           # performer: m random features per head
     feature_redraw: int = 0        # performer: redraw the projections every n steps (0 = never)
+    ssm_expand: int = 2            # mamba: E, inner width E * D
+    ssm_state: int = 16            # mamba: state size per channel
+    ssm_conv: int = 4              # mamba: width of its causal depthwise convolution
     mlp_ratio: int = 4             # F = mlp_ratio * D
     conv_width: int = 4            # width of the causal convolution before each mixer (0 = none)
     tie_embeddings: bool = True    # logits = layernorm(x) wte^T (no separate head)
@@ -73,7 +76,8 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "head_dim",
-                     "value_dim", "n_components", "n_features", "mlp_ratio"):
+                     "value_dim", "n_components", "n_features", "ssm_expand", "ssm_state",
+                     "ssm_conv", "mlp_ratio"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
