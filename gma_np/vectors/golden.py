@@ -14,7 +14,8 @@ For one case (gma_np.vectors.cases) this computes, in float64:
 The intermediates come from gma_np.reference (the plain-NumPy definition),
 the output and gradients from the public gma_forward / gma_backward, so the
 bundle is the library's own answer, checked against the references by the
-library's tests.
+library's tests (dtemperature is the shifted form of docs/derivations.md,
+section 2).
 
 Tolerances (docs/vectors.md, "Tolerances"): a port computing in unit
 roundoff u passes tensor T when
@@ -38,10 +39,13 @@ no input perturbation reproduces, because they break an identity that holds
 exactly for any inputs. The computed responsibilities carry a relative error
 of about sqrt(d + 4) u times the size of the terms of l / tau, and the
 computed da = r (dr - sum_k r dr) no longer sums to zero over k; every
-routing gradient is a sum of da times something, and d tau multiplies it by
-a = l / tau, whose large common part the exact formula never sees (the trap
-of autodiff ports, docs/port-guide.md). These are bounded element by element
-with absolute values and added as root sums of squares.
+routing gradient is a sum of da times something, and d tau, in the form
+-sum da a / tau that autodiff computes, multiplies it by a = l / tau, whose
+large common part the exact formula never sees (trap 6 of docs/port-guide.md;
+gma_np takes the row maximum out, -sum da (a - max_k a) / tau,
+docs/derivations.md, section 2). These are bounded element by element with
+absolute values and added as root sums of squares; the d tau bound uses the
+unshifted factor |a|, so that a port of either form passes.
 """
 
 import math
@@ -213,8 +217,11 @@ def rounding_bounds(case, inputs, mask, do, tensors):
        something by its absolute value and adding the independent errors as a
        root sum of squares gives E_T. d tau multiplies da by a = l / tau, which
        can be large: ports that write d tau = -sum da a / tau (what autodiff
-       does) see this term in full, ports that use log r = a - logsumexp(a)
-       (gma_np does) see much less of it.
+       does) see this term in full; ports that take a constant of each row out
+       of a first see much less of it: gma_np uses the row maximum,
+       d tau = -sum da (a - max_k a) / tau (docs/derivations.md, section 2),
+       and log r = a - logsumexp(a) does as well. The bound is the one of the
+       unshifted form, |a|, so that a port of either form passes.
     """
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     means, log_var, logits = inputs["means"], inputs["log_var"], inputs["logits"]
@@ -258,8 +265,9 @@ def rounding_bounds(case, inputs, mask, do, tensors):
         dlv = 0.25 * (dl2[..., None] * (np.abs(diff) * w + 1.0) ** 2).sum(axis=(0, 2))
         sq["dlog_var"] = sq["dlog_var"] + (dlv if log_var.ndim == 3 else dlv.sum(-1))
         sq["dlog_pi"] = sq["dlog_pi"] + dl2.sum(axis=(0, 2))                   # (H, K)
-        # dtemperature = -sum da a / tau: rounding breaks sum_k da = 0 and the broken sum
-        # meets the common part of a, which the exact formula never sees; |a| bounds it
+        # dtemperature = -sum da a / tau in the unshifted form a port may use: rounding
+        # breaks sum_k da = 0 and the broken sum meets the common part of a, which the
+        # exact formula never sees; |a| bounds it (a shifted form sees less)
         sq["dtemperature"] = sq["dtemperature"] + (dl2 * (l / tau) ** 2).sum(axis=(0, 2, 3))
     if not case.per_head:
         sq["dtemperature"] = sq["dtemperature"].sum()
