@@ -214,10 +214,10 @@ def interleaved_medians(fns, repeats):
     sees that implementation's steady state (its threads awake, its buffers paged in),
     as in a training loop, not the state the other implementation left. OpenMP pools
     spin-wait after a parallel region before they sleep (libgomp: 300,000 pauses, ~10
-    ms on recent CPUs): timed straight after torch, a gma_np call shared the cores with
-    torch's spinning workers (causal-row float32 N=1024: 31.8 ms, against ~28 ms back
-    to back), and a pause before each timed call instead made both slower (cold
-    caches and threads: 36.6 ms gma_np, 19.9 torch against 16.3)."""
+    ms on recent CPUs), so a call timed straight after the other implementation would
+    share the cores with its spinning workers; a pause before each timed call would
+    avoid that but time cold caches and sleeping threads instead (docs/performance.md,
+    section 1)."""
     for fn in fns:                                       # warm-up (Numba compile, allocators)
         fn()
     times = [[] for _ in fns]

@@ -17,7 +17,7 @@ counted: the inputs; the O(e) scratch that the Numba kernels allocate
 internally (Numba's own allocator, invisible to tracemalloc); the compiled
 code. The causal scan never allocates N x N nor N x K x e, so the peak should
 be a constant number of bytes per token: the ratio of consecutive rows tends
-to 2 (the issue's figure: <= 2.2 from N = 32768 on).
+to 2 (linear memory: <= 2.2 from N = 32768 on).
 
 Wall times are medians of --repeats untraced runs (tracemalloc slows NumPy
 allocation down); the traced run is separate. Numba compilation happens in a

@@ -10,7 +10,7 @@ each, it decodes 4100 + window bytes one at a time (model.decode on one token,
 then drawing the next byte from the logits, as `gma-np sample` does), timing
 every token. Reported: the median per-token time over `window` tokens starting
 at each position, the median over repeats, and the ratio of the last position
-to the first. Flat means a ratio near 1 (the issue's bar: within 1.2).
+to the first. Flat means a ratio near 1 (within 1.2).
 
 Timings on a shared machine are noisy: the ratio is computed within one run,
 from medians, and the script prints the load average it ran under.
