@@ -8,9 +8,11 @@ Dimension legend: H heads, N points, K components, d feature size.
 section 2). The log r form is the reference here: log r has its row maximum
 at 0, so the rounding residue of sum_k da_nk multiplies nothing large. The
 a form multiplies it by the common part of a (|l| / tau, up to 1e5 and more
-when points are far from a tight mixture). gma_np computes
+when points are far from a tight mixture). gma_np takes the row maximum of l
+out instead, dtau = -sum_{n,k} dl_nk (l_nk - max_k l_nk) / tau: it computes
 sum dl * l from the by-products of its log-density backward GEMMs,
-sum_k const_k sum_n dl_nk - sum_{k,j} dquad_kj.
+sum_k const_k sum_n dl_nk - sum_{k,j} dquad_kj, and subtracts
+sum_n max_k l_nk * sum_k dl_nk over the dl values as stored.
 
 The last column runs gma_np on the same problem in float32 (x, the mixture
 and dr rounded to float32; the reference recomputed on those values upcast):
