@@ -1,17 +1,28 @@
-"""How many threads a kernel call gets: Numba's setting for large work, one for small work.
+"""Thread control of gma_np, all of it: the one module that sets Numba, BLAS or OpenMP threads.
 
-The kernels are parallel over sequences (prange over batch x heads). The
-number of threads is Numba's: numba.set_num_threads(n) in the calling thread,
-or the NUMBA_NUM_THREADS environment variable before the first import (BLAS
-has its own: OPENBLAS_NUM_THREADS / OMP_NUM_THREADS). Below
-gma_np._numerics.PARALLEL_MIN_WORK multiply-adds, a call runs on one thread
-instead: waking the pool would cost more than the work (docs/performance.md).
+- threads_for(work): a kernel call gets Numba's threads for large work, one for small.
+  The kernels are parallel over sequences (prange over batch x heads); the number
+  of threads is Numba's: numba.set_num_threads(n) in the calling thread, or the
+  NUMBA_NUM_THREADS environment variable before the first import. Below
+  gma_np._numerics.PARALLEL_MIN_WORK multiply-adds a call runs on one thread:
+  waking the pool would cost more than the work (docs/performance.md).
+- blas_threads(n), with_blas_threads(parameter): BLAS threads for a whole run
+  (threadpoolctl's threadpool_limits, restored on exit); blas_single_thread():
+  BLAS on one thread around an op's block loop, cheap enough to run per call.
+- run_streams(fn, n), sum_in_order(terms): the block loops' streams on Python
+  threads, and sums over them that are the same bit for bit at any thread count.
+- _quiet_openmp_workers(): Numba's OpenMP workers sleep when idle, which no
+  library sets for one pool only (see below).
 """
 
 import contextlib
+import functools
+import inspect
 import os
 
 import numba
+import numpy as np
+import threadpoolctl
 
 from gma_np._numerics import PARALLEL_MIN_WORK
 
@@ -72,69 +83,88 @@ def threads_for(work):
 
 
 # ---------------------------------------------------------------------------------------
-# BLAS threads of the small per-block GEMMs of the routing.
+# BLAS threads.
 #
-# The routing runs one GEMM per block of ROUTING_BLOCK tokens per (batch, head):
-# thousands of small GEMMs per call. A multi-threaded OpenBLAS wakes its pool
-# for each of them; measured on the loaded 2-core machine (causal fwd+bwd,
-# N=8192, float32) that took 5.4 s against 0.63 s with OpenBLAS on one thread.
-# blas_single_thread() sets the OpenBLAS that NumPy loaded to one thread for
-# the duration of a block loop and restores it after, through OpenBLAS's own
-# C API (found the way threadpoolctl finds it: the loaded libraries in
-# /proc/self/maps). Where that is not possible (another BLAS, another OS) it
-# does nothing, and the BLAS's own setting applies.
+# Two uses, both through threadpoolctl (which finds OpenBLAS, MKL, BLIS and FlexiBLAS
+# among the loaded libraries and sets each through its own C API):
+#
+# - blas_threads(n), for a whole run: the trainer, `gma-np eval` and `gma-np sample`.
+#   One step of the `tiny` preset (4096 x 128 by 128 x 512 products) took 5.3 s with
+#   OpenBLAS's default threads and 0.44 s with one thread on 2 cores shared with other
+#   jobs: the BLAS threads spin-wait for cores that the Numba kernels and other
+#   processes hold. The environment variables (OPENBLAS_NUM_THREADS, ...) only work
+#   before NumPy is imported, too late for a library or a subcommand.
+#
+# - blas_single_thread(), around the block loops of one op call: thousands of small
+#   GEMMs per call, for which a multi-threaded BLAS wakes its pool each time (causal
+#   fwd+bwd, N=8192, float32, loaded 2-core machine: 5.4 s against 0.63 s on one
+#   thread). It runs once or more per op call, so its cost counts at small sizes:
+#   threadpool_limits finds the libraries afresh on every call (~750 us measured,
+#   against ~300 us for a whole bidirectional fwd+bwd at N = 37), while limit() on a
+#   controller kept from the first call costs ~11 us. NumPy's BLAS, the one the block
+#   GEMMs use, is loaded with NumPy, so it is among the libraries found then.
+#
+# Some libraries keep the limit per calling thread (MKL; OpenBLAS built with OpenMP),
+# others per process (OpenBLAS with pthreads, the one in NumPy's wheels, which
+# threadpoolctl lets one Python thread at a time control). So the limit is taken in
+# every thread that runs block GEMMs: the op's own thread, around the loop, and each
+# stream's worker inside it (run_streams). A process-wide limit is then set and
+# restored by the op's thread, whose block encloses the workers'.
 # ---------------------------------------------------------------------------------------
 
-_OPENBLAS = []          # [(set, get)] once found; [None] if not found
+_BLAS = []    # [threadpoolctl controller of the BLAS libraries loaded at the first call]
 
 
-def _find_openblas():
-    if _OPENBLAS:
-        return _OPENBLAS[0]
-    found = None
-    try:
-        import ctypes
-        import numpy  # noqa: F401  (its BLAS must be loaded to be found)
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower()
-                            and line.split()[-1].startswith("/")})
-        for path in paths:
-            lib = ctypes.CDLL(path)
-            for suffix in ("64_", "", "_64"):
-                for prefix in ("scipy_openblas", "openblas"):
-                    set_, get_ = (getattr(lib, f"{prefix}_{op}_num_threads{suffix}", None)
-                                  for op in ("set", "get"))
-                    if set_ is not None and get_ is not None:
-                        set_.argtypes, get_.restype = [ctypes.c_int], ctypes.c_int
-                        found = (set_, get_)
-                        break
-                if found:
-                    break
-            if found:
-                break
-    except (OSError, AttributeError):
-        found = None
-    _OPENBLAS.append(found)
-    return found
-
-
-@contextlib.contextmanager
 def blas_single_thread():
-    """Run the body with NumPy's OpenBLAS on one thread (if it can be found), then restore."""
-    api = _find_openblas()
-    if api is None:
-        yield
-        return
-    set_, get_ = api
-    n = get_()
-    if n <= 1:
-        yield
-        return
-    set_(1)
-    try:
-        yield
-    finally:
-        set_(n)
+    """Context manager: the BLAS libraries on one thread (in this thread) for the body.
+
+    Applied at the call, restored at the end of the `with` block. Where every library
+    is on one thread already (a training run, or a caller that set it), there is
+    nothing to set or restore, and asking costs ~1.5 us instead of limit()'s ~11.
+    """
+    if not _BLAS:
+        _BLAS.append(threadpoolctl.ThreadpoolController().select(user_api="blas"))
+    controller = _BLAS[0]
+    if all(lib.get_num_threads() in (1, None) for lib in controller.lib_controllers):
+        return contextlib.nullcontext()
+    return controller.limit(limits=1, user_api="blas")
+
+
+def blas_threads(n):
+    """Every BLAS library loaded in the process on `n` threads (None: leave them alone).
+
+    Applied at the call, as threadpoolctl's threadpool_limits (which it is): used as
+    `with blas_threads(1): ...` the previous thread counts come back at the end of the
+    block, whether it returns or raises; called alone, the limit stays for the rest of
+    the process (what a command-line subcommand wants). The libraries are found afresh
+    on each call, so one loaded since the last call is covered too.
+    """
+    if n is None:
+        return contextlib.nullcontext()
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"blas_threads: expected an int >= 1 or None, got {type(n).__name__} {n!r}")
+    if n < 1:
+        raise ValueError(f"blas_threads: expected an int >= 1 or None, got {n}")
+    return threadpoolctl.threadpool_limits(limits=int(n), user_api="blas")
+
+
+def with_blas_threads(parameter):
+    """Decorator: the function runs under blas_threads(<its argument `parameter`>).
+
+    The caller's BLAS thread counts come back when the function returns or raises,
+    so a Python caller of, say, train() is not left with single-threaded BLAS.
+    """
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with blas_threads(bound.arguments[parameter]):
+                return fn(*args, **kwargs)
+        return run
+    return decorate
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,15 +175,24 @@ def blas_single_thread():
 # block i goes to stream i % BLOCK_STREAMS. The streams run concurrently on
 # Python threads when Numba has more than one thread (numba.get_num_threads() in
 # the calling thread, so threads_for and numba.set_num_threads apply), else one
-# after the other. Each stream's sums are its own and are added in stream order
-# at the end, so the results are bit for bit the same whatever the thread count.
+# after the other, each with BLAS on one thread. Each stream's sums are its own and
+# are added in stream order at the end, so the results are bit for bit the same
+# whatever the thread count.
 # ---------------------------------------------------------------------------------------
 
 _POOL = []
 
 
+def _stream_in_worker(fn, s):
+    with blas_single_thread():                          # per-thread BLAS limits: see above
+        return fn(s)
+
+
 def run_streams(fn, n_streams):
-    """[fn(0), ..., fn(n_streams - 1)]: concurrently if Numba has > 1 thread, else in order."""
+    """[fn(0), ..., fn(n_streams - 1)]: concurrently if Numba has > 1 thread, else in order.
+
+    Called inside blas_single_thread(); each worker takes its own limit as well.
+    """
     _quiet_openmp_workers()
     threads = min(n_streams, numba.get_num_threads())
     if threads <= 1:
@@ -161,7 +200,7 @@ def run_streams(fn, n_streams):
     if not _POOL:
         from concurrent.futures import ThreadPoolExecutor
         _POOL.append(ThreadPoolExecutor(max_workers=n_streams, thread_name_prefix="gma_np"))
-    return list(_POOL[0].map(fn, range(n_streams)))
+    return list(_POOL[0].map(functools.partial(_stream_in_worker, fn), range(n_streams)))
 
 
 def sum_in_order(terms):
