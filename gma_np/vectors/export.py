@@ -93,10 +93,10 @@ def build_bundle(matrix="default", seed=0, progress=None):
         matrix = "custom"
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-    # One Numba thread: the cases are small, and starting threads for each of the ~240
-    # kernel calls cost 7x the whole export on a loaded 2-core machine (measured:
-    # 5.3 s against 36 s). It also keeps the bytes independent of the machine's
-    # thread count.
+    # One Numba thread: the cases are small, and waking the thread pool for each of the
+    # ~240 small kernel calls costs more than their work, many times the whole export on
+    # a loaded machine (docs/vectors.md, "Size and time"). It also keeps the bytes
+    # independent of the machine's thread count.
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
