@@ -23,10 +23,10 @@ import time
 import numpy as np
 
 from gma_np.nn import GMALanguageModel
+from gma_np.ops._threads import blas_threads
 from gma_np.train.config import preset
 from gma_np.train.data import default_text
 from gma_np.train.evaluate import _pick
-from gma_np.train.threads import limit_blas_threads
 
 
 def per_token_times(model, n_tokens, rng):
@@ -49,7 +49,7 @@ def main():
     parser.add_argument("--window", type=int, default=64, help="tokens timed at each position")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    limit_blas_threads(1)
+    blas_threads(1)                                 # for the rest of the process
     last = max(args.positions) + args.window
     print(f"load average before: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} cores")
     for label, max_len in (("positional table of 4100 rows", 4100),

@@ -68,9 +68,9 @@ def _load_model(run_dir):
 def cmd_eval(args):
     from gma_np.train.data import load_corpus
     from gma_np.train.evaluate import evaluate_bpb
-    from gma_np.train.threads import limit_blas_threads
+    from gma_np.ops._threads import blas_threads
     try:
-        limit_blas_threads(1)
+        blas_threads(1)                             # for the rest of this command
         cfg, model, step = _load_model(args.run_dir)
         corpus = load_corpus(cfg.data if args.data is None else args.data, cfg.val_fraction)
         bpb = evaluate_bpb(model, corpus.val, cfg.context, args.tokens)
@@ -86,9 +86,9 @@ def cmd_sample(args):
     import numpy as np
 
     from gma_np.train.evaluate import generate
-    from gma_np.train.threads import limit_blas_threads
+    from gma_np.ops._threads import blas_threads
     try:
-        limit_blas_threads(1)
+        blas_threads(1)                             # for the rest of this command
         _, model, _ = _load_model(args.run_dir)
         text = generate(model, args.prompt.encode("utf-8"), args.tokens,
                         temperature=args.temperature, top_k=args.top_k,

@@ -37,13 +37,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from gma_np.nn.model import GMALanguageModel, decays
+from gma_np.ops._threads import with_blas_threads
 from gma_np.optim import AdamW, clip_grad_norm, lr_at
 from gma_np.train import checkpoint as ckpt
 from gma_np.train.config import BOOKKEEPING_FIELDS, TrainConfig, config_differences
 from gma_np.train.data import load_corpus, sample_batch
 from gma_np.train.evaluate import evaluate_bpb
 from gma_np.train.runlog import RunLog
-from gma_np.train.threads import limit_blas_threads
 
 
 class TrainingDiverged(RuntimeError):
@@ -106,6 +106,7 @@ def _print_now(message):
     print(message, flush=True)
 
 
+@with_blas_threads("blas_threads")
 def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_print_now,
           on_step=None, blas_threads=1):
     """Train (or resume) the run in run_dir. Returns a TrainResult.
@@ -116,10 +117,9 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
     stop_after : stop (with a checkpoint) after this many steps of this invocation.
     quiet : None = progress bar only on a terminal; True/False force it.
     on_step : called as on_step(step) after each step (tests use it to kill a run).
-    blas_threads : OpenBLAS threads for the run (gma_np.train.threads; None = leave as is).
+    blas_threads : BLAS threads for the run (None = leave as is); the caller's come back
+        when train returns or raises (gma_np.ops._threads.with_blas_threads).
     """
-    if blas_threads is not None:
-        limit_blas_threads(blas_threads)
     if cfg is not None and not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig or None, got {type(cfg).__name__}")
     if not resume and cfg is not None and os.path.exists(ckpt.checkpoint_path(run_dir)):
