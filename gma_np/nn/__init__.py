@@ -1,7 +1,7 @@
 """The stateful shell over gma_np.ops: layers as forward/backward pairs, and the GMA language model.
 
     layers.py        embedding, positions, linear, layernorm, GELU MLP, cross-entropy, classifier head
-    gma_layer.py     the multi-head GMA layer of section 4 of the definition
+    gma_layer.py     the multi-head GMA layer (docs/definition.md, section 6)
     mixture_init.py  k-means++ initialisation of the mixtures from the first batch's keys
     model.py         ModelConfig, the pure model_forward / model_backward, GMALanguageModel
 """

@@ -1,4 +1,4 @@
-"""The multi-head GMA layer of section 4 of the definition, as a forward/backward pair.
+"""The multi-head GMA layer (docs/definition.md, section 6), as a forward/backward pair.
 
 Dimension legend: B batch, N tokens, D model width, H heads, d query/key head
 size, e value head size, K mixture components.

@@ -130,7 +130,7 @@ def layernorm_backward(dy, cache):
     """(dx, dg, db) of layernorm_forward.
 
     With xhat = (x - mean) rstd and dxhat = dy g, the Jacobian of the
-    normalisation gives (docs/tutorial.md, step 5)
+    normalisation gives (docs/tutorial.md, step 3)
         dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))."""
     xhat, rstd, g = cache
     D = xhat.shape[-1]

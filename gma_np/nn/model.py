@@ -8,8 +8,8 @@ Dimension legend: B batch, N tokens, D d_model, V vocabulary, L layers, F = mlp_
         x = x + mlp(layernorm(x))                               gelu MLP, D -> F -> D
     logits = layernorm(x) W_head                                (B, N, V); W_head = wte^T when tied
 
-The mixer is cfg.mixer, one of gma_np.mixers.REGISTRY (GMA by default: section 4 of
-the definition), called only through the contract gma_np.mixers.contract.Mixer.
+The mixer is cfg.mixer, one of gma_np.mixers.REGISTRY (GMA by default: the layer of
+docs/definition.md, section 6), called only through the contract gma_np.mixers.contract.Mixer.
 conv is an optional short depthwise causal convolution (width conv_width, identity at
 initialisation; conv_width = 0 leaves it out). It hands each token its few
 predecessors, which a GMA memory, a position-free average over routed slots, cannot
