@@ -58,6 +58,22 @@ def test_fast_matches_dense(size, causal, masked, dtype):
         assert not o[-1].any(), "an all-padding sequence reads an empty memory: o = 0 / eps = 0"
 
 
+def test_the_chunked_causal_form_gives_the_same(monkeypatch):
+    """Where d e is large the memory takes GMA's chunked form (causal_form): forced here at
+    N = 300 (several groups of chunks), the outputs match the dense form and the gradients
+    the token scan's."""
+    q, k, v, mask = make_inputs(np.random.default_rng(19), 2, 2, 300, 4, 3, masked=True)
+    do = np.random.default_rng(20).standard_normal(v.shape)
+    o_scan, c_scan = linear_attention_forward(q, k, v, causal=True, key_mask=mask)
+    monkeypatch.setattr("gma_np.ops.memory.causal_form", lambda F, e: "chunked")
+    o, cache = linear_attention_forward(q, k, v, causal=True, key_mask=mask)
+    assert not np.array_equal(o, o_scan), "the chunked form was not used (same rounding as the scan)"
+    assert_close("o", o, linear_attention_dense(q, k, v, causal=True, key_mask=mask), 1e-12)
+    g, g_scan = linear_attention_backward(do, cache), linear_attention_backward(do, c_scan)
+    for name in ("q", "k", "v"):
+        assert_close(f"d{name}", g[name], g_scan[name], 1e-12)
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_loop_matches_dense(masked):
     """The two naive forms agree: the loop over t with its state is the causal dense form."""
