@@ -189,6 +189,7 @@ def test_core_adapter():
     assert core.CAUSAL_ONLY is False and core.causal_only is False
     o, cache = core.forward(q, k, v, {}, cfg, causal=True, key_mask=mask)
     assert np.array_equal(o, linear_attention(q, k, v, causal=True, key_mask=mask))
+    assert np.array_equal(core.reference(q, k, v, {}, cfg, causal=True, key_mask=mask), linear_attention_dense(q, k, v, causal=True, key_mask=mask))
     do = rng.standard_normal(o.shape)
     dq, dk, dv, dp = core.backward(do, cache)
     g = linear_attention_backward(do, cache)

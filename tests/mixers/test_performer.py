@@ -359,6 +359,7 @@ def test_core_adapter():
     assert p["projections"].shape == (H, m, d)
     o, cache = core.forward(q, k, v, p, cfg, causal=True, key_mask=mask)
     assert np.array_equal(o, performer_attention(q, k, v, p["projections"], causal=True, key_mask=mask))
+    assert np.array_equal(core.reference(q, k, v, p, cfg, causal=True, key_mask=mask), performer_attention_dense(q, k, v, p["projections"], causal=True, key_mask=mask))
     do = rng.standard_normal(o.shape)
     dq, dk, dv, dp = core.backward(do, cache)
     g = performer_attention_backward(do, cache)

@@ -20,6 +20,7 @@ from gma_np.mixers.linear.ops import (
     linear_attention_forward,
     linear_attention_recurrent,
 )
+from gma_np.mixers.linear.naive import linear_attention_dense
 
 # Linear attention has a bidirectional form.
 CAUSAL_ONLY = False
@@ -49,6 +50,11 @@ def forward(q, k, v, p, cfg, *, causal, key_mask=None):
 def backward(do, cache):
     g = linear_attention_backward(do, cache)
     return g["q"], g["k"], g["v"], {}
+
+
+def reference(q, k, v, p, cfg, *, causal, key_mask=None):
+    """The dense N x N form of the definition (naive.py), float64."""
+    return linear_attention_dense(q, k, v, causal=causal, key_mask=key_mask)
 
 
 def decode_init(B, p, cfg):

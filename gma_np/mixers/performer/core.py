@@ -26,6 +26,7 @@ from gma_np.mixers.performer.ops import (
     performer_attention_forward,
     performer_attention_recurrent,
 )
+from gma_np.mixers.performer.naive import performer_attention_dense
 
 # FAVOR+ has a bidirectional form.
 CAUSAL_ONLY = False
@@ -71,6 +72,12 @@ def forward(q, k, v, p, cfg, *, causal, key_mask=None):
 def backward(do, cache):
     g = performer_attention_backward(do, cache)
     return g["q"], g["k"], g["v"], {}
+
+
+def reference(q, k, v, p, cfg, *, causal, key_mask=None):
+    """The dense N x N form of the definition with the paper's unstabilised features
+    (naive.py), float64."""
+    return performer_attention_dense(q, k, v, p["projections"], causal=causal, key_mask=key_mask)
 
 
 def decode_init(B, p, cfg):
