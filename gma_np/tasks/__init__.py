@@ -1,0 +1,36 @@
+"""Tasks behind one contract (gma_np.tasks.base.Task), one module per task, and their registry.
+
+    base.py      Batch, the Task contract, the heads as objects, metrics, shared helpers
+    lm.py        next-byte language modelling on a byte corpus (gma_np.data): bits per byte
+    listops.py   ListOps as the Long Range Arena defines it: 10-class classification
+    recall.py    multi-query associative recall (Zoology): accuracy at the answers
+    copying.py   selective copying: accuracy at the outputs
+
+Every module defines `NAME`, `build(seed=0, cache_dir=None, **params) -> Task`, and its
+Task class. The training loop knows only the Task contract (docs/tasks.md).
+"""
+
+import importlib
+
+# name -> the module whose `build` makes the task. Imported on first use.
+TASKS = {
+    "listops": "gma_np.tasks.listops",
+}
+
+TASK_NAMES = tuple(TASKS)
+
+
+def task_module(name):
+    """The module of the registered task `name`; ValueError naming the known ones otherwise."""
+    if name not in TASKS:
+        raise ValueError(f"task: expected one of {TASK_NAMES}, got {name!r}")
+    return importlib.import_module(TASKS[name])
+
+
+def get_task(name, *, seed=0, cache_dir=None, **params):
+    """The task `name` built from `seed` and its parameters (cache_dir: where generated
+    splits are kept; None = generate in memory every time)."""
+    return task_module(name).build(seed=seed, cache_dir=cache_dir, **params)
+
+
+__all__ = ["TASKS", "TASK_NAMES", "task_module", "get_task"]

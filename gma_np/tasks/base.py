@@ -1,0 +1,247 @@
+"""The task contract: everything the training loop knows of a task.
+
+Dimension legend: B batch, N tokens, D model width, V vocabulary, C classes.
+
+A task says what the batches are, which head turns the model body's hidden states
+into a loss, what the metric is and how evaluation runs. The model body is shared by
+every task: embeddings + blocks + final layernorm, h = body(tokens) (B, N, D), run
+causally when `task.causal` and bidirectionally otherwise, with the batch's
+key_mask. One training step is then
+
+    batch = task.sample_batch("train", B, rng)                  # Batch (tokens, targets, key_mask, loss_mask)
+    h, c_body = body_forward(params, batch.tokens, cfg, causal=task.causal, key_mask=batch.key_mask)
+    loss, c_head, outputs = task.head_forward(h, params, batch, cfg)
+    dh, g_head = task.head_backward(c_head)
+    grads = add_head_grads(body_backward(dh, c_body), g_head)   # a shared name (tied wte) gets both
+
+and evaluation is `task.evaluate(split, body, params, cfg)`, with body(tokens, key_mask)
+-> h: the task runs its fixed evaluation batches through the body and its head and
+returns the loss and the metric.
+
+`params` is the model's one flat dict of arrays; it holds the head's own parameters
+(head_shapes(cfg), made by init_head(cfg, rng)) beside the body's, and a head may
+read a body parameter (the token head reads "wte" when embeddings are tied).
+"""
+
+import math
+import os
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from gma_np.nn.heads import (pooled_classifier_backward, pooled_classifier_forward,
+                             token_head_backward, token_head_forward)
+from gma_np.nn.layers import INIT_STD
+
+# Rows per evaluation batch when the caller does not say: bounds the activations' memory.
+EVAL_BATCH = 64
+
+
+class Batch(NamedTuple):
+    """One batch. Unpacks as (tokens, targets, key_mask, loss_mask)."""
+    tokens: np.ndarray                       # (B, N) int64 token ids
+    targets: np.ndarray                      # (B, N) int64 next-token or answer ids; (B,) class labels
+    key_mask: Optional[np.ndarray] = None    # (B, N) bool, True = a real token; None = no padding
+    loss_mask: Optional[np.ndarray] = None   # (B, N) bool, True = a scored position; None = every one
+
+
+# ---------------------------------------------------------------- heads
+
+class TokenHead:
+    """Logits over the vocabulary at every position, cross-entropy where loss_mask is True.
+
+    With tied embeddings the weight is wte^T (the body's token table) and the gradient
+    is returned under "wte"; otherwise the head owns "head" (D, V), as the language
+    model always has (same name, so checkpoints keep their layout)."""
+
+    kind = "token"
+
+    def shapes(self, cfg):
+        return {} if cfg.tie_embeddings else {"head": (cfg.d_model, cfg.vocab_size)}
+
+    def init(self, cfg, rng):
+        return {name: rng.normal(0.0, INIT_STD, shape) for name, shape in self.shapes(cfg).items()}
+
+    def forward(self, h, params, batch, cfg):
+        W = params["wte"].T if cfg.tie_embeddings else params["head"]          # (D, V)
+        loss, logits, cache = token_head_forward(h, W, batch.targets, batch.loss_mask)
+        scored = np.ones(batch.targets.shape, dtype=bool) if batch.loss_mask is None else batch.loss_mask
+        count = int(scored.sum())
+        correct = int(((logits.argmax(axis=-1) == batch.targets) & scored).sum())
+        return loss, (cache, cfg.tie_embeddings), {"nats": loss * count, "count": count,
+                                                    "correct": correct}
+
+    def backward(self, cache, dloss=1.0):
+        c, tied = cache
+        dh, dW = token_head_backward(c, dloss)
+        return dh, ({"wte": dW.T} if tied else {"head": dW})
+
+
+class PooledClassifierHead:
+    """Pool the real tokens ("mean", or "first" for a class token), then a linear classifier."""
+
+    kind = "classifier"
+
+    def __init__(self, n_classes, pool="mean"):
+        self.n_classes, self.pool = n_classes, pool
+
+    def shapes(self, cfg):
+        return {"cls.W": (cfg.d_model, self.n_classes), "cls.b": (self.n_classes,)}
+
+    def init(self, cfg, rng):
+        return {"cls.W": rng.normal(0.0, INIT_STD, (cfg.d_model, self.n_classes)),
+                "cls.b": np.zeros(self.n_classes)}
+
+    def forward(self, h, params, batch, cfg):
+        loss, logits, cache = pooled_classifier_forward(h, params["cls.W"], params["cls.b"],
+                                                        batch.targets, batch.key_mask, self.pool)
+        count = len(batch.targets)
+        correct = int((logits.argmax(axis=-1) == batch.targets).sum())
+        return loss, cache, {"nats": loss * count, "count": count, "correct": correct}
+
+    def backward(self, cache, dloss=1.0):
+        dh, dW, db = pooled_classifier_backward(cache, dloss)
+        return dh, {"cls.W": dW, "cls.b": db}
+
+
+def add_head_grads(body_grads, head_grads):
+    """body_grads with the head's gradients added (summed where a name is in both)."""
+    out = dict(body_grads)
+    for name, g in head_grads.items():
+        out[name] = out[name] + g if name in out else g
+    return out
+
+
+# ---------------------------------------------------------------- metrics
+
+def bits_per_token(totals):
+    """Mean cross-entropy of the scored tokens in bits (bits per byte for a byte vocabulary)."""
+    return totals["nats"] / totals["count"] / math.log(2.0)
+
+
+def accuracy(totals):
+    """Fraction of the scored targets (classes, or answer positions) predicted right."""
+    return totals["correct"] / totals["count"]
+
+
+# ---------------------------------------------------------------- the task
+
+class Task:
+    """A task: its data, head, metric and evaluation (module docstring: how the loop uses it).
+
+    A subclass sets the attributes and implements sample_batch and eval_batches."""
+
+    name = "task"
+    causal = True            # run the body causally (LM, recall, copying) or bidirectionally (listops)
+    vocab_size = 256         # V: ModelConfig.vocab_size must equal it
+    seq_len = 128            # the longest row of any batch: ModelConfig.max_len must be >= it
+    metric_name = "metric"   # what `metric` measures
+    higher_is_better = True
+    splits = ("train", "val", "test")
+    head = TokenHead()
+    params = {}              # the parameters it was built with (seed included), for the config
+
+    def _metric(self, totals):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ data
+
+    def sample_batch(self, split, batch_size, rng):
+        """A random Batch of `batch_size` rows of `split`, drawn with the numpy Generator rng."""
+        raise NotImplementedError
+
+    def eval_batches(self, split, batch_size=EVAL_BATCH, max_examples=0):
+        """The fixed Batches of `split` (the same every call, no randomness); with
+        max_examples > 0 only that many rows in all."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ head
+
+    def head_shapes(self, cfg):
+        """{name: shape} of the head's own parameters (they join the model's dict)."""
+        return self.head.shapes(cfg)
+
+    def init_head(self, cfg, rng):
+        """{name: float64 array}: initial values of head_shapes(cfg)."""
+        return self.head.init(cfg, rng)
+
+    def head_forward(self, h, params, batch, cfg):
+        """(loss in nats, cache, outputs) of the body's states h (B, N, D) on `batch`.
+
+        outputs: {"nats": summed cross-entropy, "count": scored targets, "correct":
+        argmax hits}, the sums `metric` is computed from (so batches add exactly)."""
+        return self.head.forward(h, params, batch, cfg)
+
+    def head_backward(self, cache, dloss=1.0):
+        """(dh (B, N, D), {name: gradient}) of dloss * loss; add them with add_head_grads."""
+        return self.head.backward(cache, dloss)
+
+    # ------------------------------------------------------------ metric and evaluation
+
+    def metric(self, totals):
+        """The task's metric from summed outputs."""
+        if totals["count"] == 0:
+            raise ValueError("totals: no scored target, the metric is undefined")
+        return self._metric(totals)
+
+    def evaluate(self, split, body, params, cfg, batch_size=EVAL_BATCH, max_examples=0):
+        """{"loss": nats per scored target, metric_name: value, "count": scored targets}
+        over the fixed batches of `split`; body(tokens, key_mask) -> h (B, N, D)."""
+        totals = {"nats": 0.0, "count": 0, "correct": 0}
+        for batch in self.eval_batches(split, batch_size, max_examples):
+            h = body(batch.tokens, batch.key_mask)
+            _, _, out = self.head_forward(h, params, batch, cfg)
+            for key in totals:
+                totals[key] += out[key]
+        return {"loss": totals["nats"] / totals["count"], self.metric_name: self.metric(totals),
+                "count": totals["count"]}
+
+    def check_model(self, cfg):
+        """Raise ValueError unless the model config fits the task (vocabulary, positions)."""
+        if cfg.vocab_size != self.vocab_size:
+            raise ValueError(f"vocab_size: task {self.name!r} needs {self.vocab_size}, "
+                             f"the model has {cfg.vocab_size}")
+        if cfg.max_len < self.seq_len:
+            raise ValueError(f"max_len: task {self.name!r} has rows of up to {self.seq_len} "
+                             f"tokens, the model's positional table has {cfg.max_len}")
+
+    def _check_split(self, split):
+        if split not in self.splits:
+            raise ValueError(f"split: task {self.name!r} has splits {self.splits}, got {split!r}")
+
+
+# ---------------------------------------------------------------- parameter checks and cache
+
+def check_int(name, value, low, high=None):
+    """value as an int in [low, high], else ValueError naming the parameter."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low \
+        and (high is None or value <= high)
+    if not ok:
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}: expected an integer {span}, got {value!r}")
+    return int(value)
+
+
+def default_cache_dir():
+    """Where generated splits are kept unless a run says otherwise: $GMA_NP_CACHE, else
+    the user's cache directory (XDG_CACHE_HOME or ~/.cache) / gma_np."""
+    if os.environ.get("GMA_NP_CACHE"):
+        return os.environ["GMA_NP_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gma_np")
+
+
+def split_rng(seed, split, tag):
+    """The Generator of one split of one task: independent of the other splits and tasks."""
+    index = {"train": 0, "val": 1, "test": 2}[split]
+    return np.random.default_rng([check_int("seed", seed, 0), index, tag])
+
+
+def pad_rows(rows, pad_id=0):
+    """(tokens (B, N) int64, key_mask (B, N) bool) of variable-length rows, padded at the
+    end to the longest; key_mask is True on the real tokens."""
+    lengths = np.array([len(r) for r in rows])
+    tokens = np.full((len(rows), int(lengths.max())), pad_id, dtype=np.int64)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+    return tokens, np.arange(tokens.shape[1])[None, :] < lengths[:, None]
