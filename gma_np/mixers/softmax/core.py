@@ -14,6 +14,7 @@ import sys
 
 from gma_np.mixers.attention import attention_mixer
 from gma_np.mixers.softmax.blocked import softmax_attention_backward, softmax_attention_forward
+from gma_np.mixers.softmax.naive import softmax_attention_naive_forward
 from gma_np.mixers.softmax.recurrent import SoftmaxAttentionState, softmax_attention_recurrent
 
 # Softmax attention has a bidirectional form.
@@ -44,6 +45,11 @@ def forward(q, k, v, p, cfg, *, causal, key_mask=None):
 def backward(do, cache):
     g = softmax_attention_backward(do, cache)
     return g["q"], g["k"], g["v"], {}
+
+
+def reference(q, k, v, p, cfg, *, causal, key_mask=None):
+    """The dense N x N form of the definition (naive.py), float64."""
+    return softmax_attention_naive_forward(q, k, v, causal=causal, key_mask=key_mask)[0]
 
 
 def decode_init(B, p, cfg):
