@@ -87,6 +87,8 @@ def check_configuration(causal, norm, covariance, masked, per_head, seed=0, size
 
 def check_matrix(seed=0):
     """CheckRow for every configuration of the matrix."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
     grid = itertools.product((False, True), ("row", "slot"), ("diag", "spherical"),
                              (True, False), (False, True))
     return [check_configuration(*point, seed=seed) for point in grid]
