@@ -103,7 +103,7 @@ def test_damaged_checkpoint_gets_a_clear_error(straight, tmp_path, damage):
 
 def test_config_mismatch_on_resume_names_the_field(straight, tmp_path):
     _copy_run(straight[0], tmp_path)
-    with pytest.raises(CheckpointError, match="d_model: checkpoint 16, requested 32"):
+    with pytest.raises(CheckpointError, match="model.d_model: checkpoint 16, requested 32"):
         _run(preset("test", steps=20, d_model=32), tmp_path, resume=True)
     # bookkeeping fields may change
     _run(preset("test", steps=20, eval_interval=7), tmp_path, resume=True)

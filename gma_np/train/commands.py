@@ -1,61 +1,93 @@
 """The `gma-np train`, `gma-np eval` and `gma-np sample` subcommands (thin over gma_np.train).
 
-    gma-np train --preset tiny [--steps N] [--out DIR] [--seed S] [--data PATH] [--resume]
+    gma-np train --preset tiny [--config FILE] [--steps N] [--out DIR] [--seed S] [--data PATH]
+                 [--resume] [--stop-after N] ...
     gma-np eval DIR [--data PATH] [--tokens N]
     gma-np sample DIR --prompt TEXT [--tokens N] [--temperature T] [--top-k K] [--seed S]
 
-Only argparse is imported at the top: the trainer loads when a command runs.
-A user error (bad checkpoint, bad data path, mismatched config, divergence)
-prints one line `gma-np <command>: error: ...` and exits with status 1.
+The config of `train` is layered: the preset (--preset, else the file's
+"preset", else tiny), then the --config file (a run's config.json, or any part
+of it), then the flags; on --resume without --preset the checkpoint's config
+takes the preset's place.
+
+Arguments are checked by the parser (exit status 2, one line). A run, file or
+corpus that cannot be used (CheckpointError, DataError, ConfigError,
+TrainingDiverged, an --out that cannot be created) prints one line
+`gma-np <command>: error: ...` on stderr and exits with status 1.
 """
 
+import argparse
 import sys
 
-# Options of `gma-np train` that override fields of the preset: (flag, field, type, help).
+from gma_np.cli import (fail, nonnegative_float, nonnegative_int, output_directory, positive_float,
+                        positive_int)
+
+# Options of `gma-np train` that override fields of the config: (flag, field, type, help).
+# Their default is the preset's (or the --config file's), so the help gives none.
 _OVERRIDES = (
-    ("--steps", "steps", int, "total optimizer steps"),
-    ("--seed", "seed", int, "seed of the initialisation and the batch order"),
-    ("--data", "data", str, "a UTF-8 text file, a WikiText directory or an enwik8 file "
-                            "(default: the embedded pydoc corpus)"),
-    ("--lr", "lr", float, "peak learning rate"),
-    ("--batch-size", "batch_size", int, "sequences per step"),
-    ("--eval-interval", "eval_interval", int, "validate every this many steps"),
-    ("--checkpoint-interval", "checkpoint_interval", int, "checkpoint every this many steps"),
+    ("--steps", "steps", positive_int, "total optimizer steps; with --resume, a larger value "
+                                       "extends the run (docs/training.md: the cosine keeps its end, "
+                                       "the added steps run at its floor)"),
+    ("--seed", "seed", nonnegative_int, "seed of the initialisation and the batch order"),
+    ("--data", "data", str, "a UTF-8 text file, a WikiText directory or an enwik8 file"),
+    ("--lr", "lr", positive_float, "peak learning rate"),
+    ("--batch-size", "batch_size", positive_int, "sequences per step"),
+    ("--warmup-steps", "warmup_steps", nonnegative_int, "steps of linear warm-up"),
+    ("--decay-steps", "decay_steps", nonnegative_int, "the step at which the cosine reaches "
+                                                      "lr * min_lr_ratio, 0 = --steps"),
+    ("--eval-interval", "eval_interval", positive_int, "validate every this many steps"),
+    ("--checkpoint-interval", "checkpoint_interval", positive_int,
+     "checkpoint every this many steps"),
 )
-
-
-def _fail(command, err):
-    print(f"gma-np {command}: error: {err}", file=sys.stderr)
-    return 1
 
 
 def _user_errors():
     from gma_np.train.checkpoint import CheckpointError
+    from gma_np.train.config import ConfigError
     from gma_np.train.data import DataError
     from gma_np.train.loop import TrainingDiverged
-    return (CheckpointError, DataError, TrainingDiverged, ValueError, TypeError)
+    return (CheckpointError, ConfigError, DataError, TrainingDiverged)
+
+
+def _preset_name(text):
+    from gma_np.train.config import PRESETS
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(sorted(PRESETS))}, got {text!r}")
+    return text
+
+
+def requested_config(args):
+    """(TrainConfig or None, run directory) of a `gma-np train` command line.
+    None: a plain --resume, which continues with the checkpoint's own config."""
+    from gma_np.train.checkpoint import load_checkpoint
+    from gma_np.train.config import PRESETS, TrainConfig, check_preset_name, load_config_file, merge
+    overrides = {field: getattr(args, field) for _, field, _, _ in _OVERRIDES
+                 if getattr(args, field) is not None}
+    from_file = load_config_file(args.config) if args.config else {}
+    name = args.preset or from_file.get("preset") or "tiny"
+    out = args.out or f"runs/{name}"
+    if args.resume and args.preset is None and not from_file and not overrides:
+        return None, out
+    if args.resume and args.preset is None:
+        base = [load_checkpoint(out)[2]["config"]]
+    else:
+        base = [{"preset": check_preset_name(name)}, PRESETS[name]]
+    return TrainConfig.from_dict(merge(*base, from_file, overrides)), out
 
 
 def cmd_train(args):
-    from gma_np.train.config import TrainConfig, preset
+    from gma_np.train.config import schedule_warnings
     from gma_np.train.loop import train
-    from gma_np.train.checkpoint import load_checkpoint
     try:
-        overrides = {field: getattr(args, field) for _, field, _, _ in _OVERRIDES
-                     if getattr(args, field) is not None}
-        out = args.out or f"runs/{args.preset or 'tiny'}"
-        if args.resume:
-            if args.preset is None and not overrides:
-                cfg = None                                         # the checkpoint's own config
-            else:
-                base = (preset(args.preset).to_dict() if args.preset
-                        else load_checkpoint(out)[2]["config"])
-                cfg = TrainConfig.from_dict({**base, **overrides})
-        else:
-            cfg = preset(args.preset or "tiny", **overrides)
-        train(cfg, out, resume=args.resume)
+        cfg, out = requested_config(args)
+        if not args.resume:
+            output_directory(out, "--out")
+        if cfg is not None:
+            for line in schedule_warnings(cfg):
+                print(f"gma-np train: warning: {line}", file=sys.stderr)
+        train(cfg, out, resume=args.resume, stop_after=args.stop_after)
     except _user_errors() as err:
-        return _fail("train", err)
+        return fail("train", err)
     return 0
 
 
@@ -75,7 +107,7 @@ def cmd_eval(args):
         corpus = load_corpus(cfg.data if args.data is None else args.data, cfg.val_fraction)
         bpb = evaluate_bpb(model, corpus.val, cfg.context, args.tokens)
     except _user_errors() as err:
-        return _fail("eval", err)
+        return fail("eval", err)
     n = len(corpus.val) - 1 if not args.tokens else min(args.tokens, len(corpus.val) - 1)
     print(f"validation bits per byte: {bpb:.4f}  (step {step}, {corpus.name}, "
           f"~{n:,} tokens in windows of {cfg.context})")
@@ -94,33 +126,48 @@ def cmd_sample(args):
                         temperature=args.temperature, top_k=args.top_k,
                         rng=np.random.default_rng(args.seed))
     except _user_errors() as err:
-        return _fail("sample", err)
+        return fail("sample", err)
     print(text.decode("utf-8", errors="replace"))
     return 0
 
 
 def add_subcommands(sub):
     """Add train, eval and sample to an argparse subparsers object."""
-    p = sub.add_parser("train", help="train a small GMA language model on the CPU")
-    p.add_argument("--preset", default=None, help="tiny (default), tiny-noconv, small or test")
+    p = sub.add_parser("train", help="train a small GMA language model on the CPU",
+                       description="Train (or resume) a small GMA language model. The config is "
+                                   "the preset, then the --config file, then the flags.")
+    p.add_argument("--preset", type=_preset_name, default=None,
+                   help="tiny (default), tiny-noconv, small or test")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a JSON file in the format of a run's config.json (any subset of its "
+                        "fields; nested \"model\" or flat): every field can be set there, "
+                        "and the flags below override it")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint")
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
+                   help="pause after N more steps (a checkpoint is written; --resume continues)")
     for flag, field, kind, text in _OVERRIDES:
-        p.add_argument(flag, dest=field, type=kind, default=None, help=f"{text} (default: the preset's)")
+        default = ("the preset's, the embedded pydoc corpus in every preset" if field == "data"
+                   else "the preset's")
+        p.add_argument(flag, dest=field, type=kind, default=None, help=f"{text} (default: {default})")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="print the validation bits per byte of a run's checkpoint")
     p.add_argument("run_dir", help="a run directory written by `gma-np train`")
     p.add_argument("--data", default=None, help="evaluate on another corpus (default: the run's)")
-    p.add_argument("--tokens", type=int, default=0, help="validation tokens (default 0: all)")
+    p.add_argument("--tokens", type=nonnegative_int, default=0,
+                   help="validation tokens, an integer >= 0 (default 0: all)")
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("sample", help="generate text from a run's checkpoint")
     p.add_argument("run_dir", help="a run directory written by `gma-np train`")
     p.add_argument("--prompt", default="", help="text to continue (default: a line break)")
-    p.add_argument("--tokens", type=int, default=200, help="bytes to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.add_argument("--tokens", type=nonnegative_int, default=200,
+                   help="bytes to generate (default 200)")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.8,
+                   help="sampling temperature, 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=nonnegative_int, default=0,
+                   help="sample among the k likeliest (default 0: all)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the sampling (default 0)")
     p.set_defaults(run=cmd_sample)

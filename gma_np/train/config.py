@@ -1,19 +1,59 @@
 """The training configuration: one typed dataclass, every default commented, and named presets.
 
     cfg = preset("tiny")                       # the classroom run: minutes on 2 CPU cores
-    cfg = preset("tiny", steps=200, seed=1)    # any field can be overridden
-    cfg.model_config()                         # the gma_np.nn.ModelConfig it describes
+    cfg = preset("tiny", steps=200, seed=1)    # any field can be overridden, model fields too
+    cfg.model                                  # the gma_np.nn.ModelConfig it trains
+    TrainConfig.from_dict(json.load(f))        # a run's config.json (nested or the older flat form)
+
+TrainConfig holds the model's shape as one field, `model: ModelConfig`; its
+`max_len` is the training `context` and its `vocab_size` the 256 bytes, so
+those two are checked, not chosen. A run's config.json is `to_dict()`:
+
+    {"preset": "tiny", "model": {"vocab_size": 256, "max_len": 128, "d_model": 128, ...},
+     "context": 128, "data": "", "steps": 600, ...}
+
+Runs written before the model was nested have every model field at the top
+level ("flat"); `from_dict` reads both forms, so they resume and evaluate as before.
 
 The defaults are the `tiny` preset (docs/training.md gives its measured time
 and validation bits per byte). `test` is the few-second model of the test-suite.
 """
 
-from dataclasses import asdict, dataclass, fields
+import difflib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from gma_np.nn.model import ModelConfig
 
 # Python types a field of each annotated type accepts (an int where a float is expected is fine).
 _ACCEPTED = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+
+# Bytes: the trainer's vocabulary.
+VOCAB_SIZE = 256
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot be used: an unknown field, a value of the wrong
+    type or out of range, a config file that cannot be read. The message names the field."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config field holding a value of the wrong type (a TypeError as well as a ConfigError)."""
+
+
+def _expect_type(name, kind, value):
+    ok = (isinstance(value, bool) if kind is bool else
+          not isinstance(value, bool) and isinstance(value, _ACCEPTED[kind]))
+    if not ok:
+        raise ConfigTypeError(f"{name}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _check_types(obj, prefix=""):
+    for f in fields(obj):
+        if f.type in _ACCEPTED:
+            _expect_type(prefix + f.name, f.type, getattr(obj, f.name))
+            if f.type is float:
+                setattr(obj, f.name, float(getattr(obj, f.name)))
 
 
 @dataclass
@@ -21,30 +61,18 @@ class TrainConfig:
     """Everything that decides a training run's numbers. Two runs with equal
     configs and seeds produce the same parameters bit for bit."""
     preset: str = "tiny"              # name of the preset this config started from (for the record)
-    # ---- model (gma_np.nn.ModelConfig)
-    d_model: int = 128                # D: width of the residual stream
-    n_layers: int = 2                 # L: pre-norm blocks (GMA layer + MLP)
-    n_heads: int = 4                  # H: GMA heads per layer
-    head_dim: int = 32                # d: query/key size per head
-    value_dim: int = 32               # e: value size per head
-    n_components: int = 16            # K: mixture components (memory slots) per head
-    covariance: str = "diag"          # "diag" or "spherical" mixture variances
-    learn_temperature: bool = True    # learn a log-temperature per head
-    norm: str = "row"                 # GMA read-out normalisation, "row" or "slot"
-    mlp_ratio: int = 4                # MLP hidden size = mlp_ratio * d_model
-    conv_width: int = 4               # short causal convolution before each GMA layer (0 = none)
-    tie_embeddings: bool = True       # the LM head is the transposed token embedding
-    dtype: str = "float32"            # compute dtype (float64 only for checks: 2-3x slower)
-    context: int = 128                # N: tokens per training sequence (= positional table size)
+    model: ModelConfig = None         # the model's shape; None = ModelConfig's defaults (the tiny model)
+    context: int = 128                # N: tokens per training sequence (= model.max_len)
     # ---- data
     data: str = ""                    # "" = the embedded corpus (pydoc_data.topics); else a path
     val_fraction: float = 0.1         # share of a plain text file (or the default corpus) held out, at its end
     # ---- optimisation
-    steps: int = 600                  # total optimizer steps (the schedule's length)
+    steps: int = 600                  # total optimizer steps (a resume may raise it: docs/training.md)
     batch_size: int = 32              # B: sequences per step (B * context tokens)
     lr: float = 3e-3                  # peak learning rate of AdamW
     min_lr_ratio: float = 0.1         # the cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50            # linear warm-up steps
+    decay_steps: int = 0              # the cosine reaches lr * min_lr_ratio here and stays (0 = steps)
     weight_decay: float = 0.1         # decoupled decay of weight matrices and embeddings only
     beta1: float = 0.9                # AdamW first-moment decay
     beta2: float = 0.99               # AdamW second-moment decay (0.99: small batches, short runs)
@@ -57,50 +85,144 @@ class TrainConfig:
     checkpoint_interval: int = 100    # write a checkpoint every this many steps (and at the end)
     log_interval: int = 10            # write a training-loss line to log.jsonl every this many steps
 
-    def model_config(self):
-        return ModelConfig(vocab_size=256, max_len=self.context, d_model=self.d_model,
-                           n_layers=self.n_layers, n_heads=self.n_heads, head_dim=self.head_dim,
-                           value_dim=self.value_dim, n_components=self.n_components,
-                           covariance=self.covariance, learn_temperature=self.learn_temperature,
-                           norm=self.norm, mlp_ratio=self.mlp_ratio, conv_width=self.conv_width,
-                           tie_embeddings=self.tie_embeddings, dtype=self.dtype)
-
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            ok = (isinstance(value, bool) if f.type is bool else
-                  not isinstance(value, bool) and isinstance(value, _ACCEPTED[f.type]))
-            if not ok:
-                raise TypeError(f"{f.name}: expected {f.type.__name__}, got {type(value).__name__} {value!r}")
-            if f.type is float:
-                setattr(self, f.name, float(value))
+        _check_types(self)
         for name in ("steps", "batch_size", "context", "eval_interval", "checkpoint_interval",
                      "log_interval"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "eval_tokens"):
+                raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "decay_steps", "eval_tokens", "seed"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)!r}")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction: expected a number in (0, 1), got {self.val_fraction!r}")
+            raise ConfigError(f"val_fraction: expected a number in (0, 1), got {self.val_fraction!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
-        self.model_config()        # validates the model fields
+            raise ConfigError(f"lr: expected a positive number, got {self.lr!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio!r}")
+        if self.model is None:
+            self.model = ModelConfig(vocab_size=VOCAB_SIZE, max_len=self.context)
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigTypeError(f"model: expected a gma_np.nn.ModelConfig, got "
+                                  f"{type(self.model).__name__} {self.model!r}")
+        _check_types(self.model, "model.")
+        if self.model.vocab_size != VOCAB_SIZE:
+            raise ConfigError(f"model.vocab_size: expected {VOCAB_SIZE} (the trainer reads bytes), "
+                              f"got {self.model.vocab_size!r}")
+        if self.model.max_len != self.context:
+            raise ConfigError(f"model.max_len: expected the context, {self.context}, got "
+                              f"{self.model.max_len!r} (the positional table has one row per "
+                              f"training position; set both, or leave max_len out)")
+
+    @property
+    def schedule_steps(self):
+        """The step at which the cosine reaches its floor: decay_steps, or steps when that is 0."""
+        return self.decay_steps or self.steps
+
+    def model_config(self):
+        """The gma_np.nn.ModelConfig of the run (a copy of `model`)."""
+        return replace(self.model)
 
     def to_dict(self):
+        """The nested dict of config.json: {"preset", "model": {ModelConfig fields}, ...}."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"config: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        """A TrainConfig from a config.json dict: nested ("model": {...}), or the flat form of
+        earlier runs (model fields at the top level). Missing fields take the defaults;
+        model.max_len defaults to the context. Unknown fields raise ConfigError naming them."""
+        top, model = split_fields(d, "config")
+        return _build(top, model)
+
+
+TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name != "model")
+MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig))
+
+
+def _with_suggestion(name):
+    known = [f"model.{n}" for n in MODEL_FIELDS] if name.startswith("model.") else TRAIN_FIELDS + MODEL_FIELDS
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+
+
+def split_fields(d, source):
+    """(training fields, model fields) of a config dict, nested or flat; ConfigError on
+    unknown fields (naming every one) and on a model field given in both places."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object of config fields, got "
+                          f"{type(d).__name__}")
+    model = d.get("model")
+    if isinstance(model, ModelConfig):
+        model = asdict(model)
+    elif model is None:
+        model = {}
+    elif not isinstance(model, dict):
+        raise ConfigError(f"{source}: model: expected an object of ModelConfig fields, got "
+                          f"{type(model).__name__} {model!r}")
+    unknown = sorted(k for k in d if k != "model" and k not in TRAIN_FIELDS and k not in MODEL_FIELDS)
+    unknown += sorted(f"model.{k}" for k in model if k not in MODEL_FIELDS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown fields {', '.join(map(_with_suggestion, unknown))} "
+                          f"(the fields are those of a run's config.json: docs/training.md)")
+    flat = {k: v for k, v in d.items() if k in MODEL_FIELDS}
+    twice = sorted(set(flat) & set(model))
+    if twice:
+        raise ConfigError(f"{source}: {', '.join(twice)} given twice, at the top level and "
+                          f"in model; keep one")
+    top = {k: v for k, v in d.items() if k in TRAIN_FIELDS}
+    return top, {**flat, **model}
+
+
+def _build(top, model):
+    cfg = TrainConfig(**top)          # the training fields first, checked under their own names
+    model = {"vocab_size": VOCAB_SIZE, "max_len": cfg.context, **model}
+    for f in fields(ModelConfig):      # before ModelConfig's checks, which take numpy integers too
+        if f.name in model and f.type in _ACCEPTED:
+            _expect_type(f"model.{f.name}", f.type, model[f.name])
+    try:
+        model_cfg = ModelConfig(**model)
+    except ValueError as err:         # ModelConfig's own value checks; each message starts with the field
+        raise ConfigError(f"model.{err}") from None
+    return TrainConfig(**top, model=model_cfg)
+
+
+def merge(*dicts):
+    """One config dict from several (nested or flat, later ones win, model fields merged
+    field by field). Raises ConfigError on unknown fields."""
+    top, model = {}, {}
+    for d in dicts:
+        t, m = split_fields(d, "config")
+        top.update(t)
+        model.update(m)
+    return {**top, "model": model}
+
+
+def load_config_file(path):
+    """The dict of a JSON config file (a run's config.json, or any subset of its fields)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"--config: cannot read {path!r} ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {path!r} is not UTF-8 text") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--config: {path!r} is not valid JSON ({err})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config: {path!r} holds a JSON {type(d).__name__}, expected an "
+                          f"object of config fields")
+    split_fields(d, f"--config {path}")           # names unknown fields with the file
+    return d
 
 
 # Fields that do not change the numbers of a run: they may differ on --resume.
 BOOKKEEPING_FIELDS = ("eval_interval", "eval_tokens", "checkpoint_interval", "log_interval")
+# Fields a resume may change although they change the numbers from the checkpoint on:
+# the length of the run and of its schedule (docs/training.md, "Extending a run").
+SCHEDULE_FIELDS = ("steps", "decay_steps")
 
 PRESETS = {
     # The classroom run (the defaults): 2 layers, d_model 128, 4 heads, K = 16,
@@ -109,26 +231,53 @@ PRESETS = {
     "tiny": {},
     # The same without the convolution: the plain section-4 GMA block. It learns
     # more slowly per step (docs/training.md, "Why a short convolution").
-    "tiny-noconv": dict(conv_width=0, steps=1000),
+    "tiny-noconv": dict(model=dict(conv_width=0), steps=1000),
     # The test-suite's model: one layer, d_model 16; a step takes milliseconds.
-    "test": dict(d_model=16, n_layers=1, n_heads=2, head_dim=8, value_dim=8, n_components=5,
+    "test": dict(model=dict(d_model=16, n_layers=1, n_heads=2, head_dim=8, value_dim=8,
+                            n_components=5),
                  context=32, batch_size=4, steps=20, warmup_steps=5, eval_interval=10,
                  eval_tokens=512, checkpoint_interval=10, log_interval=1),
     # A bigger model for a longer run (not timed: docs/training.md reports only the tiny presets).
-    "small": dict(d_model=192, n_layers=4, n_heads=6, n_components=32, context=256,
+    "small": dict(model=dict(d_model=192, n_layers=4, n_heads=6, n_components=32), context=256,
                   steps=6000, batch_size=32, lr=2e-3, warmup_steps=200, eval_interval=500,
                   checkpoint_interval=500),
 }
 
 
-def preset(name, **overrides):
-    """The TrainConfig of a named preset, with any fields overridden."""
+def check_preset_name(name):
     if name not in PRESETS:
-        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
-    return TrainConfig(**{"preset": name, **PRESETS[name], **overrides})
+        raise ConfigError(f"preset: expected one of {', '.join(sorted(PRESETS))}, got {name!r}")
+    return name
+
+
+def preset(name, **overrides):
+    """The TrainConfig of a named preset, with any fields overridden (model fields by name,
+    e.g. d_model=64, or as model=ModelConfig(...) / model={...})."""
+    check_preset_name(name)
+    return TrainConfig.from_dict(merge({"preset": name}, PRESETS[name], overrides))
+
+
+def flat_items(cfg):
+    """[(name, value)] of every field, model fields as "model.<name>"."""
+    return ([(n, getattr(cfg, n)) for n in TRAIN_FIELDS]
+            + [(f"model.{n}", getattr(cfg.model, n)) for n in MODEL_FIELDS])
 
 
 def config_differences(a, b, ignore=BOOKKEEPING_FIELDS):
-    """[(field, value in a, value in b)] of the fields that differ, bookkeeping excepted."""
-    return [(f.name, getattr(a, f.name), getattr(b, f.name)) for f in fields(a)
-            if f.name not in ignore and getattr(a, f.name) != getattr(b, f.name)]
+    """[(field, value in a, value in b)] of the fields that differ, the `ignore` ones excepted
+    (model fields named "model.<name>")."""
+    return [(n, va, vb) for (n, va), (_, vb) in zip(flat_items(a), flat_items(b))
+            if n not in ignore and va != vb]
+
+
+def schedule_warnings(cfg):
+    """Lines that warn about a learning-rate schedule that cannot do what its fields suggest."""
+    out = []
+    if cfg.warmup_steps and cfg.steps <= cfg.warmup_steps:
+        out.append(f"steps {cfg.steps} ends inside the warm-up of {cfg.warmup_steps} steps: the "
+                   f"learning rate only ramps up, to {cfg.steps / cfg.warmup_steps:.0%} of its "
+                   f"peak {cfg.lr:g}, and never decays (raise --steps or lower --warmup-steps)")
+    elif cfg.decay_steps and cfg.decay_steps <= cfg.warmup_steps:
+        out.append(f"decay_steps {cfg.decay_steps} is inside the warm-up of {cfg.warmup_steps} "
+                   f"steps: the learning rate drops to its floor as soon as the warm-up ends")
+    return out

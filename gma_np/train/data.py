@@ -50,15 +50,27 @@ def default_text():
 def _split(data, val_fraction, name):
     n_val = int(round(len(data) * val_fraction))
     if n_val < 2 or len(data) - n_val < 2:
-        raise DataError(f"data: {name} has {len(data)} bytes, too few to hold out "
+        raise DataError(f"data: {name} has {len(data)} byte{'s' * (len(data) != 1)}, too few to hold out "
                         f"val_fraction={val_fraction} for validation")
     arr = np.frombuffer(data, dtype=np.uint8)
     return Corpus(name=name, train=arr[:-n_val], val=arr[-n_val:])
 
 
-def _read_utf8(path):
+def _read(path, read):
+    """read(path), with an OSError (permission, a device that fails) as a DataError naming the path."""
+    try:
+        return read(path)
+    except OSError as err:
+        raise DataError(f"data: cannot read {path!r} ({err.strerror or type(err).__name__})") from None
+
+
+def _read_bytes(path):
     with open(path, "rb") as f:
-        data = f.read()
+        return f.read()
+
+
+def _read_utf8(path):
+    data = _read(path, _read_bytes)
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -106,7 +118,7 @@ def load_corpus(spec="", val_fraction=0.1):
         size = os.path.getsize(spec)
         if size != ENWIK8_SIZE:
             raise DataError(f"data: enwik8 should have {ENWIK8_SIZE} bytes, {spec!r} has {size}")
-        arr = np.fromfile(spec, dtype=np.uint8)
+        arr = _read(spec, lambda p: np.fromfile(p, dtype=np.uint8))
         return Corpus(name="enwik8 (90M train / 5M valid)", train=arr[:ENWIK8_TRAIN],
                       val=arr[ENWIK8_TRAIN:ENWIK8_TRAIN + ENWIK8_VALID])
     return _split(_read_utf8(spec), val_fraction, base)

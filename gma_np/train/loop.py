@@ -14,6 +14,13 @@ step count, the Generator's state (hence the batch order) and the step, so
 10 steps + resume + 10 steps equal 20 straight steps bit for bit
 (tests/test_train.py). Validation uses fixed windows and no randomness.
 
+A resume may raise `steps` (extend a finished or paused run). The learning
+rate keeps the schedule the run was following: the cosine still reaches its
+floor at the old end (cfg.decay_steps is set to it), and the added steps run
+at lr * min_lr_ratio; a resume that also gives decay_steps moves the cosine's
+end there instead. So 20 steps extended to 40 equal a straight 40-step run
+with decay_steps=20, bit for bit.
+
 The run directory gets:
     checkpoint.npz, checkpoint.json   the last checkpoint
     config.json                       the TrainConfig
@@ -40,8 +47,9 @@ from gma_np.nn.model import GMALanguageModel, decays
 from gma_np.ops._threads import with_blas_threads
 from gma_np.optim import AdamW, clip_grad_norm, lr_at
 from gma_np.train import checkpoint as ckpt
-from gma_np.train.config import BOOKKEEPING_FIELDS, TrainConfig, config_differences
-from gma_np.train.data import load_corpus, sample_batch
+from gma_np.train.config import (BOOKKEEPING_FIELDS, SCHEDULE_FIELDS, TrainConfig,
+                                  config_differences)
+from gma_np.train.data import DataError, load_corpus, sample_batch
 from gma_np.train.evaluate import evaluate_bpb
 from gma_np.train.runlog import RunLog
 
@@ -114,7 +122,10 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
     cfg : TrainConfig, or None with resume=True (use the checkpoint's). On resume
         a given cfg must equal the checkpoint's in every field but the bookkeeping
         ones (gma_np.train.config.BOOKKEEPING_FIELDS), else CheckpointError.
-    stop_after : stop (with a checkpoint) after this many steps of this invocation.
+        A resume may change `steps` and `decay_steps` too (extend or shorten the run;
+        the module docstring says what the learning rate does).
+    stop_after : pause (with a checkpoint) after this many steps of this invocation;
+        resume=True continues from there.
     quiet : None = progress bar only on a terminal; True/False force it.
     on_step : called as on_step(step) after each step (tests use it to kill a run).
     blas_threads : BLAS threads for the run (None = leave as is); the caller's come back
@@ -122,32 +133,40 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
     """
     if cfg is not None and not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig or None, got {type(cfg).__name__}")
+    if stop_after is not None and (not isinstance(stop_after, int) or isinstance(stop_after, bool)
+                                   or stop_after < 1):
+        raise ValueError(f"stop_after: expected a positive integer or None, got {stop_after!r}")
     if not resume and cfg is not None and os.path.exists(ckpt.checkpoint_path(run_dir)):
         # the same command run again: continue the run if it is the same one, refuse otherwise
         existing = TrainConfig.from_dict(ckpt.load_checkpoint(run_dir)[2]["config"])
         diff = config_differences(existing, cfg)
         if diff:
             lines = "; ".join(f"{n}: existing {a!r}, requested {b!r}" for n, a, b in diff)
+            hint = ("; add --resume to extend it, or choose another --out for a new run"
+                    if all(n in SCHEDULE_FIELDS for n, _, _ in diff)
+                    else "; choose another --out for a new run")
             raise ckpt.CheckpointError(f"checkpoint: {run_dir!r} already holds a different run "
-                                       f"({lines}); choose another --out for a new run")
+                                       f"({lines}){hint}")
         print_fn(f"{run_dir} already holds this run: continuing it (as with --resume; "
                  f"choose another --out for a fresh run)")
         resume = True
     if resume:
         saved_cfg, model, opt, rng, step, meta = restore(run_dir)
         if cfg is not None:
-            diff = config_differences(saved_cfg, cfg)
+            diff = config_differences(saved_cfg, cfg, ignore=BOOKKEEPING_FIELDS + SCHEDULE_FIELDS)
             if diff:
                 lines = "; ".join(f"{n}: checkpoint {a!r}, requested {b!r}" for n, a, b in diff)
                 raise ckpt.CheckpointError(f"checkpoint: the config of {run_dir!r} does not match "
                                            f"the requested one ({lines}); resume without those "
                                            f"options, or train into a new --out directory")
-            saved_cfg = TrainConfig.from_dict({**saved_cfg.to_dict(),
-                                               **{n: getattr(cfg, n) for n in BOOKKEEPING_FIELDS}})
-        cfg = saved_cfg
+            cfg = _resumed_config(saved_cfg, cfg, step, run_dir, print_fn)
+            if cfg != saved_cfg:
+                _write_config(run_dir, cfg)
+        else:
+            cfg = saved_cfg
         val_bpb = meta.get("val_bpb")
         val_bpb = float("nan") if val_bpb is None else float(val_bpb)
-        corpus = load_corpus(cfg.data, cfg.val_fraction)
+        corpus = _load_data(cfg)
         ckpt.remove_stale_temporaries(run_dir)
         log = RunLog(run_dir)
         log.truncate_after(step)
@@ -155,15 +174,14 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
     else:
         if cfg is None:
             raise ValueError("cfg: a new run needs a TrainConfig (cfg=None only with resume=True)")
-        corpus = load_corpus(cfg.data, cfg.val_fraction)
+        corpus = _load_data(cfg)
         model, opt = build(cfg)
         rng = np.random.default_rng(cfg.seed)
         first, _ = sample_batch(corpus.train, cfg.batch_size, cfg.context, rng)
         model.init_mixtures(first, np.random.default_rng(cfg.seed + 1))
         step, val_bpb = 0, float("nan")
         os.makedirs(run_dir, exist_ok=True)
-        ckpt.atomic_write(os.path.join(run_dir, "config.json"),
-                          lambda f: f.write(json.dumps(cfg.to_dict(), indent=1).encode()))
+        _write_config(run_dir, cfg)
         log = RunLog(run_dir)
         log.truncate_after(-1)
         _save(run_dir, cfg, model, opt, rng, step, None)
@@ -198,7 +216,7 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
                     f"training diverged at step {step + 1}: loss {loss}, gradient norm {grad_norm}. "
                     f"The last good checkpoint (step {_checkpoint_step(run_dir)}) is kept in "
                     f"{run_dir}; lower --lr or raise warmup_steps and resume or restart.")
-            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+            lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.schedule_steps, cfg.min_lr_ratio)
             opt.step(model.params, grads, lr)
             step += 1
             rates.append(tokens_per_step / (time.perf_counter() - t0))
@@ -219,7 +237,8 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
             bar.update(1)
             if on_step is not None:
                 on_step(step)
-            if stop["signal"] or (stop_after is not None and step - start_step >= stop_after):
+            paused = stop_after is not None and step - start_step >= stop_after and step < cfg.steps
+            if stop["signal"] or paused:
                 stopped = "interrupted" if stop["signal"] else "stop_after"
                 _save(run_dir, cfg, model, opt, rng, step, val_bpb)
                 break
@@ -232,13 +251,60 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
     if step > start_step:
         log.plot(print_fn)
     if rates:
-        print_fn(f"{stopped} at step {step}/{cfg.steps}: validation {val_bpb:.3f} bits/byte, "
-                 f"{rate:,.0f} tokens/s (median), {elapsed:.1f} s; checkpoint in {run_dir}")
+        what = {"done": "done", "stop_after": "paused (stop_after)",
+                "interrupted": "interrupted"}[stopped]
+        then = "" if stopped == "done" else f"; continue with --resume --out {run_dir}"
+        print_fn(f"{what} at step {step}/{cfg.steps}: validation {val_bpb:.3f} bits/byte, "
+                 f"{rate:,.0f} tokens/s (median), {elapsed:.1f} s; checkpoint in {run_dir}{then}")
     else:
         print_fn(f"nothing to do: the run in {run_dir} is complete (step {step}/{cfg.steps}, "
-                 f"validation {val_bpb:.3f} bits/byte)")
+                 f"validation {val_bpb:.3f} bits/byte); resume with a larger --steps to extend it")
     return TrainResult(step=step, val_bpb=val_bpb, tokens_per_s=rate, elapsed_s=elapsed,
                        model=model, stopped=stopped)
+
+
+def _write_config(run_dir, cfg):
+    ckpt.atomic_write(os.path.join(run_dir, "config.json"),
+                      lambda f: f.write(json.dumps(cfg.to_dict(), indent=1).encode()))
+
+
+def _load_data(cfg):
+    """The run's corpus, refused at once (not at the first validation) if a split is too short."""
+    corpus = load_corpus(cfg.data, cfg.val_fraction)
+    for split, data, need in (("training", corpus.train, cfg.context + 2),
+                              ("validation", corpus.val, cfg.context + 1)):
+        if len(data) < need:
+            raise DataError(f"data: the {split} split of {corpus.name} has {len(data)} bytes, "
+                            f"fewer than the {need} that a window of context {cfg.context} needs")
+    return corpus
+
+
+def _resumed_config(saved, requested, step, run_dir, print_fn):
+    """The config a resume continues with: the checkpoint's, with the requested bookkeeping
+    fields and, if they changed, steps and decay_steps (module docstring: extending a run)."""
+    new = {n: getattr(requested, n) for n in BOOKKEEPING_FIELDS}
+    if requested.steps != saved.steps or requested.decay_steps != saved.decay_steps:
+        if requested.steps < step:
+            raise ckpt.CheckpointError(f"steps: the run in {run_dir!r} is at step {step}; "
+                                       f"expected steps >= {step}, got {requested.steps}")
+        if requested.decay_steps != saved.decay_steps:
+            decay = requested.decay_steps       # asked for: the cosine's end moves there
+        else:
+            decay = saved.schedule_steps        # kept: the cosine ends where it was to end
+        new.update(steps=requested.steps, decay_steps=decay)
+        end = decay or requested.steps
+        floor = f"its floor lr * min_lr_ratio = {saved.lr * saved.min_lr_ratio:g}"
+        if end < requested.steps:
+            plan = f"the cosine reaches {floor} at step {end} and stays there to step {requested.steps}"
+        elif end > requested.steps:
+            plan = f"the run ends at step {requested.steps}, before the cosine reaches {floor} at step {end}"
+        else:
+            plan = f"the cosine reaches {floor} at step {end}, the end"
+        hint = ("" if requested.decay_steps != saved.decay_steps else
+                f" (--decay-steps {requested.steps} would stretch the cosine to the new end)")
+        print_fn(f"{run_dir}: steps {saved.steps} -> {requested.steps}: {plan}"
+                 + (hint if end != requested.steps else ""))
+    return TrainConfig.from_dict({**saved.to_dict(), **new})
 
 
 def _checkpoint_step(run_dir):
