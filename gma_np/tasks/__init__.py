@@ -14,7 +14,10 @@ import importlib
 
 # name -> the module whose `build` makes the task. Imported on first use.
 TASKS = {
+    "lm": "gma_np.tasks.lm",
     "listops": "gma_np.tasks.listops",
+    "recall": "gma_np.tasks.recall",
+    "copying": "gma_np.tasks.copying",
 }
 
 TASK_NAMES = tuple(TASKS)
