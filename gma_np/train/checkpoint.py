@@ -9,7 +9,7 @@ A run directory holds `checkpoint.npz` and its human-readable twin
 
 and `meta` (also the content of checkpoint.json) is
 
-    {"format": "gma_np.checkpoint/1", "step": s, "config": {TrainConfig},
+    {"format": "gma_np.checkpoint/1", "step": s, "config": {TrainConfig.to_dict(): nested "model"},
      "rng": {the numpy PCG64 bit-generator state: the batch order from step s on},
      "params": {name: [shape, dtype]}, "val_bpb": last validation or null}
 
@@ -17,7 +17,8 @@ Atomic: each file is written to a temporary name in the same directory,
 flushed and fsync'ed, then renamed over the old one (os.replace is atomic on
 POSIX and Windows), and the directory is fsync'ed. A run killed at any moment
 leaves the previous checkpoint or the new one, never half of one. The .npz is
-written first; the .json is only a copy for people, never read back.
+written first; the .json is only a copy for people, never read back. Files
+get the mode a plain open() would give them (0o666 less the umask).
 
 Reading checks everything before anything is used: a truncated or corrupt file
 (zip CRC), missing arrays, shapes or dtypes that do not match the recorded
@@ -26,7 +27,7 @@ config all raise CheckpointError naming the file and the problem.
 
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 
 import numpy as np
@@ -53,10 +54,24 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def atomic_write(path, write):
-    """Call write(file object) on a temporary file beside `path`, fsync it, rename it over `path`."""
+def _create_temporary(path):
+    """(fd, name) of a new file beside `path`, opened for writing with mode 0o666 less the
+    umask, as open() would create it (tempfile.mkstemp makes 0o600 whatever the umask)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(directory, f"{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:       # another writer's temporary of the same name: draw again
+            continue
+
+
+def atomic_write(path, write):
+    """Call write(file object) on a temporary file beside `path`, fsync it, rename it over `path`.
+    The file gets the mode a plain open() would give it (0o666 less the umask)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
