@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from gma_np.cli import main
-from gma_np.train import CheckpointError, DataError, TrainingDiverged, load_checkpoint, preset, train
+from gma_np.train import (CheckpointError, ConfigError, DataError, TrainConfig, TrainingDiverged,
+                          load_checkpoint, preset, save_checkpoint, train)
 from gma_np.train import loop as loop_module
 from gma_np.train.data import eval_batches, load_corpus, sample_batch
 
@@ -232,3 +233,144 @@ def test_loss_plot_or_one_line_notice(straight, monkeypatch):
     lines = []
     assert log.plot(lines.append) is None
     assert len(lines) == 1 and "matplotlib is not installed" in lines[0]
+
+
+# ---------------------------------------------------------------- the config: nested, flat, files
+
+def _flat(cfg_dict):
+    """The config.json form of runs written before TrainConfig nested the model: every model
+    field at the top level, and no vocab_size or max_len (they were not fields then)."""
+    flat = {k: v for k, v in cfg_dict.items() if k not in ("model", "decay_steps")}
+    flat.update({k: v for k, v in cfg_dict["model"].items() if k not in ("vocab_size", "max_len")})
+    return flat
+
+
+def test_config_json_is_nested_and_reads_back(straight):
+    run_dir, _ = straight
+    written = json.load(open(run_dir / "config.json"))
+    assert written["model"]["d_model"] == 16 and written["model"]["max_len"] == written["context"]
+    assert "d_model" not in written
+    assert TrainConfig.from_dict(written) == preset("test", steps=20)
+    assert json.load(open(run_dir / "checkpoint.json"))["config"] == written
+
+
+def test_flat_config_of_an_earlier_run_resumes_and_evaluates(straight, tmp_path, capsys):
+    cfg = preset("test", steps=20)
+    assert TrainConfig.from_dict(_flat(cfg.to_dict())) == cfg
+    # an earlier run: its checkpoint records the flat config
+    params, opt, meta = load_checkpoint(str(straight[0]))
+    save_checkpoint(str(tmp_path), params, opt, dict(meta, config=_flat(meta["config"])))
+    (tmp_path / "config.json").write_text(json.dumps(_flat(meta["config"])))
+    assert main(["eval", str(tmp_path)]) == 0
+    assert "validation bits per byte" in capsys.readouterr().out
+    result = _run(preset("test", steps=24), tmp_path, resume=True)       # resumed and extended
+    assert result.step == 24
+    assert json.load(open(tmp_path / "config.json"))["model"]["d_model"] == 16   # rewritten nested
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"'stpes' \(did you mean 'steps'\?\).*'model\.d_modle'"):
+        TrainConfig.from_dict({"stpes": 3, "model": {"d_modle": 8}})
+    with pytest.raises(ConfigError, match="d_model given twice"):
+        TrainConfig.from_dict({"d_model": 8, "model": {"d_model": 16}})
+    with pytest.raises(ConfigError, match="model.max_len: expected the context, 64, got 32"):
+        TrainConfig.from_dict({"context": 64, "model": {"max_len": 32}})
+    with pytest.raises(ConfigError, match="model.vocab_size: expected 256"):
+        TrainConfig.from_dict({"model": {"vocab_size": 100}})
+    with pytest.raises(TypeError, match="model.learn_temperature: expected bool, got int 1"):
+        preset("test", learn_temperature=1)
+    with pytest.raises(ConfigError, match="preset: expected one of"):
+        preset("huge")
+    assert preset("tiny", context=64).model.max_len == 64        # max_len follows the context
+
+
+def test_config_file_then_flags(straight, tmp_path):
+    # the run's own config.json as --config reproduces the run bit for bit
+    assert main(["train", "--config", str(straight[0] / "config.json"),
+                 "--out", str(tmp_path / "again")]) == 0
+    _assert_same_run(straight[0], tmp_path / "again")
+    # a partial file over its preset, and a flag over the file
+    (tmp_path / "part.json").write_text(json.dumps(
+        {"preset": "test", "steps": 6, "lr": 0.002, "model": {"d_model": 24, "covariance": "spherical"}}))
+    assert main(["train", "--config", str(tmp_path / "part.json"), "--steps", "4",
+                 "--out", str(tmp_path / "part")]) == 0
+    got = TrainConfig.from_dict(json.load(open(tmp_path / "part" / "config.json")))
+    assert got == preset("test", steps=4, lr=0.002, d_model=24, covariance="spherical")
+
+
+# ---------------------------------------------------------------- extending and pausing a run
+
+def test_extending_keeps_the_cosine_end_and_matches_a_straight_run(straight, tmp_path, capsys):
+    """20 steps extended to 40 == 40 straight steps with decay_steps=20, bit for bit; the added
+    steps run at the floor lr * min_lr_ratio; --stop-after pauses the extension in the middle."""
+    reference = tmp_path / "straight40"
+    _run(preset("test", steps=40, decay_steps=20), reference)
+    _copy_run(straight[0], tmp_path / "extended")
+    out = str(tmp_path / "extended")
+    assert main(["train", "--out", out, "--resume", "--steps", "40", "--stop-after", "7"]) == 0
+    printed = capsys.readouterr().out
+    assert "steps 20 -> 40" in printed and "stays there to step 40" in printed
+    assert load_checkpoint(out)[2]["step"] == 27
+    assert main(["train", "--out", out, "--resume"]) == 0
+    _assert_same_run(reference, out)
+    cfg = preset("test")
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, open(tmp_path / "extended" / "log.jsonl"))
+           if "lr" in r}
+    assert sorted(lrs) == list(range(1, 41))
+    assert all(lrs[s] == cfg.lr * cfg.min_lr_ratio for s in range(21, 41))
+    assert lrs[19] > cfg.lr * cfg.min_lr_ratio
+    saved = TrainConfig.from_dict(json.load(open(tmp_path / "extended" / "config.json")))
+    assert (saved.steps, saved.decay_steps) == (40, 20)
+
+
+def test_decay_steps_on_resume_moves_the_cosine_end(straight, tmp_path):
+    from gma_np.optim import lr_at
+    _copy_run(straight[0], tmp_path)
+    _run(preset("test", steps=30, decay_steps=30), tmp_path, resume=True)
+    cfg = preset("test")
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r}
+    for step in (21, 25, 30):
+        assert lrs[step] == lr_at(step - 1, cfg.lr, cfg.warmup_steps, 30, cfg.min_lr_ratio)
+    assert lrs[21] > 2 * cfg.lr * cfg.min_lr_ratio        # the rise the help warns about
+
+
+def test_cannot_shorten_below_the_current_step(straight, tmp_path, capsys):
+    _copy_run(straight[0], tmp_path)
+    assert main(["train", "--out", str(tmp_path), "--resume", "--steps", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "steps" in err and "is at step 20" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(CheckpointError, match="add --resume to extend it"):
+        _run(preset("test", steps=40), tmp_path)          # without --resume: refused, with the hint
+
+
+def test_stop_after_from_the_command_line_then_resume_is_bit_identical(straight, tmp_path):
+    out = str(tmp_path)
+    assert main(["train", "--preset", "test", "--out", out, "--stop-after", "7"]) == 0
+    assert load_checkpoint(out)[2]["step"] == 7
+    assert main(["train", "--out", out, "--resume", "--stop-after", "100"]) == 0
+    _assert_same_run(straight[0], tmp_path)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="stop_after"):
+            _run(preset("test"), tmp_path / "x", stop_after=bad)
+
+
+# ---------------------------------------------------------------- file modes follow the umask
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and the umask are POSIX")
+def test_run_files_respect_the_umask(tmp_path):
+    from gma_np.train.checkpoint import atomic_write
+    old = os.umask(0o022)
+    try:
+        for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+            os.umask(umask)
+            path = tmp_path / f"f{umask:o}"
+            atomic_write(str(path), lambda f: f.write(b"x"))
+            assert path.stat().st_mode & 0o777 == mode, (oct(umask), oct(path.stat().st_mode))
+        os.umask(0o027)
+        _run(preset("test", steps=2), tmp_path / "run")
+    finally:
+        os.umask(old)
+    modes = {name: (tmp_path / "run" / name).stat().st_mode & 0o777
+             for name in os.listdir(tmp_path / "run")}
+    assert {"checkpoint.npz", "checkpoint.json", "config.json", "log.jsonl"} <= set(modes)
+    assert all(mode == 0o640 for mode in modes.values()), {n: oct(m) for n, m in modes.items()}

@@ -1,6 +1,6 @@
 """The small-model CPU trainer: config and presets, data, checkpoints, the loop, evaluation, sampling.
 
-    config.py      TrainConfig (every default commented) and the presets
+    config.py      TrainConfig (every default commented, the ModelConfig nested) and the presets
     data.py        the byte-level corpora and their splits, batches
     checkpoint.py  atomic, pickle-free checkpoints
     loop.py        train(): the loop, validation, resume
@@ -9,13 +9,13 @@
 """
 
 from gma_np.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from gma_np.train.config import PRESETS, TrainConfig, preset
+from gma_np.train.config import PRESETS, ConfigError, TrainConfig, preset
 from gma_np.train.data import DataError, load_corpus
 from gma_np.train.evaluate import evaluate_bpb, generate
 from gma_np.train.loop import TrainingDiverged, TrainResult, restore, train
 
 __all__ = [
-    "TrainConfig", "PRESETS", "preset", "load_corpus", "DataError",
+    "TrainConfig", "PRESETS", "preset", "ConfigError", "load_corpus", "DataError",
     "save_checkpoint", "load_checkpoint", "CheckpointError",
     "train", "restore", "TrainResult", "TrainingDiverged", "evaluate_bpb", "generate",
 ]

@@ -25,9 +25,9 @@ from gma_np.cli import (fail, nonnegative_float, nonnegative_int, output_directo
 # Options of `gma-np train` that override fields of the config: (flag, field, type, help).
 # Their default is the preset's (or the --config file's), so the help gives none.
 _OVERRIDES = (
-    ("--steps", "steps", positive_int, "total optimizer steps; with --resume, a larger value "
-                                       "extends the run (docs/training.md: the cosine keeps its end, "
-                                       "the added steps run at its floor)"),
+    ("--steps", "steps", positive_int, "total optimizer steps; on --resume a larger value "
+                                       "extends the run: the cosine keeps its end and the added "
+                                       "steps run at its floor, lr * min_lr_ratio"),
     ("--seed", "seed", nonnegative_int, "seed of the initialisation and the batch order"),
     ("--data", "data", str, "a UTF-8 text file, a WikiText directory or an enwik8 file"),
     ("--lr", "lr", positive_float, "peak learning rate"),
@@ -146,7 +146,8 @@ def add_subcommands(sub):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
-                   help="pause after N more steps (a checkpoint is written; --resume continues)")
+                   help="pause after N more steps of this command, with a checkpoint; "
+                        "--resume continues")
     for flag, field, kind, text in _OVERRIDES:
         default = ("the preset's, the embedded pydoc corpus in every preset" if field == "data"
                    else "the preset's")
