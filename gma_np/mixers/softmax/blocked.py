@@ -146,6 +146,7 @@ def attend_forward(q, k, v, key_bias, q_offset, causal, scale, block, o=None):
             for j0, j1 in _tiles(nk, block):
                 o_b += np.matmul(p[..., j0:j1], _f64(v[:, :, j0:j1]))   # 'bhij,bhje->bhie'
             o[:, :, i0:i1] = o_b
+            del p                     # before the next block's is allocated: one block at a time
     return o, L
 
 
@@ -185,6 +186,7 @@ def attend_backward(do, q, k, v, o, L, key_bias, causal, scale, block):
                 dk[:, :, j0:j1] += np.matmul(ds_t.swapaxes(-1, -2), qs_b)  # 'bhij,bhid->bhjd'
             dq_b *= scale
             dq[:, :, i0:i1] = dq_b
+            del p, p_t, ds_t          # (p_t is a view of p) before the next block's are allocated
     return dq, dk.astype(q.dtype, copy=False), dv.astype(q.dtype, copy=False)
 
 
