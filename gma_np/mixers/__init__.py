@@ -19,6 +19,8 @@ import importlib
 # Modules are imported on first use: a mixer costs nothing until it is asked for.
 REGISTRY = {
     "gma": "gma_np.mixers.gma.core",
+    "linear": "gma_np.mixers.linear.core",
+    "performer": "gma_np.mixers.performer.core",
 }
 
 MIXER_NAMES = tuple(REGISTRY)
