@@ -337,3 +337,12 @@ def test_check_model_and_parameter_errors():
         get_task("copying", region_len=4, n_tokens=5)
     with pytest.raises(ValueError, match="'copying' draws its training rows afresh"):
         next(get_task("copying", **SMALL["copying"]).eval_batches("train"))
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from gma_np.tasks import default_cache_dir
+    monkeypatch.setenv("GMA_NP_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == str(tmp_path / "c")
+    monkeypatch.delenv("GMA_NP_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert default_cache_dir() == str(tmp_path / "x" / "gma_np")

@@ -12,6 +12,8 @@ Task class. The training loop knows only the Task contract (docs/tasks.md).
 
 import importlib
 
+from gma_np.tasks.base import Batch, Task, add_head_grads, default_cache_dir
+
 # name -> the module whose `build` makes the task. Imported on first use.
 TASKS = {
     "lm": "gma_np.tasks.lm",
@@ -36,4 +38,5 @@ def get_task(name, *, seed=0, cache_dir=None, **params):
     return task_module(name).build(seed=seed, cache_dir=cache_dir, **params)
 
 
-__all__ = ["TASKS", "TASK_NAMES", "task_module", "get_task"]
+__all__ = ["TASKS", "TASK_NAMES", "task_module", "get_task", "Batch", "Task", "add_head_grads",
+           "default_cache_dir"]
