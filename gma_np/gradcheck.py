@@ -7,6 +7,12 @@
 the gradients of the scalar f = sum(out * dout) keyed like `inputs`. Every
 input that `grad` returns a gradient for (or that `wrt` names) is checked.
 
+What is a value and what is not: float arrays and scalars are values, and so
+are integer scalars (temperature=1 means 1.0): all are cast to float64 and
+perturbed. Integer arrays (token ids, indices), bools (flags, masks) and
+anything else are passed through untouched; naming one in `wrt`, or `grad`
+returning a gradient for one, is a ValueError that says why.
+
 The numeric derivative is the 5-point central difference in float64,
 
     f'(x) ~ [f(x - 2h) - 8 f(x - h) + 8 f(x + h) - f(x + 2h)] / (12 h),
@@ -83,28 +89,44 @@ class GradcheckReport:
     def __str__(self):
         head = f"gradcheck ({self.mode}, rtol {self.rtol:g}, {self.evaluations} evaluations): " \
                f"{'ok' if self.ok else 'FAILED'}"
-        rows = [f"  {'input':<12} {'checked':>7}  {'worst at':<16} {'analytic':>14} "
+        # columns as wide as their longest entry, so that long names keep the table aligned
+        wn = max([len("input")] + [len(c.name) for c in self.inputs])
+        wi = max([len("worst at")] + [len(str(c.worst_index)) for c in self.inputs])
+        rows = [f"  {'input':<{wn}} {'checked':>7}  {'worst at':<{wi}} {'analytic':>14} "
                 f"{'numeric':>14} {'rel err':>9}  verdict"]
         for c in self.inputs:
-            rows.append(f"  {c.name:<12} {c.checked:>7}  {str(c.worst_index):<16} "
+            rows.append(f"  {c.name:<{wn}} {c.checked:>7}  {str(c.worst_index):<{wi}} "
                         f"{c.analytic:>14.6e} {c.numeric:>14.6e} {c.rel_error:>9.2e}  "
                         f"{'ok' if c.ok else 'FAIL'}")
         return "\n".join([head] + rows)
 
 
+def _is_value(value):
+    """A float array or scalar, or an integer scalar: an input gradcheck perturbs."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind == "f"
+    return isinstance(value, (float, np.floating, int, np.integer))
+
+
 def _as_float64(value):
-    """A float64 copy of a differentiable input (python floats stay python floats)."""
+    """A float64 copy of a value (scalars become python floats)."""
     if isinstance(value, np.ndarray):
         return value.astype(np.float64)
     return float(value)
 
 
-def _is_differentiable(value):
-    if isinstance(value, (bool, np.bool_)):
-        return False
+def _why_not_a_value(name, value):
+    """Why gradcheck leaves `value` alone, for an error message about `name`."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, np.ndarray) and value.dtype.kind == "b"):
+        return f"{name!r} is boolean (a flag or a mask): it has no derivative"
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
+        return (f"{name!r} is an integer array (dtype {value.dtype}): gradcheck takes integer "
+                f"arrays for indices and never perturbs them; pass it as a float array to check it")
     if isinstance(value, np.ndarray):
-        return value.dtype.kind == "f"
-    return isinstance(value, (float, np.floating))
+        return f"{name!r} is an array of dtype {value.dtype}, not a float array"
+    return f"{name!r} is a {type(value).__name__}, not a number or a float array"
 
 
 def _verdict(name, checked, index, analytic, numeric, atol, rtol):
@@ -126,10 +148,11 @@ def gradcheck(fun, grad, inputs, *, dout=None, wrt=None, mode="auto", step=FD_ST
     ----------
     fun : callable, fun(**inputs) -> array `out`
     grad : callable, grad(dout, **inputs) -> dict of gradients of sum(out * dout)
-    inputs : dict of name -> array or float; floating inputs are cast to float64,
-        others (masks, flags) are passed through untouched
+    inputs : dict of name -> array or number; float arrays and float or integer
+        scalars are cast to float64 and checked, others (integer arrays, masks,
+        flags) are passed through untouched
     dout : cotangent of `out`; default a seeded standard normal array
-    wrt : names to check; default every floating input that `grad` returns
+    wrt : names to check; default every value in `inputs` that `grad` returns a gradient for
     mode : "full", "random" or "auto"
     step : relative finite-difference step h (h = step * max(1, |x|))
     rtol : relative tolerance
@@ -146,7 +169,7 @@ def gradcheck(fun, grad, inputs, *, dout=None, wrt=None, mode="auto", step=FD_ST
     if not isinstance(inputs, dict):
         raise TypeError(f"inputs: expected a dict of name -> array, got {type(inputs).__name__}")
     rng = np.random.default_rng(seed)
-    base = {n: _as_float64(v) if _is_differentiable(v) else v for n, v in inputs.items()}
+    base = {n: _as_float64(v) if _is_value(v) else v for n, v in inputs.items()}
     out = np.asarray(fun(**base), dtype=np.float64)
     if dout is None:
         dout = rng.standard_normal(out.shape)
@@ -154,11 +177,20 @@ def gradcheck(fun, grad, inputs, *, dout=None, wrt=None, mode="auto", step=FD_ST
     if dout.shape != out.shape:
         raise ValueError(f"dout: expected the shape of fun's output {out.shape}, got {dout.shape}")
     analytic = grad(dout, **base)
+    if not isinstance(analytic, dict):
+        raise TypeError(f"grad: expected it to return a dict of name -> gradient, "
+                        f"got {type(analytic).__name__}")
+    for n in analytic:
+        if n in base and analytic[n] is not None and not _is_value(base[n]):
+            raise ValueError(f"grad: returned a gradient for {n!r}, but {_why_not_a_value(n, base[n])}"
+                             f" (leave it out of grad's dict)")
     if wrt is None:
-        wrt = [n for n in base if _is_differentiable(base[n]) and n in analytic]
+        wrt = [n for n in base if _is_value(base[n]) and n in analytic]
     for n in wrt:
-        if n not in base or not _is_differentiable(base[n]):
-            raise ValueError(f"wrt: {n!r} is not a floating input of `inputs`")
+        if n not in base:
+            raise ValueError(f"wrt: {n!r} is not a name of `inputs` (they are {sorted(base)})")
+        if not _is_value(base[n]):
+            raise ValueError(f"wrt: {_why_not_a_value(n, base[n])}")
         if n not in analytic:
             raise ValueError(f"grad: returned no gradient for {n!r} (it returned {sorted(analytic)})")
         if np.shape(analytic[n]) != np.shape(base[n]):
