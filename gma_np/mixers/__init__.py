@@ -21,6 +21,7 @@ REGISTRY = {
     "gma": "gma_np.mixers.gma.core",
     "linear": "gma_np.mixers.linear.core",
     "performer": "gma_np.mixers.performer.core",
+    "mamba": "gma_np.mixers.mamba.core",
 }
 
 MIXER_NAMES = tuple(REGISTRY)
