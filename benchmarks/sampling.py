@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from gma_np.nn import GMALanguageModel
+from gma_np.nn import LanguageModel
 from gma_np.ops._threads import blas_threads
 from gma_np.train.config import preset
 from gma_np.train.data import default_text
@@ -55,7 +55,7 @@ def main():
     for label, max_len in (("positional table of 4100 rows", 4100),
                            ("trained table of 128 rows, clamped", 128)):
         cfg = preset("tiny", context=max_len).model_config()
-        model = GMALanguageModel(cfg, seed=0)
+        model = LanguageModel(cfg, seed=0)
         per_repeat = []
         for r in range(args.repeats):
             times = per_token_times(model, last, np.random.default_rng(r))

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 import gma_np
-from gma_np.nn import GMALanguageModel, ModelConfig, lm_loss_backward, lm_loss_forward
+from gma_np.nn import LanguageModel, ModelConfig, lm_loss_backward, lm_loss_forward
 from gma_np.nn import layers as L
-from gma_np.nn.gma_layer import gma_layer_backward, gma_layer_forward
+from gma_np.mixers import get_mixer
+from gma_np.mixers.attention import split_heads
+from gma_np.mixers.gma.core import temperature_of
 from gma_np.nn.mixture_init import DEAD_SHARE, component_shares
 from gma_np.nn.model import block_backward, block_forward, model_forward
 
@@ -160,21 +162,24 @@ def test_gma_layer_gradcheck(rng, covariance, learn_tau, norm):
     p = _gma_params(rng, D, H, d, e, K, covariance, learn_tau)
     p["x"] = rng.standard_normal((2, 5, D))
 
+    cfg = ModelConfig(d_model=D, n_heads=H, head_dim=d, value_dim=e, n_components=K,
+                      covariance=covariance, learn_temperature=learn_tau, norm=norm)
+    layer = get_mixer("gma")
+
     def fun(x, **q):
-        return gma_layer_forward(x, q, n_heads=H, causal=True, norm=norm)[0]
+        return layer.forward(x, q, cfg, causal=True)[0]
 
     def grad(dout, x, **q):
-        dx, g = gma_layer_backward(dout, gma_layer_forward(x, q, n_heads=H, causal=True, norm=norm)[1])
+        dx, g = layer.backward(dout, layer.forward(x, q, cfg, causal=True)[1])
         return {"x": dx, **g}
-    # random directions: every input is checked, at 4 * 2 evaluations each (full mode: 4 per element)
-    report = _check(fun, grad, p, mode="random", n_directions=2)
+    report = _check(fun, grad, p, mode="full")
     assert ("log_tau" in [c.name for c in report.inputs]) == learn_tau
 
 
 def test_block_gradcheck(rng):
     cfg = ModelConfig(vocab_size=7, max_len=6, d_model=4, n_layers=1, n_heads=2, head_dim=3,
                       value_dim=2, n_components=3, mlp_ratio=2, dtype="float64")
-    model = GMALanguageModel(cfg, seed=3)
+    model = LanguageModel(cfg, seed=3)
     bp = {n[3:]: v + 0.3 * rng.standard_normal(v.shape) for n, v in model.params.items()
           if n.startswith("h0.")}
     bp["x"] = rng.standard_normal((2, 5, 4))
@@ -191,7 +196,7 @@ def _tiny_model(rng, **kw):
     cfg = ModelConfig(**{**dict(vocab_size=11, max_len=7, d_model=8, n_layers=1, n_heads=2,
                                 head_dim=3, value_dim=2, n_components=3, mlp_ratio=2,
                                 dtype="float64"), **kw})
-    model = GMALanguageModel(cfg, seed=1)
+    model = LanguageModel(cfg, seed=1)
     for name, value in model.params.items():     # away from the symmetric initial point
         model.params[name] = value + 0.3 * rng.standard_normal(value.shape)
     return model
@@ -262,7 +267,7 @@ def test_decode_past_max_len_clamps_the_position(rng):
     long_cfg = ModelConfig(**{**model.config_dict(), "max_len": 12})
     params = dict(model.params)
     params["wpe"] = np.concatenate([model.params["wpe"]] + [model.params["wpe"][-1:]] * 7)
-    full, _ = GMALanguageModel(long_cfg, params=params).forward(idx)
+    full, _ = LanguageModel(long_cfg, params=params).forward(idx)
     np.testing.assert_allclose(np.concatenate(logits, axis=1), full, rtol=0, atol=1e-10)
 
 
@@ -270,7 +275,6 @@ def test_decode_past_max_len_clamps_the_position(rng):
 
 def _shares_per_layer(model, idx):
     """Responsibility share (H, K) of each layer's components over the batch's queries and keys."""
-    from gma_np.nn.gma_layer import _split_heads, temperature_of
     from gma_np.nn.model import _block_params, _mixer_params
     cfg = model.cfg
     x = model.params["wte"][idx] + model.params["wpe"][:idx.shape[1]]
@@ -279,8 +283,8 @@ def _shares_per_layer(model, idx):
         bp = _block_params(model.params, l)
         gp = _mixer_params(bp, cfg)
         h = L.layernorm_forward(x, bp["ln1.g"], bp["ln1.b"])[0]
-        points = np.concatenate([_split_heads(h @ gp["Wq"] + gp["bq"], cfg.n_heads),
-                                 _split_heads(h @ gp["Wk"] + gp["bk"], cfg.n_heads)])
+        points = np.concatenate([split_heads(h @ gp["Wq"] + gp["bq"], cfg.n_heads),
+                                 split_heads(h @ gp["Wk"] + gp["bk"], cfg.n_heads)])
         r = gma_np.responsibilities(points, gp["means"], gp["log_var"], gp["logits"],
                                     temperature_of(gp))
         out.append(component_shares(r))
@@ -297,9 +301,9 @@ def test_no_dead_component_at_init(covariance):
     rng = np.random.default_rng(0)
     first, _ = sample_batch(corpus.train, 8, 64, rng)
     later, _ = sample_batch(corpus.train, 8, 64, rng)                # a batch init never saw
-    random_init = GMALanguageModel(cfg, seed=0)
-    model = GMALanguageModel(cfg, seed=0)
-    model.init_mixtures(first)
+    random_init = LanguageModel(cfg, seed=0)
+    model = LanguageModel(cfg, seed=0)
+    model.init_from_data(first)
     threshold = DEAD_SHARE / cfg.n_components
     for l, shares in enumerate(_shares_per_layer(model, later)):
         assert shares.min() >= threshold, (f"layer {l}: component shares {shares.round(4)} "
@@ -313,7 +317,7 @@ def test_model_rejects_bad_input():
         ModelConfig(d_model=0)
     with pytest.raises(ValueError, match="covariance"):
         ModelConfig(covariance="full")
-    model = GMALanguageModel(ModelConfig(vocab_size=5, max_len=4, d_model=4, n_layers=1,
+    model = LanguageModel(ModelConfig(vocab_size=5, max_len=4, d_model=4, n_layers=1,
                                          n_heads=1, head_dim=2, value_dim=2, n_components=2))
     with pytest.raises(ValueError, match="idx"):
         model.forward(np.array([[0, 7]]))
@@ -322,7 +326,7 @@ def test_model_rejects_bad_input():
     with pytest.raises(ValueError, match="positional table"):
         model.forward(np.zeros((1, 5), dtype=np.int64))
     with pytest.raises(ValueError, match="params"):
-        GMALanguageModel(model.cfg, params={"wte": model.params["wte"]})
+        LanguageModel(model.cfg, params={"wte": model.params["wte"]})
 
 
 def test_layers_name_the_bad_argument(rng):

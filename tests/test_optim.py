@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from gma_np.nn import decays
+from gma_np.nn import ModelConfig, decays
 from gma_np.optim import AdamW, clip_grad_norm, global_norm, lr_at
 
 RTOL = {np.float64: 1e-12, np.float32: 1e-6}
@@ -45,13 +45,14 @@ def test_adamw_matches_reference(rng, dtype, decay):
 
 
 def test_no_decay_on_norms_biases_and_mixture():
-    assert decays("h0.gma.Wq") and decays("h1.mlp.W2") and decays("wte") and decays("wpe")
+    cfg = ModelConfig()                                   # GMA, the tiny preset's shape
+    assert all(decays(n, cfg) for n in ("h0.gma.Wq", "h1.mlp.W2", "wte", "wpe"))
     for name in ("h0.ln1.g", "h0.ln1.b", "h0.gma.bq", "h0.mlp.b1", "lnf.g", "h0.gma.logits",
-                 "h0.gma.means", "h0.gma.log_var", "h0.gma.log_tau"):
-        assert not decays(name), name
+                 "h0.gma.means", "h0.gma.log_var", "h0.gma.log_tau", "h0.conv.c"):
+        assert not decays(name, cfg), name
     # with a zero gradient only the decayed parameter moves, by exactly lr * wd * p
     params = {"h0.gma.Wq": np.ones(3), "h0.gma.logits": np.ones(3)}
-    opt = AdamW(params, weight_decay=0.5, decay={n: decays(n) for n in params})
+    opt = AdamW(params, weight_decay=0.5, decay={n: decays(n, cfg) for n in params})
     opt.step(params, {n: np.zeros(3) for n in params}, lr=0.1)
     np.testing.assert_array_equal(params["h0.gma.logits"], np.ones(3))
     np.testing.assert_allclose(params["h0.gma.Wq"], np.full(3, 1 - 0.1 * 0.5), rtol=1e-15)

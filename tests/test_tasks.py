@@ -9,7 +9,7 @@ import pytest
 
 import gma_np
 from gma_np.nn import heads as Hd
-from gma_np.nn.model import (GMALanguageModel, ModelConfig, _block_params, block_backward,
+from gma_np.nn.model import (LanguageModel, ModelConfig, _block_params, block_backward,
                              block_forward, lm_loss_backward, lm_loss_forward)
 from gma_np.nn import layers as L
 from gma_np.tasks import TASK_NAMES, get_task
@@ -153,7 +153,7 @@ def _body_backward(dh, cache, params, cfg):
 def test_body_and_token_head_are_the_language_model(rng, tied):
     cfg = ModelConfig(vocab_size=256, max_len=9, d_model=8, n_layers=1, n_heads=2, head_dim=3,
                       value_dim=2, n_components=3, mlp_ratio=2, tie_embeddings=tied, dtype="float64")
-    model = GMALanguageModel(cfg, seed=1)
+    model = LanguageModel(cfg, seed=1)
     params = {n: v + 0.3 * rng.standard_normal(v.shape) for n, v in model.params.items()}
     task = get_task("lm", context=9)
     batch = task.sample_batch("train", 3, np.random.default_rng(4))

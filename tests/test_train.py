@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from gma_np.cli import main
+from gma_np.mixers import MIXER_NAMES
+from gma_np.nn.model import LanguageModel
 from gma_np.train import (CheckpointError, ConfigError, DataError, TrainConfig, TrainingDiverged,
                           load_checkpoint, preset, save_checkpoint, train)
 from gma_np.train import loop as loop_module
@@ -123,13 +125,13 @@ def test_same_command_again_continues_a_different_one_is_refused(straight, tmp_p
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = preset("test", steps=20, checkpoint_interval=5)
     calls = {"n": 0}
-    real = loop_module.GMALanguageModel.loss_and_grads
+    real = loop_module.LanguageModel.loss_and_grads
 
     def poisoned(self, idx, targets):
         calls["n"] += 1
         loss, grads = real(self, idx, targets)
         return (float("nan") if calls["n"] == 8 else loss), grads
-    monkeypatch.setattr(loop_module.GMALanguageModel, "loss_and_grads", poisoned)
+    monkeypatch.setattr(loop_module.LanguageModel, "loss_and_grads", poisoned)
     with pytest.raises(TrainingDiverged, match="step 8.*last good checkpoint \\(step 5\\)"):
         _run(cfg, tmp_path)
     params, _, meta = load_checkpoint(str(tmp_path))
@@ -374,3 +376,45 @@ def test_run_files_respect_the_umask(tmp_path):
              for name in os.listdir(tmp_path / "run")}
     assert {"checkpoint.npz", "checkpoint.json", "config.json", "log.jsonl"} <= set(modes)
     assert all(mode == 0o640 for mode in modes.values()), {n: oct(m) for n, m in modes.items()}
+
+
+# ---------------------------------------------------------------- every mixer through the trainer
+
+@pytest.mark.parametrize("mixer", MIXER_NAMES)
+def test_cli_trains_evaluates_and_samples_every_mixer(mixer, tmp_path, capsys):
+    out = str(tmp_path / mixer)
+    assert main(["train", "--preset", "test", "--mixer", mixer, "--steps", "4", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert f"({mixer} mixer)" in printed and "parameters" in printed
+    meta = json.load(open(os.path.join(out, "checkpoint.json")))
+    assert meta["config"]["model"]["mixer"] == mixer
+    assert any(name.startswith(f"h0.{mixer}.") for name in meta["params"])
+    assert main(["eval", out]) == 0
+    assert "validation bits per byte" in capsys.readouterr().out
+    assert main(["sample", out, "--prompt", "ab", "--tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+
+
+def test_unknown_mixer_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--preset", "test", "--mixer", "flash"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--mixer" in err and "expected one of" in err and "Traceback" not in err
+
+
+def test_performer_buffers_are_checkpointed_and_redrawn_exactly(tmp_path):
+    """The random projections live in the checkpoint; redrawn every 3 steps from the seed and
+    the step, a paused and resumed run equals a straight one bit for bit."""
+    cfg = preset("test", steps=8, checkpoint_interval=4, mixer="performer", feature_redraw=3)
+    straight_dir, paused_dir = tmp_path / "straight", tmp_path / "paused"
+    _run(cfg, straight_dir)
+    _run(cfg, paused_dir, stop_after=4)
+    _run(cfg, paused_dir, resume=True)
+    _assert_same_run(straight_dir, paused_dir)
+    name = "h0.performer.projections"
+    final = load_checkpoint(str(straight_dir))[0][name]
+    assert np.array_equal(load_checkpoint(str(paused_dir))[0][name], final)
+    # the redraws (steps 3 and 6) changed the projections from their initial draw
+    fresh = LanguageModel(cfg.model_config(), seed=cfg.seed)
+    assert not np.array_equal(final, fresh.buffers[name])

@@ -19,6 +19,7 @@ import importlib
 # Modules are imported on first use: a mixer costs nothing until it is asked for.
 REGISTRY = {
     "gma": "gma_np.mixers.gma.core",
+    "softmax": "gma_np.mixers.softmax.core",
     "linear": "gma_np.mixers.linear.core",
     "performer": "gma_np.mixers.performer.core",
     "mamba": "gma_np.mixers.mamba.core",

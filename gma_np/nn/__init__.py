@@ -1,14 +1,14 @@
-"""The stateful shell over gma_np.ops: layers as forward/backward pairs, and the GMA language model.
+"""The stateful shell: layers as forward/backward pairs, and the language model over any mixer.
 
     layers.py        embedding, positions, linear, layernorm, GELU MLP, cross-entropy, classifier head
-    gma_layer.py     the multi-head GMA layer (docs/definition.md, section 6)
-    mixture_init.py  k-means++ initialisation of the mixtures from the first batch's keys
-    model.py         ModelConfig, the pure model_forward / model_backward, GMALanguageModel
+    heads.py         task heads: tied-embedding token logits, the pooled classifier
+    mixture_init.py  k-means++ initialisation of GMA's mixtures from the first batch's keys
+    model.py         ModelConfig, the one block function, model_forward / model_backward, LanguageModel
 """
 
 from gma_np.nn.model import (
     DecodeState,
-    GMALanguageModel,
+    LanguageModel,
     ModelConfig,
     decays,
     init_params,
@@ -20,6 +20,6 @@ from gma_np.nn.model import (
 )
 
 __all__ = [
-    "ModelConfig", "GMALanguageModel", "DecodeState", "parameter_shapes", "init_params", "decays",
+    "ModelConfig", "LanguageModel", "DecodeState", "parameter_shapes", "init_params", "decays",
     "model_forward", "model_backward", "lm_loss_forward", "lm_loss_backward",
 ]

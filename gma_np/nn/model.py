@@ -129,11 +129,10 @@ def buffer_shapes(cfg):
             for l in range(cfg.n_layers) for name, shape in mixer_buffers.items()}
 
 
-def decays(name, cfg=None):
+def decays(name, cfg):
     """Whether AdamW decays parameter `name`: the rule of gma_np.mixers.contract (ndim >= 2,
     unless the mixer or the block names it as a non-weight). Embeddings and the head
     are matrices and are decayed; norm gains and biases have ndim 1 and are not."""
-    cfg = ModelConfig() if cfg is None else cfg
     shape = parameter_shapes(cfg)[name]
     local = name.split(".", 1)[1] if name.startswith("h") and "." in name else name
     if local.startswith(cfg.mixer + "."):
@@ -418,8 +417,6 @@ class LanguageModel:
                 key = f"{cfg.mixer}.{name}"
                 self.params[f"h{l}.{key}"] = bp[key]
 
-    init_mixtures = init_from_data           # TEMPORARY: old name, until the trainer moves
-
     def redraw_buffers(self, rng):
         """Redraw every layer's buffers (performer's projections); False if the mixer has
         nothing to redraw."""
@@ -465,6 +462,3 @@ class LanguageModel:
         h, _ = L.layernorm_forward(x, p["lnf.g"], p["lnf.b"])
         logits = h @ _head_weight(p, cfg)                                         # (B, n, V)
         return logits, DecodeState(blocks=blocks, position=state.position + n)
-
-
-GMALanguageModel = LanguageModel             # TEMPORARY: old name, until the callers move

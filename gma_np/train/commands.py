@@ -22,9 +22,17 @@ import sys
 from gma_np.cli import (fail, nonnegative_float, nonnegative_int, output_directory, positive_float,
                         positive_int)
 
+def mixer_name(text):
+    from gma_np.mixers import MIXER_NAMES
+    if text not in MIXER_NAMES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(MIXER_NAMES)}, got {text!r}")
+    return text
+
+
 # Options of `gma-np train` that override fields of the config: (flag, field, type, help).
 # Their default is the preset's (or the --config file's), so the help gives none.
 _OVERRIDES = (
+    ("--mixer", "mixer", mixer_name, "the sequence mixer"),
     ("--steps", "steps", positive_int, "total optimizer steps; on --resume a larger value "
                                        "extends the run: the cosine keeps its end and the added "
                                        "steps run at its floor, lr * min_lr_ratio"),

@@ -4,7 +4,7 @@ Bits per byte: the mean next-byte cross-entropy in nats over the fixed
 validation windows (gma_np.train.data.eval_batches), divided by ln 2. Each
 window starts from an empty GMA memory, as in training.
 
-Generation: the prompt is run through GMALanguageModel.decode in one chunk,
+Generation: the prompt is run through LanguageModel.decode in one chunk,
 then one byte at a time, each from the logits of the previous step divided by
 `temperature` (0 = greedy), optionally restricted to the `top_k` most likely.
 Every step costs the same whatever the position (benchmarks/sampling.py).

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gma_np.nn.model import GMALanguageModel, decays
+from gma_np.nn.model import LanguageModel, buffer_shapes, parameter_shapes
 from gma_np.ops._threads import with_blas_threads
 from gma_np.optim import AdamW, clip_grad_norm, lr_at
 from gma_np.train import checkpoint as ckpt
@@ -52,6 +52,11 @@ from gma_np.train.config import (BOOKKEEPING_FIELDS, SCHEDULE_FIELDS, TrainConfi
 from gma_np.train.data import DataError, load_corpus, sample_batch
 from gma_np.train.evaluate import evaluate_bpb
 from gma_np.train.runlog import RunLog
+
+
+# Seeds the random draws of a mixer's buffers at step t as [seed, REDRAW_STREAM, t], a
+# stream apart from the batch order (seed) and the mixture fit (seed + 1).
+REDRAW_STREAM = 7
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,28 +69,34 @@ class TrainResult:
     val_bpb: float            # last validation bits per byte (nan if never evaluated)
     tokens_per_s: float       # training throughput of this invocation (median over its steps)
     elapsed_s: float          # wall time of this invocation
-    model: object             # the GMALanguageModel at the end
+    model: object             # the LanguageModel at the end
     stopped: str              # "done", "stop_after", "interrupted"
 
 
+def _optimizer(cfg, model):
+    return AdamW(model.params, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                 weight_decay=cfg.weight_decay, decay=model.decay_flags())
+
+
 def build(cfg):
-    """A fresh model and optimizer for cfg (mixtures not yet fitted)."""
-    model = GMALanguageModel(cfg.model_config(), seed=cfg.seed)
-    opt = AdamW(model.params, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                weight_decay=cfg.weight_decay, decay={n: decays(n) for n in model.params})
-    return model, opt
+    """A fresh model and optimizer for cfg (data-dependent parameters not yet set)."""
+    model = LanguageModel(cfg.model_config(), seed=cfg.seed)
+    return model, _optimizer(cfg, model)
 
 
 def restore(run_dir):
     """(cfg, model, opt, rng, step, meta) from run_dir's checkpoint."""
-    params, opt_arrays, meta = ckpt.load_checkpoint(run_dir)
+    arrays, opt_arrays, meta = ckpt.load_checkpoint(run_dir)
     try:
         cfg = TrainConfig.from_dict(meta["config"])
-        model = GMALanguageModel(cfg.model_config(), params=params)
+        model_cfg = cfg.model_config()
+        # the checkpoint holds the parameters and the mixer's buffers (model.arrays())
+        names = set(parameter_shapes(model_cfg))
+        model = LanguageModel(model_cfg, params={n: a for n, a in arrays.items() if n in names},
+                              buffers={n: a for n, a in arrays.items() if n not in names})
     except (TypeError, ValueError) as err:
         raise ckpt.CheckpointError(f"checkpoint: {run_dir!r} does not match its own config: {err}") from None
-    opt = AdamW(model.params, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                weight_decay=cfg.weight_decay, decay={n: decays(n) for n in model.params})
+    opt = _optimizer(cfg, model)
     try:
         opt.load_state_arrays(opt_arrays)
         rng = np.random.default_rng()
@@ -97,7 +108,7 @@ def restore(run_dir):
 
 
 def _save(run_dir, cfg, model, opt, rng, step, val_bpb):
-    ckpt.save_checkpoint(run_dir, model.params, opt.state_arrays(),
+    ckpt.save_checkpoint(run_dir, model.arrays(), opt.state_arrays(),
                          {"step": step, "config": cfg.to_dict(), "rng": rng.bit_generator.state,
                           "val_bpb": None if val_bpb is None or math.isnan(val_bpb) else val_bpb})
 
@@ -178,14 +189,14 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
         model, opt = build(cfg)
         rng = np.random.default_rng(cfg.seed)
         first, _ = sample_batch(corpus.train, cfg.batch_size, cfg.context, rng)
-        model.init_mixtures(first, np.random.default_rng(cfg.seed + 1))
+        model.init_from_data(first, np.random.default_rng(cfg.seed + 1))
         step, val_bpb = 0, float("nan")
         os.makedirs(run_dir, exist_ok=True)
         _write_config(run_dir, cfg)
         log = RunLog(run_dir)
         log.truncate_after(-1)
         _save(run_dir, cfg, model, opt, rng, step, None)
-        print_fn(f"training {model.n_params():,} parameters on {corpus.name}: "
+        print_fn(f"training {model.n_params():,} parameters ({cfg.model.mixer} mixer) on {corpus.name}: "
                  f"{len(corpus.train):,} train / {len(corpus.val):,} validation bytes, "
                  f"{cfg.steps} steps of {cfg.batch_size} x {cfg.context} tokens")
 
@@ -219,6 +230,11 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
             lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.schedule_steps, cfg.min_lr_ratio)
             opt.step(model.params, grads, lr)
             step += 1
+            redraw = cfg.model.feature_redraw
+            if redraw and step % redraw == 0:
+                # a Generator of its own per redraw: the batch order does not depend on it,
+                # and a resumed run redraws the same projections (they are in the checkpoint)
+                model.redraw_buffers(np.random.default_rng([cfg.seed, REDRAW_STREAM, step]))
             rates.append(tokens_per_step / (time.perf_counter() - t0))
             if step % cfg.log_interval == 0 or step == cfg.steps:
                 log.write({"step": step, "loss": round(loss, 6), "lr": lr,

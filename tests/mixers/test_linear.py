@@ -186,7 +186,7 @@ def test_core_adapter():
     q, k, v, mask = make_inputs(rng, B, H, N, d, e, masked=True)
     assert core.PARAMETER_SHAPES(cfg) == {} and core.BUFFER_SHAPES(cfg) == {}
     assert core.init_parameters(cfg, rng) == {} and core.init_buffers(cfg, rng) == {}
-    assert core.CAUSAL_ONLY is False and core.causal_only is False
+    assert core.CAUSAL_ONLY is False
     o, cache = core.forward(q, k, v, {}, cfg, causal=True, key_mask=mask)
     assert np.array_equal(o, linear_attention(q, k, v, causal=True, key_mask=mask))
     assert np.array_equal(core.reference(q, k, v, {}, cfg, causal=True, key_mask=mask), linear_attention_dense(q, k, v, causal=True, key_mask=mask))

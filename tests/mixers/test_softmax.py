@@ -286,7 +286,7 @@ def test_core_adapter():
     rng = np.random.default_rng(0)
     assert core.PARAMETER_SHAPES(cfg) == {} and core.init_parameters(cfg, rng) == {}
     assert core.BUFFER_SHAPES(cfg) == {} and core.init_buffers(cfg, rng) == {}
-    assert core.CAUSAL_ONLY is False and core.causal_only is False
+    assert core.CAUSAL_ONLY is False
     assert core.MIXER.name == "softmax"
     o, cache = core.forward(q, k, v, {}, cfg, causal=True, key_mask=mask)
     assert np.array_equal(o, softmax_attention(q, k, v, causal=True, key_mask=mask))

@@ -24,7 +24,6 @@ from gma_np.mixers.linear.naive import linear_attention_dense
 
 # Linear attention has a bidirectional form.
 CAUSAL_ONLY = False
-causal_only = CAUSAL_ONLY            # the protocol's spelling of the same flag
 
 
 def PARAMETER_SHAPES(cfg):

@@ -30,7 +30,6 @@ from gma_np.mixers.performer.naive import performer_attention_dense
 
 # FAVOR+ has a bidirectional form.
 CAUSAL_ONLY = False
-causal_only = CAUSAL_ONLY            # the protocol's spelling of the same flag
 
 # Random features per head when the config does not say (the paper's experiments use
 # a few hundred at d = 64; 64 keeps the tiny preset's cost near the other mixers').

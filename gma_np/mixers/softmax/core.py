@@ -19,7 +19,6 @@ from gma_np.mixers.softmax.recurrent import SoftmaxAttentionState, softmax_atten
 
 # Softmax attention has a bidirectional form.
 CAUSAL_ONLY = False
-causal_only = CAUSAL_ONLY            # the same flag, lower case
 
 
 def PARAMETER_SHAPES(cfg):
