@@ -7,6 +7,7 @@
     softmax/      scaled dot-product attention (dense reference, blocked fast path, KV cache)
     linear/       linear attention, elu + 1 features (Katharopoulos et al. 2020)
     performer/    FAVOR+ positive random features (Choromanski et al. 2021)
+    mamba/        a selective state-space block, Mamba-style S6 (Gu and Dao 2023)
 
 Adding a mixer: a folder with its reference, fast path and adapter, and one line in
 REGISTRY below (docs/mixers/contract.md). tests/test_mixer_contract.py is parametrised
