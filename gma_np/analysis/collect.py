@@ -1,0 +1,207 @@
+"""Run a model over windows of text and collect, per layer and head, what the analyses read.
+
+Dimension legend: B windows, N tokens per window, D model width, H heads, d query/key
+head size, e value head size, K components.
+
+Nothing of the model is re-implemented: the blocks run through the model's own
+gma_np.nn.model.block_forward, whose initialisation hook (`set_mixer`) hands over each
+mixer's input h (B, N, D) and changes nothing (it returns no parameters). From h and the
+attention shell's projections (gma_np.mixers.attention) come q, k, v, and from the
+layer's mixture the responsibilities, through gma_np.responsibilities:
+
+    q = split_heads(h W_q + b_q)   (B, H, N, d)      r_q = r(q), r_k = r(k)   (B, H, N, K)
+
+With targets, the gradient of the mean next-byte loss reaching each layer's GMA output,
+do (B, H, N, e), comes from the model's own lm_loss_forward / lm_loss_backward: the
+mixer in each block's cache is swapped for a copy whose backward records the gradient
+dy (B, N, D) it receives and then runs the original; do = split_heads(dy W_o^T), since
+the shell's output is y = merge_heads(o) W_o + b_o.
+
+`usage_summary(model, batch)` is the few scalars the trainer logs at every evaluation.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from gma_np import responsibilities
+from gma_np.analysis.categories import byte_attributes, byte_classes
+from gma_np.analysis.usage import usage_stats
+from gma_np.mixers.attention import split_heads
+from gma_np.mixers.contract import Mixer
+from gma_np.nn.model import (_block_params, _mixer_params, block_forward, lm_loss_backward,
+                             lm_loss_forward)
+
+# The shell parameters a mixer must have for q, k, v to exist (attention-style mixers).
+PROJECTIONS = ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo")
+# The parameters that make an attention-style mixer a GMA one.
+MIXTURE = ("means", "log_var", "logits")
+
+
+class AnalysisError(ValueError):
+    """A run or model the analysis cannot read (no queries and keys, no mixture, ...)."""
+
+
+@dataclass
+class LayerSample:
+    """One layer's arrays over the sample, float64."""
+    h: np.ndarray              # (B, N, D) the mixer's input
+    q: np.ndarray              # (B, H, N, d)
+    k: np.ndarray              # (B, H, N, d)
+    v: np.ndarray              # (B, H, N, e)
+    rq: np.ndarray = None      # (B, H, N, K) responsibilities of the queries (GMA only)
+    rk: np.ndarray = None      # (B, H, N, K) of the keys
+    mixture: dict = None       # means (H, K, d), log_var, logits (H, K), temperature (H,)
+    do: np.ndarray = None      # (B, H, N, e) gradient of the loss at GMA's output (with targets)
+
+
+@dataclass
+class Sample:
+    tokens: np.ndarray         # (B, N) int64 byte ids
+    layers: list               # one LayerSample per layer
+    mixer: str                 # the model's mixer name
+    loss: float = None         # mean next-byte loss in nats (with targets)
+
+
+def is_gma(model):
+    mp = _mixer_params(_block_params(model.arrays(), 0), model.cfg)
+    return all(name in mp for name in MIXTURE)
+
+
+def _attention_params(model):
+    """The mixer arrays of every layer; AnalysisError if the mixer has no q and k."""
+    cfg, arrays = model.cfg, model.arrays()
+    out = [_mixer_params(_block_params(arrays, l), cfg) for l in range(cfg.n_layers)]
+    missing = [n for n in PROJECTIONS if n not in out[0]]
+    if missing:
+        raise AnalysisError(f"model: the {cfg.mixer!r} mixer has no query/key projections "
+                            f"(no {', '.join(missing)}); the analysis reads attention-style mixers")
+    return out
+
+
+def _mixture_of(mp):
+    tau = np.exp(mp["log_tau"].astype(np.float64)) if "log_tau" in mp else None
+    H = mp["logits"].shape[0]
+    return {"means": mp["means"].astype(np.float64), "log_var": mp["log_var"].astype(np.float64),
+            "logits": mp["logits"].astype(np.float64),
+            "temperature": np.ones(H) if tau is None else tau}
+
+
+def _recording_backward(cache, record):
+    """`cache` with each block's Mixer replaced by one whose backward stores its dy in
+    record[layer] (layers in the order the blocks appear) before running the original."""
+    count = [0]
+
+    def walk(node):
+        if isinstance(node, Mixer):
+            layer, inner = count[0], node.backward
+            count[0] += 1
+
+            def backward(dy, c):
+                record[layer] = dy
+                return inner(dy, c)
+            return dataclasses.replace(node, backward=backward)
+        if type(node) is tuple:
+            return tuple(walk(x) for x in node)
+        if type(node) is list:
+            return [walk(x) for x in node]
+        return node
+    return walk(cache), count[0]
+
+
+def _upstream(model, idx, targets):
+    """(loss, [dy (B, N, D) per layer]): the gradient of the mean loss at each mixer's output."""
+    cfg = model.cfg
+    loss, (c_model, c_ce) = lm_loss_forward(model.arrays(), idx, targets, cfg)
+    record = {}
+    c_model, found = _recording_backward(c_model, record)
+    if found != cfg.n_layers:
+        raise RuntimeError(f"found {found} mixers in the model's cache, expected one per layer "
+                           f"({cfg.n_layers}): gma_np.nn.model's cache layout changed")
+    lm_loss_backward((c_model, c_ce))
+    return float(loss), [record[l] for l in range(cfg.n_layers)]
+
+
+def collect(model, idx, targets=None):
+    """The Sample of `model` (a gma_np.nn.LanguageModel) on the windows idx (B, N); with
+    targets (B, N), the gradients at each GMA output too (module docstring)."""
+    idx = model._check_ids(idx)
+    cfg, arrays = model.cfg, model.arrays()
+    params = _attention_params(model)
+    gma = all(name in params[0] for name in MIXTURE)
+    H = cfg.n_heads
+    inputs = []
+
+    def keep_input(h, mp):
+        inputs.append(h)
+        return {}                                   # set nothing: the block runs unchanged
+    x = arrays["wte"][idx] + arrays["wpe"][:idx.shape[1]]
+    for l in range(cfg.n_layers):
+        x, _ = block_forward(x, _block_params(arrays, l), cfg, set_mixer=keep_input)
+    loss, upstream = (None, None) if targets is None else _upstream(
+        model, idx, model._check_ids(targets, "targets"))
+    layers = []
+    for l, (h, mp) in enumerate(zip(inputs, params)):
+        h = h.astype(np.float64)
+        q, k, v = (split_heads(h @ mp[W].astype(np.float64) + mp[b].astype(np.float64), H)
+                   for W, b in (("Wq", "bq"), ("Wk", "bk"), ("Wv", "bv")))
+        layer = LayerSample(h=h, q=q, k=k, v=v)
+        if gma:
+            mix = _mixture_of(mp)
+            layer.mixture = mix
+            layer.rq, layer.rk = (responsibilities(x_, mix["means"], mix["log_var"], mix["logits"],
+                                                   mix["temperature"]) for x_ in (q, k))
+        if upstream is not None:
+            layer.do = split_heads(upstream[l].astype(np.float64) @ mp["Wo"].astype(np.float64).T, H)
+        layers.append(layer)
+    return Sample(tokens=idx.astype(np.int64), layers=layers, mixer=cfg.mixer, loss=loss)
+
+
+def sample_windows(data, context, n_windows, rng):
+    """(idx, targets, previous): n_windows random windows of `data` (uint8), sorted by
+    start, each (n, context); previous (n,) the byte before each window (-1 at the start)."""
+    data = np.asarray(data)
+    n_starts = len(data) - context
+    if n_starts < 1:
+        raise AnalysisError(f"data: the validation split has {len(data)} bytes, fewer than "
+                            f"the {context + 1} a window needs")
+    starts = np.sort(rng.choice(n_starts, size=min(n_windows, n_starts), replace=False))
+    window = data[starts[:, None] + np.arange(context + 1)].astype(np.int64)
+    previous = np.where(starts > 0, data[np.maximum(starts - 1, 0)].astype(np.int64), -1)
+    return window[:, :-1], window[:, 1:], previous
+
+
+def window_categories(tokens, previous):
+    """(attributes {name: bool (B, N)}, classes (B, N)) of windows of bytes."""
+    attrs = [byte_attributes(t, None if p < 0 else int(p)) for t, p in zip(tokens, previous)]
+    return ({name: np.stack([a[name] for a in attrs]) for name in attrs[0]},
+            np.stack([byte_classes(t) for t in tokens]))
+
+
+def usage_summary(model, batch):
+    """A few scalars of the routing of `model` on `batch` (idx (B, N), or (idx, targets)),
+    for the run log at every evaluation:
+
+        eff_components       mean over layers, heads and {queries, keys} of exp(H(usage))
+        eff_components_min   its minimum: a collapsing head shows here first
+        token_entropy        mean per-token responsibility entropy, nats (max log K)
+        dead_q, dead_k       dead components of queries, of keys, summed over layers and heads
+
+    {} for a model whose mixer is not GMA (nothing to summarise)."""
+    idx = batch[0] if isinstance(batch, tuple) else batch
+    if not is_gma(model):
+        return {}
+    sample = collect(model, idx)
+    eff, ent, dead = [], [], {"q": 0, "k": 0}
+    for layer in sample.layers:
+        for name, r in (("q", layer.rq), ("k", layer.rk)):
+            for h in range(r.shape[1]):
+                s = usage_stats(r[:, h])
+                eff.append(s["effective_components"])
+                ent.append(s["token_entropy"])
+                dead[name] += s["n_dead"]
+    return {"eff_components": round(float(np.mean(eff)), 4),
+            "eff_components_min": round(float(np.min(eff)), 4),
+            "token_entropy": round(float(np.mean(ent)), 4),
+            "dead_q": dead["q"], "dead_k": dead["k"]}
