@@ -48,14 +48,23 @@ RTOL_EXACT = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-6}
 
 # Fast routing (gma_np.ops.routing.log_density): the quadratic term is the GEMM
 # expansion x'^2 @ inv_var^T - 2 x' @ (mu' inv_var)^T + m2 on points centred at
-# the mean of their head's means. Its rounding error is about eps * (x2 + m2),
-# the direct form's about eps * quad; an entry where x2 + m2 > BOUND * max(quad, 1)
-# (the expansion would lose more than log2(BOUND) = 4 bits against the direct
-# form) is recomputed directly. With 4 bits the float64 log-densities stay
-# within ~1e-14 * max(quad, 1) of the direct form, far inside the 1e-12 the
-# tests ask of the responsibilities; on data near its mixture, centred, the
-# fallback almost never fires (docs/performance.md, "Accuracy of the GEMM routing").
-EXPANSION_CANCELLATION_BOUND = 16.0
+# the mean of their head's means. Its rounding error in l = const - quad / 2 is
+# about eps (x2 + m2) / 2; the direct form's about eps (|const| + quad / 2), the
+# rounding of l's own terms. An entry where x2 + m2 > BOUND * max(quad + 2 |const|, 1)
+# (the expansion could lose more than log2(BOUND) = 1 bit against the direct form)
+# is recomputed directly. With 1 bit the log-densities are within about two units
+# of the direct form's rounding error in every regime that tests/test_regimes.py
+# sweeps (widths e^-14 to e^6, data scales 1e-3 to 30, mixtures far from the data);
+# a bound of 4 let the error reach 4 times the direct form's there. On data near
+# its mixture, centred, the fallback rarely fires: never on the benchmark's
+# problems (docs/numerics.md, section 2).
+EXPANSION_CANCELLATION_BOUND = 2.0
+# The backward's GEMMs expand the same sums (dx = dl @ (mu' inv_var) - x' (dl @ inv_var),
+# and dl^T x'^2 - 2 mu' dl^T x' + mu'^2 sum dl for the log-variances), with the same
+# error, eps (x2 + m2), against the direct form's eps quad; there no |const| term
+# hides it. A token with an entry where x2 + m2 > BOUND * quad takes its gradient in
+# the direct form (gma_np.ops.routing.log_density_backward). 1 bit, as above.
+GRADIENT_CANCELLATION_BOUND = 2.0
 
 # Kernel calls with fewer multiply-adds than this run on one thread
 # (gma_np.ops._threads.threads_for). Waking Numba's thread pool costs tens of

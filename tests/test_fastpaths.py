@@ -21,7 +21,7 @@ import pytest
 from scipy.special import logsumexp, softmax
 
 import gma_np
-from gma_np._numerics import EXPANSION_CANCELLATION_BOUND
+from gma_np._numerics import EXPANSION_CANCELLATION_BOUND, GRADIENT_CANCELLATION_BOUND
 from gma_np.kernels.routing import _log_density_expanded, _softmax_rows_forward
 from gma_np.ops import routing
 from gma_np.reference.dense import gma_dense, gma_dense_backward
@@ -84,7 +84,8 @@ def test_cancellation_fallback_is_what_keeps_it_accurate(rng):
     for bound in (EXPANSION_CANCELLATION_BOUND, np.inf):
         g = np.matmul(feats, mix.w_forward)
         _log_density_expanded(g, feats, x, x, 0, mix.means, mix.inv_var_max, mix.m2, mix.const,
-                              mix.inv_var, bound, g)
+                              mix.inv_var, bound, GRADIENT_CANCELLATION_BOUND, g,
+                              np.empty(x.shape[:3], dtype=np.uint8))
         errs[bound] = np.max(np.abs(g - naive) / scale)
     assert errs[EXPANSION_CANCELLATION_BOUND] <= 1e-13, errs
     assert errs[np.inf] > 1e-10, f"expansion without fallback was accurate anyway: {errs}"

@@ -133,20 +133,29 @@ def _features(x, center, n0, out):
 
 @njit(cache=True, nogil=True)
 def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, inv_var, bound,
-                          out):
+                          grad_bound, out, direct_rows):
     """l[p,h,n,k] = const[h,k] - 1/2 quad, quad = g + m2 or, where that cancels, directly,
     for the block of tokens n0 .. n0 + nb - 1 (out holds the block: row n is token n0 + n).
 
-    The expansion subtracts terms of size x2 + m2 to get quad; its rounding
-    error is about eps_64 * (x2 + m2), the direct form's about eps_64 * quad.
-    With the bound x2 <= |x'|^2 max_j inv_var_kj, an entry where
-        |x'|^2 max_j inv_var_kj + m2 > bound * max(quad, 1)
+    The expansion subtracts terms of size x2 + m2 to get quad, so its rounding
+    error in l = const - quad / 2 is about eps_64 (x2 + m2) / 2. The direct
+    form's is about eps_64 (|const| + quad / 2): the rounding of its sum and
+    of l itself, which no float64 method avoids. With the bound
+    x2 <= |x'|^2 max_j inv_var_kj, an entry where
+        |x'|^2 max_j inv_var_kj + m2 > bound * max(quad + 2 |const|, 1)
     (the expansion could lose more than log2(bound) bits against the direct
     form) is recomputed directly as sum_j (x_j - mu_kj)^2 inv_var_kj, from the
     points and means as passed (not the centred ones, whose own rounding,
     eps * |x - c|, would show when x sits close to a mean far from the
     centre). After centring this is rare for data near its mixture
-    (docs/performance.md).
+    (docs/numerics.md, section 2).
+
+    The backward's GEMMs expand the same way (dx = dl @ (mu' inv_var) - x' (dl @ inv_var),
+    dquad from dl^T x'^2 - 2 mu' dl^T x' + mu'^2 sum dl) and lose digits where quad is
+    small against size, whatever const is: a token with an entry where
+        size > grad_bound * quad
+    is marked in direct_rows, and _log_density_backward_rows takes its gradient in
+    the direct form.
 
     g            (P, H, nb, K)   float64 GEMM result x2 - 2 cross of the block
     feats        (P, H, nb, 2d)  float64 [x', x'^2] of the block
@@ -159,7 +168,10 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
     m2, const    (H, K)         float64
     inv_var      (H, K, d)      float64
     bound        float          gma_np._numerics.EXPANSION_CANCELLATION_BOUND
+    grad_bound   float          gma_np._numerics.GRADIENT_CANCELLATION_BOUND
     out          (P, H, nb, K)   float64, written (may be `g` itself)
+    direct_rows  (P, H, N)       uint8, rows n0 .. n0 + nb - 1 written: 1 for a token whose
+                                gradient the backward takes in the direct form, else 0
     """
     P, H, nb, K = g.shape
     d = means.shape[2]
@@ -171,20 +183,24 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
             sq = 0.0                                   # |x'|^2
             for j in range(d):
                 sq += feats[p, h, n, d + j]
+            direct = 0
             for k in range(K):
                 quad = g[p, h, n, k] + m2[h, k]
                 size = sq * inv_var_max[h, k] + m2[h, k]
-                if size > bound * max(quad, 1.0):
+                if size > bound * max(quad + 2.0 * abs(const[h, k]), 1.0):
                     quad = 0.0
                     for j in range(d):
                         xj = xa[p, h, n0 + n, j] if p < Pa else xb[p - Pa, h, n0 + n, j]
                         diff = xj - means[h, k, j]
                         quad += diff * diff * inv_var[h, k, j]
+                if size > grad_bound * quad:
+                    direct = 1
                 out[p, h, n, k] = const[h, k] - 0.5 * quad
+            direct_rows[p, h, n0 + n] = direct
 
 
 @njit(cache=True, nogil=True)
-def _dx_from_gemm(g, feats, n0, dx):
+def _dx_from_gemm(g, feats, n0, direct_rows, dx):
     """dx of the points from the backward GEMM of one block of tokens:
     dx[p,h,n0+n,j] = g[p,h,n,j] - x'[p,h,n,j] g[p,h,n,d+j].
 
@@ -192,10 +208,12 @@ def _dx_from_gemm(g, feats, n0, dx):
     sum_k dl_k (mu'_kj - x'_j) inv_var_kj, the gradient of
     l = const - 1/2 sum_j (x'_j - mu'_kj)^2 inv_var_kj (gma_np.ops.routing.log_density_backward).
 
-    g      (P, H, nb, 2d)  float64
-    feats  (P, H, nb, 2d)  float64 [x', x'^2] of the block
-    n0     int             first token of the block
-    dx     (P, H, N, d)    float32 or float64, rows n0 .. n0 + nb - 1 written
+    g            (P, H, nb, 2d)  float64
+    feats        (P, H, nb, 2d)  float64 [x', x'^2] of the block
+    n0           int             first token of the block
+    direct_rows  (P, H, N)       uint8: rows marked 1 are left alone (_log_density_backward_rows
+                                 writes them)
+    dx           (P, H, N, d)    float32 or float64, the other rows n0 .. n0 + nb - 1 written
     """
     P, H, nb, d2 = g.shape
     d = d2 // 2
@@ -203,8 +221,58 @@ def _dx_from_gemm(g, feats, n0, dx):
         p = ph // H
         h = ph % H
         for n in range(nb):
+            if direct_rows[p, h, n0 + n]:
+                continue
             for j in range(d):
                 dx[p, h, n0 + n, j] = g[p, h, n, j] - feats[p, h, n, j] * g[p, h, n, d + j]
+
+
+@njit(cache=True, nogil=True)
+def _log_density_backward_rows(dl, xa, xb, n0, means, inv_var, direct_rows, dx, dmeans, dquad,
+                               dl_sum):
+    """The direct-form backward (_log_density_backward) of the marked tokens of one block,
+    and their rows of dl set to 0, so that the GEMMs that follow leave them out.
+
+    For a marked token n (direct_rows[p, h, n0 + n] = 1), with w = (x - mu) inv_var
+    from the points and means as passed:
+        dx[n, j]      = - sum_k dl[n, k] w[k, j]                   (written)
+        dmeans[k, j] += sum over the marked n of dl[n, k] w[k, j]
+        dquad[k, j]  += 1/2 sum over the marked n of dl[n, k] (x[n, j] - mu[k, j]) w[k, j]
+        dl_sum[k]    += sum over the marked n of dl[n, k]
+
+    dl           (P, H, nb, K)  float64 block of dl; marked rows zeroed
+    xa, xb       the points as passed, as in _log_density_expanded
+    n0           int            first token of the block
+    means        (H, K, d)      float64
+    inv_var      (H, K, d)      float64
+    direct_rows  (P, H, N)      uint8
+    dx           (P, H, N, d)   float32 or float64, the marked rows written
+    dmeans, dquad (H, K, d)     float64, accumulated
+    dl_sum       (H, K)         float64, accumulated
+    """
+    P, H, nb, K = dl.shape
+    d = means.shape[2]
+    Pa = xa.shape[0]
+    for ph in prange(P * H):
+        p = ph // H
+        h = ph % H
+        for n in range(nb):
+            if not direct_rows[p, h, n0 + n]:
+                continue
+            for j in range(d):
+                xj = xa[p, h, n0 + n, j] if p < Pa else xb[p - Pa, h, n0 + n, j]
+                acc = 0.0
+                for k in range(K):
+                    c = dl[p, h, n, k]
+                    diff = xj - means[h, k, j]
+                    w = diff * inv_var[h, k, j]
+                    acc -= c * w
+                    dmeans[h, k, j] += c * w
+                    dquad[h, k, j] += 0.5 * c * diff * w
+                dx[p, h, n0 + n, j] = acc
+            for k in range(K):
+                dl_sum[h, k] += dl[p, h, n, k]
+                dl[p, h, n, k] = 0.0
 
 
 @njit(cache=True, nogil=True)

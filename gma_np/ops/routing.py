@@ -52,12 +52,14 @@ from gma_np._numerics import (
     ACCUM_DTYPE,
     BLOCK_STREAMS,
     EXPANSION_CANCELLATION_BOUND,
+    GRADIENT_CANCELLATION_BOUND,
     LOG_2PI,
     ROUTING_BLOCK,
 )
 from gma_np.kernels.routing import (
     _dx_from_gemm,
     _log_density_backward,
+    _log_density_backward_rows,
     _features,
     _log_density_expanded,
     _log_density_forward,
@@ -183,10 +185,12 @@ def log_density_direct(x4, mix):
     return out
 
 
-def _route_blocks(x_parts, mix, inv_tau, r, shift=None):
+def _route_blocks(x_parts, mix, inv_tau, r, direct_rows, shift=None):
     """The GEMM routing, block by block: with inv_tau None, r (P, H, N, K) float64 receives
     the log-densities l; else r (float32 or float64) receives softmax_k(l / tau) and
-    shift (P, H, N) float64 the row maxima of l."""
+    shift (P, H, N) float64 the row maxima of l. direct_rows (P, H, N) uint8 receives
+    the marks of the tokens whose gradient the backward takes in the direct form
+    (_log_density_expanded)."""
     xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
     P, H, N, K = r.shape
     d = xa.shape[3]
@@ -199,7 +203,8 @@ def _route_blocks(x_parts, mix, inv_tau, r, shift=None):
             g = np.matmul(feats, mix.w_forward, out=g_buf[:, :, :n1 - n0])   # (P, H, nb, K)
             # g += m2, -1/2, + const, and the direct form where the expansion cancels: g = l
             _log_density_expanded(g, feats, xa, xb, n0, mix.means, mix.inv_var_max, mix.m2,
-                                  mix.const, mix.inv_var, EXPANSION_CANCELLATION_BOUND, g)
+                                  mix.const, mix.inv_var, EXPANSION_CANCELLATION_BOUND,
+                                  GRADIENT_CANCELLATION_BOUND, g, direct_rows)
             if inv_tau is None:
                 r[:, :, n0:n1] = g
             else:
@@ -210,19 +215,23 @@ def _route_blocks(x_parts, mix, inv_tau, r, shift=None):
     return r
 
 
-def log_density(x_parts, mix):
+def log_density(x_parts, mix, direct_rows=None):
     """l (P, H, N, K) float64 of the points x_parts (one array, or a tuple stacked along P),
     by one GEMM per block of ROUTING_BLOCK tokens.
 
     Fast path of the module docstring: [x', x'^2] @ [-2 (mu' inv_var)^T ; inv_var^T]
     gives quad - m2, and one fused pass adds m2 and the constants and recomputes
     directly (from x_parts) the rare entries where the expansion would cancel.
+    direct_rows: a (P, H, N) uint8 array to receive the tokens that
+    log_density_backward must take in the direct form, or None.
     """
     x_parts = _parts(x_parts)
     P = sum(a.shape[0] for a in x_parts)
     _, H, N, _ = x_parts[0].shape
     l = np.empty((P, H, N, mix.means.shape[1]), dtype=ACCUM_DTYPE)
-    return _route_blocks(x_parts, mix, None, l)
+    if direct_rows is None:
+        direct_rows = np.empty((P, H, N), dtype=np.uint8)
+    return _route_blocks(x_parts, mix, None, l, direct_rows)
 
 
 def log_density_backward_direct(dl, x4, mix):
@@ -252,7 +261,7 @@ def _mixture_grads(dl_sum, dmeans, dquad, mix):
             zip(("means", "log_var", "logits"), (dmeans, dlog_var, dlogits), mix.dtypes)}
 
 
-def log_density_backward(dl, x_parts, mix, dx_dtype):
+def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None):
     """Gradients of sum(l * dl) for l = log_density(x_parts, mix), by two GEMMs per block.
 
     dl (P, H, N, K) float64. Returns (dx (P, H, N, d) in dx_dtype, a dict with
@@ -269,37 +278,53 @@ def log_density_backward(dl, x_parts, mix, dx_dtype):
         sum_{n,k} dl l = sum_k const_k sum_n dl_k - sum_{k,j} dquad_kj
     (d/dx = d/dx', and the centre is a constant of the parameters' own chain:
     the quadratic term does not depend on it, so no gradient flows through it).
+
+    These expansions cancel like the forward's where a token sits close to a mean
+    far from the centre: the tokens the forward marked in direct_rows (P, H, N)
+    uint8 (or None: no token) are left out of the GEMMs and take the direct form
+    instead (_log_density_backward_rows), and their sums are added to the GEMMs'.
     """
     x_parts = _parts(x_parts)
+    xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
     P, H, N, K = dl.shape
     d = mix.means.shape[2]
     dx = np.empty((P, H, N, d), dtype=dx_dtype)
     blocks = list(_blocks(N))
+    any_direct = direct_rows is not None and direct_rows.any()
+    if not any_direct:
+        direct_rows = np.zeros((P, H, N), dtype=np.uint8)
 
     def stream(s):                                                 # blocks s, s + S, s + 2S, ...
         dl_f = np.zeros((H, K, 2 * d), dtype=ACCUM_DTYPE)          # dl^T @ [x', x'^2], summed
-        dl_sum = np.zeros((H, K), dtype=ACCUM_DTYPE)               # sum_{p,n} dl, summed
+        dl_sum = np.zeros((H, K), dtype=ACCUM_DTYPE)               # sum_{p,n} dl, GEMM tokens
+        # dmeans, dquad (H, K, d) and sum_{p,n} dl (H, K) of the direct tokens, summed
+        direct = (np.zeros((H, K, d)), np.zeros((H, K, d)), np.zeros((H, K)))
         feats_buf, g_buf, dl_buf = _block_buffers(P, H, N, (2 * d, 2 * d, K))
         for n0, n1 in blocks[s::BLOCK_STREAMS]:
             nb = n1 - n0
             feats = features(x_parts, mix, n0, n1, feats_buf)      # (P, H, nb, 2d)
             dl_b = dl_buf[:, :, :nb]                               # (P, H, nb, K) float64
             dl_b[...] = dl[:, :, n0:n1]
+            if any_direct:                                         # direct tokens; their dl_b rows -> 0
+                _log_density_backward_rows(dl_b, xa, xb, n0, mix.means, mix.inv_var, direct_rows,
+                                           dx, *direct)
             g = np.matmul(dl_b, mix.w_backward, out=g_buf[:, :, :nb])   # 'phnk,hkf->phnf'
-            _dx_from_gemm(g, feats, n0, dx)                        # dx = g[:d] - x' * g[d:]
+            _dx_from_gemm(g, feats, n0, direct_rows, dx)           # dx = g[:d] - x' * g[d:]
             for p in range(P):                                     # 'phnk,phnf->hkf', one p at a
                 dl_f += np.matmul(dl_b[p].transpose(0, 2, 1), feats[p])   # time: no (P, H, K, 2d)
             dl_sum += dl_b.sum(axis=(0, 2))
-        return dl_f, dl_sum
+        return dl_f, dl_sum, direct
 
     with blas_single_thread():                                     # small GEMMs: see _threads
         partial = run_streams(stream, BLOCK_STREAMS)
-    dl_f = sum_in_order([f for f, _ in partial])                   # (H, K, 2d)
-    dl_sum = sum_in_order([t for _, t in partial])                 # (H, K)
+    dl_f = sum_in_order([f for f, _, _ in partial])                # (H, K, 2d)
+    dl_sum = sum_in_order([t for _, t, _ in partial])              # (H, K)
+    dmeans_d, dquad_d, dl_sum_d = (sum_in_order([t[2][i] for t in partial]) for i in range(3))
     dl_x, dl_x2 = dl_f[..., :d], dl_f[..., d:]
     mu, inv_var = mix.means_c, mix.inv_var
-    dmeans = inv_var * (dl_x - mu * dl_sum[:, :, None])
-    dquad = 0.5 * inv_var * (dl_x2 - 2.0 * mu * dl_x + mu * mu * dl_sum[:, :, None])
+    dmeans = inv_var * (dl_x - mu * dl_sum[:, :, None]) + dmeans_d
+    dquad = 0.5 * inv_var * (dl_x2 - 2.0 * mu * dl_x + mu * mu * dl_sum[:, :, None]) + dquad_d
+    dl_sum = dl_sum + dl_sum_d                                     # all tokens
     dl_dot_l = (mix.const * dl_sum).sum(-1) - dquad.sum(axis=(1, 2))   # (H,)
     return dx, _mixture_grads(dl_sum, dmeans, dquad, mix), dl_dot_l
 
@@ -319,6 +344,7 @@ class RoutingCache:
     tau_dtype: np.dtype     # dtype of an array temperature, for its gradient
     r: np.ndarray           # (P, H, N, K) responsibilities, in the dtype of the points
     shift: np.ndarray       # (P, H, N) float64 row maxima of l, for the temperature gradient
+    direct_rows: object     # (P, H, N) uint8: tokens whose gradient is taken in the direct form
 
 
 def _work(x_parts, mix):
@@ -341,11 +367,12 @@ def route_forward(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.f
     # r in the dtype of the points (computed in float64, rounded once when stored)
     r = np.empty((P, H, N, mix.means.shape[1]), dtype=x_parts[0].dtype)
     shift = np.empty((P, H, N), dtype=ACCUM_DTYPE)
+    direct_rows = np.empty((P, H, N), dtype=np.uint8)
     with threads_for(_work(x_parts, mix)):
-        _route_blocks(x_parts, mix, 1.0 / tau, r, shift)
+        _route_blocks(x_parts, mix, 1.0 / tau, r, direct_rows, shift)
     cache = RoutingCache(x_parts=x_parts, x_dtype=x_parts[0].dtype, lead_shape=(P,),
                          mix=mix, tau=tau, tau_per_head=tau_per_head, tau_dtype=tau_dtype, r=r,
-                         shift=shift)
+                         shift=shift, direct_rows=direct_rows)
     return r, cache
 
 
@@ -359,10 +386,45 @@ def route_backward(dr, cache, overwrite_dr=False):
     with threads_for(_work(cache.x_parts, cache.mix)):
         # in the forward pass this was: r = softmax_k(a), a = l / tau
         _softmax_rows_backward(dr, cache.r, 1.0 / cache.tau, cache.shift, dl, dl_shift)
-        dx, grads, dl_dot_l = log_density_backward(dl, cache.x_parts, cache.mix, cache.x_dtype)
+        dx, grads, dl_dot_l = log_density_backward(dl, cache.x_parts, cache.mix, cache.x_dtype,
+                                                   cache.direct_rows)
     # dtau = -sum da * a / tau = -sum dl * (l - c) / tau   (da = tau dl, a = l / tau; any
     # per-row c, here the row maximum of l, since sum_k dl = 0: _softmax_rows_backward)
     dtau = -(dl_dot_l - dl_shift.sum(axis=0)) / cache.tau          # (H,)
+    grads["temperature"] = (dtau.astype(cache.tau_dtype) if cache.tau_per_head
+                            else float(dtau.sum()))
+    grads["x"] = dx
+    return grads
+
+
+def route_forward_direct(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.float64)):
+    """route_forward by the direct-form kernel (log_density_direct), no GEMM, all N at once.
+
+    The naive twin of the fast path, with the same contract: tests/test_regimes.py
+    measures both against a 60-digit oracle and holds the fast path to this one."""
+    x_parts = _parts(x_parts)
+    x4 = x_parts[0] if len(x_parts) == 1 else np.concatenate(x_parts)   # (P, H, N, d)
+    l = log_density_direct(x4, mix)                                # (P, H, N, K) float64
+    r = np.empty(l.shape, dtype=x4.dtype)
+    shift = np.empty(l.shape[:3], dtype=ACCUM_DTYPE)
+    _softmax_rows_forward(l, 1.0 / tau, 0, r, shift)
+    cache = RoutingCache(x_parts=(x4,), x_dtype=x4.dtype, lead_shape=(x4.shape[0],), mix=mix,
+                         tau=tau, tau_per_head=tau_per_head, tau_dtype=tau_dtype, r=r, shift=shift,
+                         direct_rows=None)
+    return r, cache
+
+
+def route_backward_direct(dr, cache, overwrite_dr=False):
+    """route_backward by the direct-form kernels, for (r, cache) = route_forward_direct(...):
+    the softmax backward, log_density_backward_direct, and dtau = -sum dl (l - c) / tau
+    summed entry by entry from l recomputed directly (c = max_k l, as in route_backward)."""
+    x4 = cache.x_parts[0]
+    dl = np.empty(dr.shape, dtype=ACCUM_DTYPE)                     # (P, H, N, K)
+    dl_shift = np.empty(dr.shape[:2], dtype=ACCUM_DTYPE)
+    _softmax_rows_backward(dr, cache.r, 1.0 / cache.tau, cache.shift, dl, dl_shift)
+    dx, grads = log_density_backward_direct(dl, x4, cache.mix)
+    l = log_density_direct(x4, cache.mix)
+    dtau = -(dl * (l - cache.shift[..., None])).sum(axis=(0, 2, 3)) / cache.tau   # (H,)
     grads["temperature"] = (dtau.astype(cache.tau_dtype) if cache.tau_per_head
                             else float(dtau.sum()))
     grads["x"] = dx
@@ -429,6 +491,7 @@ class LogLikelihoodCache:
     lead_shape: tuple
     mix: Mixture
     posterior: np.ndarray   # (P, H, N, K) float64, softmax_k(l): d logsumexp(l) / dl
+    direct_rows: np.ndarray # (P, H, N) uint8: tokens whose gradient is taken in the direct form
 
 
 def log_likelihood_forward(x, means, log_var, logits):
@@ -439,12 +502,13 @@ def log_likelihood_forward(x, means, log_var, logits):
     """
     mix = prepare_mixture(means, log_var, logits)
     x4, lead = _points(x, mix)
+    direct_rows = np.empty(x4.shape[:3], dtype=np.uint8)          # (P, H, N)
     with threads_for(_work((x4,), mix)):
-        l = log_density(x4, mix)                                   # (P, H, N, K)
+        l = log_density(x4, mix, direct_rows)                      # (P, H, N, K)
     ll = logsumexp(l, axis=-1)                                     # (P, H, N)
     posterior = np.exp(l - ll[..., None])
     cache = LogLikelihoodCache(x4=x4, x_dtype=x4.dtype, lead_shape=lead, mix=mix,
-                               posterior=posterior)
+                               posterior=posterior, direct_rows=direct_rows)
     return ll.astype(x4.dtype).reshape(lead + ll.shape[1:]), cache
 
 
@@ -459,7 +523,7 @@ def log_likelihood_backward(dll, cache):
     dll = dll.reshape(cache.posterior.shape[:3]).astype(ACCUM_DTYPE)
     with threads_for(_work((cache.x4,), cache.mix)):
         dx4, grads, _ = log_density_backward(dll[..., None] * cache.posterior, cache.x4,
-                                             cache.mix, cache.x_dtype)
+                                             cache.mix, cache.x_dtype, cache.direct_rows)
     grads["x"] = dx4.reshape(cache.lead_shape + dx4.shape[1:])
     return grads
 
