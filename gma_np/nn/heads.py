@@ -21,11 +21,24 @@ Two heads:
 
 The layers they are built of (linear, cross-entropy, masked mean pool) are
 gma_np.nn.layers; tests/test_tasks.py gradchecks every head in float64, every element.
+
+The head objects (`TokenHead`, `PooledClassifierHead`) wrap those pairs with the head's
+own parameters, named in the model's flat dict, so a model is "a body plus a head":
+
+    head.shapes(cfg) -> {name: shape}      head.init(cfg, rng) -> {name: float64 array}
+    head.forward(h, params, batch, cfg) -> (loss, cache, outputs)
+    head.backward(cache, dloss=1.0) -> (dh, {name: gradient})
+
+`batch` is anything with `targets`, `key_mask` and `loss_mask` (gma_np.tasks.Batch);
+`outputs` are sums, {"nats", "count", "correct"}, so evaluation adds batches exactly.
+A head may read a body parameter (the tied token head reads "wte"); `add_head_grads`
+adds its gradient to the body's.
 """
 
 import numpy as np
 
 from gma_np.nn import layers as L
+from gma_np.nn.layers import INIT_STD
 
 POOLS = ("mean", "first")
 
@@ -119,3 +132,77 @@ def _check_mask(name, mask, shape):
     if mask.dtype != np.bool_ or mask.shape != tuple(shape):
         raise ValueError(f"{name}: expected a bool array of shape {tuple(shape)} or None, "
                          f"got dtype {mask.dtype} and shape {mask.shape}")
+
+
+# ---------------------------------------------------------------- the heads as objects
+
+class TokenHead:
+    """Logits over the vocabulary at every position, cross-entropy where loss_mask is True.
+
+    With tied embeddings the weight is wte^T (the body's token table) and the gradient
+    is returned under "wte"; otherwise the head owns "head" (D, V), the name the language
+    model has always used, so checkpoints keep their layout."""
+
+    kind = "token"
+
+    def shapes(self, cfg):
+        return {} if cfg.tie_embeddings else {"head": (cfg.d_model, cfg.vocab_size)}
+
+    def init(self, cfg, rng):
+        return {name: rng.normal(0.0, INIT_STD, shape) for name, shape in self.shapes(cfg).items()}
+
+    def weight(self, params, cfg):
+        """W (D, V): wte^T when tied, else the head's own matrix."""
+        return params["wte"].T if cfg.tie_embeddings else params["head"]
+
+    def forward(self, h, params, batch, cfg):
+        loss, logits, cache = token_head_forward(h, self.weight(params, cfg), batch.targets,
+                                                 batch.loss_mask)
+        scored = np.ones(batch.targets.shape, dtype=bool) if batch.loss_mask is None else batch.loss_mask
+        count = int(scored.sum())
+        correct = int(((logits.argmax(axis=-1) == batch.targets) & scored).sum())
+        return loss, (cache, cfg.tie_embeddings), {"nats": loss * count, "count": count,
+                                                    "correct": correct}
+
+    def backward(self, cache, dloss=1.0):
+        c, tied = cache
+        dh, dW = token_head_backward(c, dloss)
+        return dh, ({"wte": dW.T} if tied else {"head": dW})
+
+
+class PooledClassifierHead:
+    """Pool the real tokens ("mean", or "first" for a class token), then a linear classifier."""
+
+    kind = "classifier"
+
+    def __init__(self, n_classes, pool="mean"):
+        if pool not in POOLS:
+            raise ValueError(f"pool: expected one of {POOLS}, got {pool!r}")
+        self.n_classes, self.pool = n_classes, pool
+
+    def shapes(self, cfg):
+        return {"cls.W": (cfg.d_model, self.n_classes), "cls.b": (self.n_classes,)}
+
+    def init(self, cfg, rng):
+        return {"cls.W": rng.normal(0.0, INIT_STD, (cfg.d_model, self.n_classes)),
+                "cls.b": np.zeros(self.n_classes)}
+
+    def forward(self, h, params, batch, cfg):
+        loss, logits, cache = pooled_classifier_forward(h, params["cls.W"], params["cls.b"],
+                                                        batch.targets, batch.key_mask, self.pool)
+        count = len(batch.targets)
+        correct = int((logits.argmax(axis=-1) == batch.targets).sum())
+        return loss, cache, {"nats": loss * count, "count": count, "correct": correct}
+
+    def backward(self, cache, dloss=1.0):
+        dh, dW, db = pooled_classifier_backward(cache, dloss)
+        return dh, {"cls.W": dW, "cls.b": db}
+
+
+def add_head_grads(body_grads, head_grads):
+    """body_grads with the head's gradients added (summed where a name is in both: the tied
+    embedding gets the body's and the head's); the body's order first, new names after."""
+    out = dict(body_grads)
+    for name, g in head_grads.items():
+        out[name] = out[name] + g if name in out else g
+    return out

@@ -29,9 +29,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from gma_np.nn.heads import (pooled_classifier_backward, pooled_classifier_forward,
-                             token_head_backward, token_head_forward)
-from gma_np.nn.layers import INIT_STD
+from gma_np.nn.heads import TokenHead, add_head_grads   # noqa: F401 (add_head_grads re-exported)
 
 # Rows per evaluation batch when the caller does not say: bounds the activations' memory.
 EVAL_BATCH = 64
@@ -43,73 +41,6 @@ class Batch(NamedTuple):
     targets: np.ndarray                      # (B, N) int64 next-token or answer ids; (B,) class labels
     key_mask: Optional[np.ndarray] = None    # (B, N) bool, True = a real token; None = no padding
     loss_mask: Optional[np.ndarray] = None   # (B, N) bool, True = a scored position; None = every one
-
-
-# ---------------------------------------------------------------- heads
-
-class TokenHead:
-    """Logits over the vocabulary at every position, cross-entropy where loss_mask is True.
-
-    With tied embeddings the weight is wte^T (the body's token table) and the gradient
-    is returned under "wte"; otherwise the head owns "head" (D, V), as the language
-    model always has (same name, so checkpoints keep their layout)."""
-
-    kind = "token"
-
-    def shapes(self, cfg):
-        return {} if cfg.tie_embeddings else {"head": (cfg.d_model, cfg.vocab_size)}
-
-    def init(self, cfg, rng):
-        return {name: rng.normal(0.0, INIT_STD, shape) for name, shape in self.shapes(cfg).items()}
-
-    def forward(self, h, params, batch, cfg):
-        W = params["wte"].T if cfg.tie_embeddings else params["head"]          # (D, V)
-        loss, logits, cache = token_head_forward(h, W, batch.targets, batch.loss_mask)
-        scored = np.ones(batch.targets.shape, dtype=bool) if batch.loss_mask is None else batch.loss_mask
-        count = int(scored.sum())
-        correct = int(((logits.argmax(axis=-1) == batch.targets) & scored).sum())
-        return loss, (cache, cfg.tie_embeddings), {"nats": loss * count, "count": count,
-                                                    "correct": correct}
-
-    def backward(self, cache, dloss=1.0):
-        c, tied = cache
-        dh, dW = token_head_backward(c, dloss)
-        return dh, ({"wte": dW.T} if tied else {"head": dW})
-
-
-class PooledClassifierHead:
-    """Pool the real tokens ("mean", or "first" for a class token), then a linear classifier."""
-
-    kind = "classifier"
-
-    def __init__(self, n_classes, pool="mean"):
-        self.n_classes, self.pool = n_classes, pool
-
-    def shapes(self, cfg):
-        return {"cls.W": (cfg.d_model, self.n_classes), "cls.b": (self.n_classes,)}
-
-    def init(self, cfg, rng):
-        return {"cls.W": rng.normal(0.0, INIT_STD, (cfg.d_model, self.n_classes)),
-                "cls.b": np.zeros(self.n_classes)}
-
-    def forward(self, h, params, batch, cfg):
-        loss, logits, cache = pooled_classifier_forward(h, params["cls.W"], params["cls.b"],
-                                                        batch.targets, batch.key_mask, self.pool)
-        count = len(batch.targets)
-        correct = int((logits.argmax(axis=-1) == batch.targets).sum())
-        return loss, cache, {"nats": loss * count, "count": count, "correct": correct}
-
-    def backward(self, cache, dloss=1.0):
-        dh, dW, db = pooled_classifier_backward(cache, dloss)
-        return dh, {"cls.W": dW, "cls.b": db}
-
-
-def add_head_grads(body_grads, head_grads):
-    """body_grads with the head's gradients added (summed where a name is in both)."""
-    out = dict(body_grads)
-    for name, g in head_grads.items():
-        out[name] = out[name] + g if name in out else g
-    return out
 
 
 # ---------------------------------------------------------------- metrics

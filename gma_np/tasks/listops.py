@@ -49,8 +49,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from gma_np.tasks.base import (EVAL_BATCH, Batch, PooledClassifierHead, Task, accuracy,
-                               check_int, pad_rows)
+from gma_np.nn.heads import PooledClassifierHead
+from gma_np.tasks.base import EVAL_BATCH, Batch, Task, accuracy, check_int, pad_rows
 
 NAME = "listops"
 

@@ -15,7 +15,8 @@ window starts from an empty memory, as in training.
 import numpy as np
 
 from gma_np.data import DataError, get_dataset, resolve
-from gma_np.tasks.base import EVAL_BATCH, Batch, Task, TokenHead, bits_per_token, check_int
+from gma_np.nn.heads import TokenHead
+from gma_np.tasks.base import EVAL_BATCH, Batch, Task, bits_per_token, check_int
 
 NAME = "lm"
 

@@ -16,7 +16,8 @@ import zlib
 
 import numpy as np
 
-from gma_np.tasks.base import EVAL_BATCH, Batch, Task, TokenHead, accuracy, check_int, split_rng
+from gma_np.nn.heads import TokenHead
+from gma_np.tasks.base import EVAL_BATCH, Batch, Task, accuracy, check_int, split_rng
 
 # Batches drawn per missing row before the generator gives up (a parameter set with
 # fewer distinct rows than n_val + n_test would otherwise loop forever).
