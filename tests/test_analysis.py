@@ -409,13 +409,13 @@ def test_sample_windows_and_categories():
 
 # ---------------------------------------------------------------- gma-np analyze
 
-def _write_run(run_dir, seed=0):
+def _write_run(run_dir, seed=0, mixer="gma"):
     """A run directory holding an untrained test-preset model, as the trainer writes one."""
     from gma_np.nn.model import LanguageModel
     from gma_np.optim import AdamW
     from gma_np.train import load_corpus, preset, save_checkpoint
     from gma_np.train.data import sample_batch
-    cfg = preset("test", seed=seed)
+    cfg = preset("test", seed=seed, model=dict(mixer=mixer))
     model = LanguageModel(cfg.model_config(), seed=seed)
     rng = np.random.default_rng(seed)
     first, _ = sample_batch(load_corpus(cfg.data, cfg.val_fraction).train, cfg.batch_size,
@@ -460,6 +460,30 @@ def test_analyze_writes_the_report(tmp_path, capsys):
     else:
         for name in FIGURES:
             assert (out / name).stat().st_size > 0 and f"]({name})" in text
+
+
+def test_analyze_beside_a_softmax_run(tmp_path, capsys, monkeypatch):
+    from gma_np.analysis import figures
+    from gma_np.mixers import MIXER_NAMES
+    if "softmax" not in MIXER_NAMES:
+        pytest.skip("the softmax mixer is not registered")
+    monkeypatch.setattr(figures, "_pyplot", lambda: None)         # the tables are the point here
+    run, softmax = _write_run(tmp_path / "run"), _write_run(tmp_path / "sm", mixer="softmax")
+    args = _parse(["analyze", run, "--windows", "2", "--compare", softmax])
+    assert args.run(args) == 0
+    assert "warning" not in capsys.readouterr().err
+    text = open(os.path.join(run, "analysis", "report.md"), encoding="utf-8").read()
+    assert "(softmax, step 0)" in text
+    row = [line for line in text.splitlines() if line.startswith("| 0 | 0 | 0.000 |")][0]
+    assert float(row.split("|")[-2]) >= 1.0                        # an effective rank of P
+    # a softmax run is not a GMA run
+    args = _parse(["analyze", softmax])
+    assert args.run(args) == 1
+    assert "expected a GMA run" in capsys.readouterr().err
+    if "mamba" in MIXER_NAMES:                                      # no queries and keys at all
+        args = _parse(["analyze", run, "--compare", _write_run(tmp_path / "mb", mixer="mamba")])
+        assert args.run(args) == 1
+        assert "--compare" in capsys.readouterr().err
 
 
 def test_analyze_without_matplotlib_writes_the_tables_and_the_hint(tmp_path, monkeypatch):

@@ -76,7 +76,10 @@ def analyze_run(run_dir, out=None, windows=DEFAULT_WINDOWS, seed=0, compare=None
         if other.cfg.max_len < facts["context"]:
             raise AnalysisError(f"--compare: {compare!r} has context {other.cfg.max_len}, shorter "
                                 f"than the {facts['context']} tokens of the analysed run's windows")
-        compared = collect(other, idx)               # AnalysisError if it has no q and k
+        try:
+            compared = collect(other, idx)
+        except AnalysisError as err:                 # a mixer without queries and keys
+            raise AnalysisError(f"--compare: {compare!r}: {err}") from None
         warnings = []
         if other.cfg.mixer != "softmax":
             warnings.append(f"the compared run's mixer is {other.cfg.mixer!r}, not softmax; the map "
