@@ -19,6 +19,8 @@ and one partition into exclusive classes (each byte exactly one), which is what 
 argmax component can be compared with as a clustering:
 
     whitespace, digit, vowel, consonant, punctuation, other
+
+`show_byte` is how a report draws a byte (a visible mark for blanks and unprintables).
 """
 
 import string
@@ -82,3 +84,13 @@ def byte_classes(data):
     out[_DIGIT[b]] = CLASSES.index("digit")
     out[_SPACE[b]] = CLASSES.index("whitespace")
     return out
+
+
+# How a byte is drawn in a report: visible stand-ins for blanks, "¦" for "|" (which
+# would end a Markdown table cell), "·" for bytes outside printable ASCII.
+_SHOWN = {ord(" "): "␣", ord("\n"): "⏎", ord("\t"): "⇥", ord("|"): "¦"}
+
+
+def show_byte(byte):
+    """One printable character standing for the byte value `byte` (0..255)."""
+    return _SHOWN.get(byte, chr(byte) if 32 < byte < 127 else "·")

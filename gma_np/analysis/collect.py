@@ -128,6 +128,9 @@ def collect(model, idx, targets=None):
     targets (B, N), the gradients at each GMA output too (module docstring)."""
     idx = model._check_ids(idx)
     cfg, arrays = model.cfg, model.arrays()
+    if idx.shape[1] > cfg.max_len:
+        raise ValueError(f"idx: expected at most max_len = {cfg.max_len} tokens per window "
+                         f"(the positional table), got shape {idx.shape}")
     params = _attention_params(model)
     gma = all(name in params[0] for name in MIXTURE)
     H = cfg.n_heads

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from gma_np.analysis.categories import ATTRIBUTES, CLASSES
+from gma_np.analysis.categories import ATTRIBUTES, CLASSES, show_byte
 from gma_np.analysis.stability import TEMPERATURE_FACTORS
 
 DPI = 110
@@ -62,13 +62,12 @@ def usage(plt, results, out_dir):
 
 
 def heatmap(plt, results, out_dir, l):
-    from gma_np.analysis.report import _show
     snip = results["snippet"]
     rk = snip["rk"][l]                                             # (H, n, K)
     H, n, K = rk.shape
     fig, axes = plt.subplots(H, 1, figsize=(max(6.0, 0.16 * n + 1.5), 1.0 + 0.22 * K * H),
                              squeeze=False)
-    labels = [_show(int(b)) for b in snip["tokens"]]
+    labels = [show_byte(int(b)) for b in snip["tokens"]]
     for h in range(H):
         ax = axes[h, 0]
         im = ax.imshow(rk[h].T, aspect="auto", cmap="viridis", vmin=0, vmax=1,

@@ -21,7 +21,7 @@ from gma_np.analysis import affinity as aff
 from gma_np.analysis import alignment as al
 from gma_np.analysis import gradients as gr
 from gma_np.analysis import stability as st
-from gma_np.analysis.categories import ATTRIBUTES, CLASSES
+from gma_np.analysis.categories import ATTRIBUTES, CLASSES, show_byte
 from gma_np.analysis.usage import DEAD_SHARE, usage_stats
 
 REPORT_NAME = "report.md"
@@ -56,12 +56,12 @@ def _alignment(sample, attributes, classes, rng):
                 comp = rf.argmax(axis=1)
                 labels = {"classes": classes.reshape(-1)}
                 labels.update({a: attributes[a].reshape(-1) for a in ATTRIBUTES})
-                nmis = {}
+                nmis, baselines = {}, {}
                 for name, lab in labels.items():
-                    base, base_std, _ = al.shuffled_baseline(lab, comp, rng)
+                    base, base_std, baselines[name] = al.shuffled_baseline(lab, comp, rng)
                     nmis[name] = (al.nmi(lab, comp), base, base_std)
                 cls = labels["classes"]
-                _, _, pur_base = al.shuffled_baseline(cls, comp, rng, n_shuffles=5)
+                pur_base = baselines["classes"]
                 rows.append({"layer": l, "head": h, "stream": stream, "nmi": nmis,
                              "purity": al.purity(cls, comp), "purity_baseline": pur_base})
                 if stream == "k":
@@ -170,11 +170,6 @@ def _table(header, rows):
     return "\n".join(lines)
 
 
-def _show(byte):
-    c = chr(byte)
-    return {" ": "␣", "\n": "⏎", "\t": "⇥", "|": "¦"}.get(c, c if 32 < byte < 127 else "·")
-
-
 def _digit(i):
     return "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"[i] if i < 62 else "+"
 
@@ -226,7 +221,7 @@ def _usage_section(results):
 
 def _snippet_text(results):
     snip = results["snippet"]
-    chars = "".join(_show(int(b)) for b in snip["tokens"])
+    chars = "".join(show_byte(int(b)) for b in snip["tokens"])
     lines = [f"{'text':<10}{chars}"]
     for l, rk in enumerate(snip["rk"]):
         for h in range(rk.shape[0]):
