@@ -6,13 +6,14 @@
     recall.py    multi-query associative recall (Zoology): accuracy at the answers
     copying.py   selective copying: accuracy at the outputs
 
-Every module defines `NAME`, `build(seed=0, cache_dir=None, **params) -> Task`, and its
-Task class. The training loop knows only the Task contract (docs/tasks.md).
+Every module defines `NAME`, `spec(seed=0, **params) -> TaskSpec` (what the task is,
+checked, before any data exists), `build(seed=0, cache_dir=None, **params) -> Task`, and
+its Task class. The training loop knows only the Task contract (docs/tasks.md).
 """
 
 import importlib
 
-from gma_np.tasks.base import Batch, Task, add_head_grads, default_cache_dir
+from gma_np.tasks.base import Batch, Task, TaskSpec, add_head_grads, default_cache_dir
 
 # name -> the module whose `build` makes the task. Imported on first use.
 TASKS = {
@@ -32,11 +33,16 @@ def task_module(name):
     return importlib.import_module(TASKS[name])
 
 
+def task_spec(name, *, seed=0, **params):
+    """The TaskSpec of task `name` with these parameters (checked; nothing generated)."""
+    return task_module(name).spec(seed=seed, **params)
+
+
 def get_task(name, *, seed=0, cache_dir=None, **params):
     """The task `name` built from `seed` and its parameters (cache_dir: where generated
     splits are kept; None = generate in memory every time)."""
     return task_module(name).build(seed=seed, cache_dir=cache_dir, **params)
 
 
-__all__ = ["TASKS", "TASK_NAMES", "task_module", "get_task", "Batch", "Task", "add_head_grads",
-           "default_cache_dir"]
+__all__ = ["TASKS", "TASK_NAMES", "task_module", "task_spec", "get_task", "Batch", "Task",
+           "TaskSpec", "add_head_grads", "default_cache_dir"]

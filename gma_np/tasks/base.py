@@ -21,8 +21,14 @@ returns the loss and the metric.
 `params` is the model's one flat dict of arrays; it holds the head's own parameters
 (head_shapes(cfg), made by init_head(cfg, rng)) beside the body's, and a head may
 read a body parameter (the token head reads "wte" when embeddings are tied).
+
+Before any data exists, a task module's `spec(**params)` says what the task is: its
+parameters with the defaults filled in (checked, errors naming the parameter), the
+vocabulary and longest row a model needs, whether the body runs causally, and the
+head. The trainer's config validates itself with it without generating anything.
 """
 
+import difflib
 import math
 import os
 from typing import NamedTuple, Optional
@@ -41,6 +47,27 @@ class Batch(NamedTuple):
     targets: np.ndarray                      # (B, N) int64 next-token or answer ids; (B,) class labels
     key_mask: Optional[np.ndarray] = None    # (B, N) bool, True = a real token; None = no padding
     loss_mask: Optional[np.ndarray] = None   # (B, N) bool, True = a scored position; None = every one
+
+
+class TaskSpec(NamedTuple):
+    """What a task is before its data exists: enough to shape and check a model."""
+    params: dict             # every parameter of the module's build, defaults filled in, checked
+    vocab_size: int          # V: ModelConfig.vocab_size must equal it
+    seq_len: int             # the longest row of any batch: ModelConfig.max_len must be >= it
+    causal: bool             # the body runs causally (True) or bidirectionally with a key mask
+    head: object             # the head (gma_np.nn.heads: TokenHead, PooledClassifierHead)
+
+
+def fill_params(task, defaults, given):
+    """{**defaults, **given}; ValueError naming the first unknown parameter (with the
+    closest known one) and listing the task's parameters."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(defaults), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{unknown[0]}: task {task!r} has no such parameter{hint}; its "
+                         f"parameters are {', '.join(defaults)}")
+    return {**defaults, **given}
 
 
 # ---------------------------------------------------------------- metrics
@@ -67,6 +94,7 @@ class Task:
     vocab_size = 256         # V: ModelConfig.vocab_size must equal it
     seq_len = 128            # the longest row of any batch: ModelConfig.max_len must be >= it
     metric_name = "metric"   # what `metric` measures
+    log_name = None          # the metric's key in the run log, "val_<log_name>" (None: metric_name)
     higher_is_better = True
     splits = ("train", "val", "test")
     head = TokenHead()
@@ -126,6 +154,15 @@ class Task:
                 totals[key] += out[key]
         return {"loss": totals["nats"] / totals["count"], self.metric_name: self.metric(totals),
                 "count": totals["count"]}
+
+    def baseline(self, split):
+        """(what it is, value of the metric) of a trivial predictor on `split` (the
+        majority class, chance), the figure a trained model must beat; None if none."""
+        return None
+
+    def summary(self):
+        """One line for the log: what the task is and how big its splits are."""
+        return f"{self.name} ({', '.join(f'{k}={v}' for k, v in self.params.items())})"
 
     def check_model(self, cfg):
         """Raise ValueError unless the model config fits the task (vocabulary, positions)."""

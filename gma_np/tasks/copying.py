@@ -17,7 +17,8 @@ noise between them (the positions vary, so a fixed shift cannot solve it).
 
 import numpy as np
 
-from gma_np.tasks.base import check_int
+from gma_np.nn.heads import TokenHead
+from gma_np.tasks.base import TaskSpec, check_int, fill_params
 from gma_np.tasks.synthetic import SyntheticTask, distinct_choice
 
 NAME = "copying"
@@ -30,9 +31,8 @@ class CopyingTask(SyntheticTask):
     name = NAME
 
     def __init__(self, seed=0, region_len=64, n_tokens=8, vocab_size=16, n_val=500, n_test=500):
-        self.region_len = check_int("region_len", region_len, 1)
-        self.n_tokens = check_int("n_tokens", n_tokens, 1, self.region_len)
-        self.vocab_size = check_int("vocab_size", vocab_size, FIRST_DATA + 1)
+        p = check_params(region_len, n_tokens, vocab_size, n_val, n_test)
+        self.region_len, self.n_tokens, self.vocab_size = p["region_len"], p["n_tokens"], p["vocab_size"]
         self.seq_len = self.region_len + self.n_tokens
         super().__init__({"region_len": self.region_len, "n_tokens": self.n_tokens,
                           "vocab_size": self.vocab_size}, seed, n_val, n_test)
@@ -49,6 +49,30 @@ class CopyingTask(SyntheticTask):
         loss_mask = np.zeros((B, L + M), dtype=bool)
         loss_mask[:, L:] = True
         return tokens, targets, loss_mask
+
+
+    def baseline(self, split):
+        return "chance (1 / the data tokens)", 1.0 / (self.vocab_size - FIRST_DATA)
+
+
+DEFAULTS = dict(region_len=64, n_tokens=8, vocab_size=16, n_val=500, n_test=500)
+
+
+def check_params(region_len, n_tokens, vocab_size, n_val, n_test):
+    """The parameters, checked (ValueError naming the first bad one)."""
+    region_len = check_int("region_len", region_len, 1)
+    return dict(region_len=region_len, n_tokens=check_int("n_tokens", n_tokens, 1, region_len),
+                vocab_size=check_int("vocab_size", vocab_size, FIRST_DATA + 1),
+                n_val=check_int("n_val", n_val, 1), n_test=check_int("n_test", n_test, 1))
+
+
+def spec(seed=0, **params):
+    """The TaskSpec of build(seed, **params), checked without drawing: vocabulary
+    vocab_size, rows of region_len + n_tokens tokens, causal, the token head."""
+    given = fill_params(NAME, {"seed": seed, **DEFAULTS}, params)
+    p = check_params(**{k: v for k, v in given.items() if k != "seed"})
+    return TaskSpec(params={"seed": check_int("seed", seed, 0), **p}, vocab_size=p["vocab_size"],
+                    seq_len=p["region_len"] + p["n_tokens"], causal=True, head=TokenHead())
 
 
 def build(seed=0, cache_dir=None, **params):

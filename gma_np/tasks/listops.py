@@ -50,7 +50,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from gma_np.nn.heads import PooledClassifierHead
-from gma_np.tasks.base import EVAL_BATCH, Batch, Task, accuracy, check_int, pad_rows
+from gma_np.tasks.base import (EVAL_BATCH, Batch, Task, TaskSpec, accuracy, check_int, fill_params,
+                               pad_rows)
 
 NAME = "listops"
 
@@ -395,12 +396,35 @@ class ListOpsTask(Task):
         majority = np.bincount(self.data["train"][2], minlength=N_CLASSES).argmax()
         return float(np.mean(self.data[split][2] == majority))
 
+    def baseline(self, split):
+        return "majority class", self.majority_accuracy(split)
+
+    def summary(self):
+        p = self.list_params
+        return (f"ListOps, lengths {p.min_len}..{p.max_len}, max_depth {p.max_depth}, max_args "
+                f"{p.max_args}, seed {self.params['seed']}: "
+                + " / ".join(f"{self.n_examples(s):,} {s}" for s in self.splits))
+
+
+def spec(seed=0, pool="mean", **params):
+    """The TaskSpec of build(seed, pool=pool, **params), checked without generating: the
+    vocabulary (17, or 18 with the class token), the longest row (max_len, + 1 with the
+    class token), bidirectional, the pooled classifier of 10 classes."""
+    check_int("seed", seed, 0)
+    if pool not in ("mean", "first"):
+        raise ValueError(f"pool: expected 'mean' or 'first', got {pool!r}")
+    given = fill_params(NAME, {"seed": seed, "pool": pool, **asdict(ListOpsParams())}, params)
+    p = ListOpsParams(**{k: v for k, v in given.items() if k not in ("seed", "pool")})
+    return TaskSpec(params={"seed": seed, "pool": pool, **asdict(p)},
+                    vocab_size=CLS + 1 if pool == "first" else CLS,
+                    seq_len=p.max_len + (pool == "first"), causal=False,
+                    head=PooledClassifierHead(N_CLASSES, pool))
+
 
 def build(seed=0, cache_dir=None, pool="mean", **params):
     """The ListOps task of ListOpsParams(**params), its splits from `seed` (cached in
     cache_dir when given). pool: "mean" over the real tokens, or "first" (a class token)."""
-    if pool not in ("mean", "first"):
-        raise ValueError(f"pool: expected 'mean' or 'first', got {pool!r}")
+    spec(seed, pool, **params)
     p = ListOpsParams(**params)
     return ListOpsTask(get_splits(p, seed, cache_dir), p, seed, pool)
 

@@ -14,9 +14,9 @@ window starts from an empty memory, as in training.
 
 import numpy as np
 
-from gma_np.data import DataError, get_dataset, resolve
+from gma_np.data import BYTE_VOCAB, DATASET_NAMES, DataError, get_dataset, resolve
 from gma_np.nn.heads import TokenHead
-from gma_np.tasks.base import EVAL_BATCH, Batch, Task, bits_per_token, check_int
+from gma_np.tasks.base import EVAL_BATCH, Batch, Task, TaskSpec, bits_per_token, check_int, fill_params
 
 NAME = "lm"
 
@@ -27,6 +27,7 @@ class LMTask(Task):
     name = NAME
     causal = True
     metric_name = "bits_per_byte"
+    log_name = "bpb"             # "val_bpb" in the run log, as the trainer has always written
     higher_is_better = False
 
     def __init__(self, corpus, context, seed=0, source=None):
@@ -44,6 +45,11 @@ class LMTask(Task):
 
     def _metric(self, totals):
         return bits_per_token(totals)
+
+    def summary(self):
+        sizes = self.corpus.sizes()
+        return (f"{self.corpus.name}: {sizes['train']:,} train / {sizes['val']:,} validation "
+                f"bytes")
 
     def _windows(self, data, starts):
         window = data[starts[:, None] + np.arange(self.context + 1)].astype(np.int64)   # (B, N + 1)
@@ -69,11 +75,45 @@ class LMTask(Task):
             yield self._windows(data, starts[i:i + batch_size])
 
 
+DEFAULTS = dict(data="", context=128, val_fraction=0.1, dataset=None, dataset_params=None)
+
+
+def spec(seed=0, **params):
+    """The TaskSpec of build(**params), checked without reading the corpus: byte
+    vocabulary, rows of `context` tokens, causal, the token head. dataset_params comes
+    back as a dict ({} when not given). The seed is not used (nothing is drawn at build)."""
+    p = fill_params(NAME, DEFAULTS, params)
+    check_int("context", p["context"], 1)
+    if not isinstance(p["data"], str):
+        raise ValueError(f"data: expected a path string or '' for the embedded corpus, got {p['data']!r}")
+    vf = p["val_fraction"]
+    if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0.0 < vf < 1.0:
+        raise ValueError(f"val_fraction: expected a number in (0, 1), got {vf!r}")
+    if p["dataset"] is not None:
+        if p["dataset"] not in DATASET_NAMES:
+            raise ValueError(f"dataset: expected one of {DATASET_NAMES} or None, got {p['dataset']!r}")
+        if p["data"] != "":
+            raise ValueError(f"dataset: give the corpus either as data (a path, {p['data']!r}) "
+                             f"or as dataset ({p['dataset']!r}), not both")
+    if p["dataset_params"] is None:
+        p["dataset_params"] = {}
+    if not isinstance(p["dataset_params"], dict):
+        raise ValueError(f"dataset_params: expected a dict of the dataset's load parameters, "
+                         f"got {p['dataset_params']!r}")
+    if p["dataset_params"] and p["dataset"] is None:
+        raise ValueError("dataset_params: given without a dataset")
+    p["val_fraction"] = float(vf)
+    return TaskSpec(params=p, vocab_size=BYTE_VOCAB, seq_len=p["context"], causal=True,
+                    head=TokenHead())
+
+
 def build(seed=0, cache_dir=None, data="", context=128, val_fraction=0.1, dataset=None,
           dataset_params=None):
     """The LM task on the corpus `data` names (a --data string: "" or a path, see
     gma_np.data.resolve), or on the registered `dataset` loaded with dataset_params.
     Nothing is generated, so cache_dir is not used."""
+    spec(data=data, context=context, val_fraction=val_fraction, dataset=dataset,
+         dataset_params=dataset_params)
     if dataset is None:
         corpus = resolve(data, val_fraction)
         source = {"data": data, "val_fraction": val_fraction}

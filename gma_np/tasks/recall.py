@@ -24,7 +24,8 @@ what separates a fixed-size memory from attention's cache (docs/tasks.md).
 
 import numpy as np
 
-from gma_np.tasks.base import check_int
+from gma_np.nn.heads import TokenHead
+from gma_np.tasks.base import TaskSpec, check_int, fill_params
 from gma_np.tasks.synthetic import SyntheticTask, distinct_choice, weighted_distinct_choice
 
 NAME = "recall"
@@ -37,21 +38,9 @@ class RecallTask(SyntheticTask):
 
     def __init__(self, seed=0, seq_len=64, n_pairs=8, vocab_size=256, power_a=0.01,
                  n_val=500, n_test=500):
-        self.seq_len = check_int("seq_len", seq_len, 4)
-        self.n_pairs = check_int("n_pairs", n_pairs, 1)
-        self.vocab_size = check_int("vocab_size", vocab_size, 4)
-        if self.seq_len % 2:
-            raise ValueError(f"seq_len: expected an even number (queries sit at even offsets), "
-                             f"got {seq_len}")
-        if 4 * self.n_pairs > self.seq_len:
-            raise ValueError(f"n_pairs: expected at most seq_len / 4 = {self.seq_len // 4} (the pairs "
-                             f"and a query region at least as long), got {n_pairs}")
-        if self.n_pairs > self.vocab_size // 2 - 1:
-            raise ValueError(f"n_pairs: expected at most vocab_size / 2 - 1 = {self.vocab_size // 2 - 1} "
-                             f"distinct keys, got {n_pairs}")
-        if not isinstance(power_a, (int, float)) or isinstance(power_a, bool) or power_a <= 0:
-            raise ValueError(f"power_a: expected a number > 0, got {power_a!r}")
-        self.power_a = float(power_a)
+        p = check_params(seq_len, n_pairs, vocab_size, power_a, n_val, n_test)
+        self.seq_len, self.n_pairs, self.vocab_size = p["seq_len"], p["n_pairs"], p["vocab_size"]
+        self.power_a = p["power_a"]
         self.space = (self.seq_len - 2 * self.n_pairs) // 2                       # S query slots
         g = np.arange(1, self.space + 1, dtype=np.float64)
         self.log_p = (self.power_a - 1.0) * np.log(g)                             # (S,) unnormalised
@@ -76,6 +65,43 @@ class RecallTask(SyntheticTask):
         loss_mask = np.zeros((B, N), dtype=bool)
         loss_mask[rows, query_pos] = True
         return tokens.astype(np.int64), targets, loss_mask
+
+
+    def baseline(self, split):
+        # a reader that knows which values are in the row but not which key each follows
+        return "a random value of the row's pairs (1 / n_pairs)", 1.0 / self.n_pairs
+
+
+DEFAULTS = dict(seq_len=64, n_pairs=8, vocab_size=256, power_a=0.01, n_val=500, n_test=500)
+
+
+def check_params(seq_len, n_pairs, vocab_size, power_a, n_val, n_test):
+    """The parameters, checked (ValueError naming the first bad one), power_a as a float."""
+    seq_len = check_int("seq_len", seq_len, 4)
+    n_pairs = check_int("n_pairs", n_pairs, 1)
+    vocab_size = check_int("vocab_size", vocab_size, 4)
+    if seq_len % 2:
+        raise ValueError(f"seq_len: expected an even number (queries sit at even offsets), "
+                         f"got {seq_len}")
+    if 4 * n_pairs > seq_len:
+        raise ValueError(f"n_pairs: expected at most seq_len / 4 = {seq_len // 4} (the pairs "
+                         f"and a query region at least as long), got {n_pairs}")
+    if n_pairs > vocab_size // 2 - 1:
+        raise ValueError(f"n_pairs: expected at most vocab_size / 2 - 1 = {vocab_size // 2 - 1} "
+                         f"distinct keys, got {n_pairs}")
+    if not isinstance(power_a, (int, float)) or isinstance(power_a, bool) or not power_a > 0:
+        raise ValueError(f"power_a: expected a number > 0, got {power_a!r}")
+    return dict(seq_len=seq_len, n_pairs=n_pairs, vocab_size=vocab_size, power_a=float(power_a),
+                n_val=check_int("n_val", n_val, 1), n_test=check_int("n_test", n_test, 1))
+
+
+def spec(seed=0, **params):
+    """The TaskSpec of build(seed, **params), checked without drawing: vocabulary
+    vocab_size, rows of seq_len tokens, causal, the token head."""
+    given = fill_params(NAME, {"seed": seed, **DEFAULTS}, params)
+    p = check_params(**{k: v for k, v in given.items() if k != "seed"})
+    return TaskSpec(params={"seed": check_int("seed", seed, 0), **p}, vocab_size=p["vocab_size"],
+                    seq_len=p["seq_len"], causal=True, head=TokenHead())
 
 
 def build(seed=0, cache_dir=None, **params):

@@ -51,6 +51,11 @@ class SyntheticTask(Task):
     def _metric(self, totals):
         return accuracy(totals)
 
+    def summary(self):
+        shown = ", ".join(f"{k} {v}" for k, v in self.params.items() if k not in ("n_val", "n_test"))
+        return (f"{self.name} ({shown}): rows drawn afresh for training, "
+                f"{len(self.eval_sets['val'][0]):,} val / {len(self.eval_sets['test'][0]):,} test")
+
     def _distinct(self, rng, n):
         """n rows none of which repeats another or is in self._eval_keys (then added there)."""
         parts, have, draws = [], 0, 0
