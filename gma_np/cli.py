@@ -6,6 +6,7 @@
     gma-np train --preset tiny             train a small GMA language model (docs/training.md)
     gma-np eval DIR                        validation bits per byte of a run's checkpoint
     gma-np sample DIR --prompt TEXT        generate text with the recurrent state
+    gma-np analyze DIR                     responsibilities, affinity, stability, gradients: a report
     gma-np --version                       the package version (also `python -m gma_np`)
 
 Exit status, in every subcommand: 0 success; 2 a usage error, an argument the
@@ -172,6 +173,8 @@ def build_parser():
     _add_vectors(sub)
     from gma_np.train.commands import add_subcommands   # argparse only; the trainer loads lazily
     add_subcommands(sub)
+    from gma_np.analysis.commands import add_subcommand as add_analyze
+    add_analyze(sub)
     return parser
 
 
