@@ -53,7 +53,7 @@ def test_missing_and_empty_files_name_the_path(tmp_path):
     missing = str(tmp_path / "nope.txt")
     with pytest.raises(D.DataError, match="nope.txt.*found nothing"):
         D.get_dataset("text", path=missing)
-    with pytest.raises(D.DataError, match="nope.txt.*found nothing"):
+    with pytest.raises(D.DataError, match="nope.txt.*not found"):
         D.resolve(missing)
     empty = _write(tmp_path / "empty.txt", b"")
     with pytest.raises(D.DataError, match="empty.txt.*empty file"):

@@ -313,7 +313,7 @@ def test_lm_windows_and_corpus_errors(tmp_path):
     assert len(list(task.eval_batches("val", 4, max_examples=3))[0].tokens) == 3
     with pytest.raises(gma_np.data.DataError, match="fewer than context \\+ 2"):
         get_task("lm", data=str(path), context=100, val_fraction=0.2)
-    with pytest.raises(gma_np.data.DataError, match="nothing there"):
+    with pytest.raises(gma_np.data.DataError, match="missing.*not found"):
         get_task("lm", data=str(tmp_path / "missing"))
     t2 = get_task("lm", dataset="text", dataset_params={"path": str(path), "val_fraction": 0.2},
                   context=10)

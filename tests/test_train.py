@@ -125,13 +125,13 @@ def test_same_command_again_continues_a_different_one_is_refused(straight, tmp_p
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = preset("test", steps=20, checkpoint_interval=5)
     calls = {"n": 0}
-    real = loop_module.LanguageModel.loss_and_grads
+    real = loop_module.loss_and_grads
 
-    def poisoned(self, idx, targets):
+    def poisoned(model, task, batch):
         calls["n"] += 1
-        loss, grads = real(self, idx, targets)
+        loss, grads = real(model, task, batch)
         return (float("nan") if calls["n"] == 8 else loss), grads
-    monkeypatch.setattr(loop_module.LanguageModel, "loss_and_grads", poisoned)
+    monkeypatch.setattr(loop_module, "loss_and_grads", poisoned)
     with pytest.raises(TrainingDiverged, match="step 8.*last good checkpoint \\(step 5\\)"):
         _run(cfg, tmp_path)
     params, _, meta = load_checkpoint(str(tmp_path))

@@ -70,7 +70,7 @@ def spec_to_dataset(spec, val_fraction=0.1):
     if spec == "":
         return "embedded", {"val_fraction": val_fraction}
     if not os.path.exists(spec):
-        raise DataError(f"data: expected an existing file or directory at {spec!r}, found nothing there")
+        raise DataError(f"data: expected an existing file or directory at {spec!r}, not found")
     base = os.path.basename(os.path.normpath(spec))
     if os.path.isdir(spec):
         if wikitext.find_variant(spec) is not None:

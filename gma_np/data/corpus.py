@@ -66,13 +66,23 @@ def require_file(path, what):
         raise DataError(f"data: expected {what} at {os.fspath(path)!r}, found a directory")
 
 
+def read_error(path, err):
+    """The DataError of an OSError (no permission, a device that fails) reading `path`."""
+    return DataError(f"data: cannot read {os.fspath(path)!r} ({err.strerror or type(err).__name__})")
+
+
 def map_bytes(path, what):
-    """The whole file as a read-only uint8 memmap (T,); DataError if missing or empty."""
+    """The whole file as a read-only uint8 memmap (T,); DataError if missing, empty or
+    unreadable. (The map keeps its own handle on the file: closing ours is fine.)"""
     require_file(path, what)
     size = os.path.getsize(path)
     if size == 0:
         raise DataError(f"data: expected {what} at {os.fspath(path)!r}, found an empty file")
-    return np.memmap(path, dtype=np.uint8, mode="r", shape=(size,))
+    try:
+        with open(path, "rb") as f:
+            return np.memmap(f, dtype=np.uint8, mode="r", shape=(size,))
+    except OSError as err:
+        raise read_error(path, err) from None
 
 
 def check_utf8(path, what):
@@ -82,9 +92,16 @@ def check_utf8(path, what):
     character split across two pieces is decoded whole and memory stays bounded."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise read_error(path, err) from None
+    with f:
         while True:
-            chunk = f.read(UTF8_CHECK_CHUNK)
+            try:
+                chunk = f.read(UTF8_CHECK_CHUNK)
+            except OSError as err:
+                raise read_error(path, err) from None
             carried = len(decoder.getstate()[0])        # bytes of a character begun before
             try:
                 decoder.decode(chunk, final=not chunk)

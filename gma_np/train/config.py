@@ -5,31 +5,47 @@
     cfg.model                                  # the gma_np.nn.ModelConfig it trains
     TrainConfig.from_dict(json.load(f))        # a run's config.json (nested or the older flat form)
 
-TrainConfig holds the model's shape as one field, `model: ModelConfig`; its
-`max_len` is the training `context` and its `vocab_size` the 256 bytes, so
-those two are checked, not chosen. A run's config.json is `to_dict()`:
+TrainConfig holds the model's shape as one field, `model: ModelConfig`, and the
+task as two: `task` (a name of gma_np.tasks.TASKS, "lm" by default) and
+`task_params` (its parameters; after the config is built, every one of them with
+the defaults filled in, checked by the task's `spec` with errors naming
+"task_params.<name>"). The model's `vocab_size` and `max_len` come from the task:
+the 256 bytes and the `context` for "lm" (checked equal, as always), the task's
+vocabulary and longest row otherwise (max_len at least that). The language model's
+corpus stays in the top-level `data`, `val_fraction` and `context` fields (they are
+its parameters; another task reads no corpus, so `data` must stay "" there).
+A run's config.json is `to_dict()`:
 
     {"preset": "tiny", "model": {"vocab_size": 256, "max_len": 128, "d_model": 128, ...},
-     "context": 128, "data": "", "steps": 600, ...}
+     "context": 128, "data": "", "task": "lm", "task_params": {"dataset": null, ...}, ...}
 
 Runs written before the model was nested have every model field at the top
-level ("flat"); `from_dict` reads both forms, so they resume and evaluate as before.
+level ("flat"), and runs written before tasks have no task fields (they are
+language models); `from_dict` reads every form, so they resume and evaluate as before.
 
 The defaults are the `tiny` preset (docs/training.md gives its measured time
-and validation bits per byte). `test` is the few-second model of the test-suite.
+and validation bits per byte). `test` is the few-second model of the test-suite;
+`listops-cpu`, `recall-cpu` and `copying-cpu` are the tasks' CPU presets
+(docs/tasks.md gives what they reach).
 """
 
 import difflib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from gma_np.mixers import get_mixer
 from gma_np.nn.model import ModelConfig
+from gma_np.tasks import TASK_NAMES, task_spec
 
 # Python types a field of each annotated type accepts (an int where a float is expected is fine).
 _ACCEPTED = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
 
-# Bytes: the trainer's vocabulary.
+# Bytes: the language model's vocabulary.
 VOCAB_SIZE = 256
+
+# The language-model task's parameters kept at the top level of the config (where they
+# have always been); its other parameters (dataset, dataset_params) are in task_params.
+LM_TOP_FIELDS = ("data", "context", "val_fraction")
 
 
 class ConfigError(ValueError):
@@ -62,8 +78,11 @@ class TrainConfig:
     configs and seeds produce the same parameters bit for bit."""
     preset: str = "tiny"              # name of the preset this config started from (for the record)
     model: ModelConfig = None         # the model's shape; None = ModelConfig's defaults (the tiny model)
-    context: int = 128                # N: tokens per training sequence (= model.max_len)
-    # ---- data
+    # ---- the task
+    task: str = "lm"                  # what is learned: a name of gma_np.tasks.TASKS
+    task_params: dict = field(default_factory=dict)   # its parameters (all of them once built)
+    # ---- the language model's corpus (task "lm")
+    context: int = 128                # N: tokens per training window (= model.max_len)
     data: str = ""                    # "" = the embedded corpus (pydoc_data.topics); else a path
     val_fraction: float = 0.1         # share of a plain text file (or the default corpus) held out, at its end
     # ---- optimisation
@@ -81,7 +100,8 @@ class TrainConfig:
     seed: int = 0                     # seeds initialisation and the batch order
     # ---- bookkeeping (may change on --resume: they do not change the numbers)
     eval_interval: int = 100          # validate every this many steps (and at the end)
-    eval_tokens: int = 0              # validation tokens per evaluation (0 = the whole split)
+    eval_tokens: int = 0              # validation tokens per evaluation, in rows of the task's
+                                      # longest (context for lm); 0 = the whole split
     checkpoint_interval: int = 100    # write a checkpoint every this many steps (and at the end)
     log_interval: int = 10            # write a training-loss line to log.jsonl every this many steps
 
@@ -100,19 +120,57 @@ class TrainConfig:
             raise ConfigError(f"lr: expected a positive number, got {self.lr!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio!r}")
+        spec = self.task_spec()
+        self.task_params = {k: v for k, v in spec.params.items() if k not in LM_TOP_FIELDS}
         if self.model is None:
-            self.model = ModelConfig(vocab_size=VOCAB_SIZE, max_len=self.context)
+            self.model = ModelConfig(vocab_size=spec.vocab_size, max_len=spec.seq_len)
         if not isinstance(self.model, ModelConfig):
             raise ConfigTypeError(f"model: expected a gma_np.nn.ModelConfig, got "
                                   f"{type(self.model).__name__} {self.model!r}")
         _check_types(self.model, "model.")
-        if self.model.vocab_size != VOCAB_SIZE:
-            raise ConfigError(f"model.vocab_size: expected {VOCAB_SIZE} (the trainer reads bytes), "
+        if self.model.vocab_size != spec.vocab_size:
+            what = "the trainer reads bytes" if self.task == "lm" else f"task {self.task!r}"
+            raise ConfigError(f"model.vocab_size: expected {spec.vocab_size} ({what}), "
                               f"got {self.model.vocab_size!r}")
-        if self.model.max_len != self.context:
+        if self.task == "lm" and self.model.max_len != self.context:
             raise ConfigError(f"model.max_len: expected the context, {self.context}, got "
                               f"{self.model.max_len!r} (the positional table has one row per "
                               f"training position; set both, or leave max_len out)")
+        if self.model.max_len < spec.seq_len:
+            raise ConfigError(f"model.max_len: expected at least {spec.seq_len}, the longest row "
+                              f"of task {self.task!r}, got {self.model.max_len!r} (leave it out "
+                              f"to take the task's)")
+        if not spec.causal and get_mixer(self.model.mixer).causal_only:
+            raise ConfigError(f"model.mixer: {self.model.mixer!r} is causal only, and task "
+                              f"{self.task!r} runs the body bidirectionally (every token reads "
+                              f"the whole row); choose another mixer")
+
+    def task_kwargs(self):
+        """The keyword arguments of the task's build and spec (gma_np.tasks.get_task):
+        task_params, and for "lm" the corpus fields at the top level."""
+        if self.task == "lm":
+            return {**{name: getattr(self, name) for name in LM_TOP_FIELDS}, **self.task_params}
+        return dict(self.task_params)
+
+    def task_spec(self):
+        """The task's TaskSpec (gma_np.tasks.base): its parameters checked, vocabulary,
+        longest row, causal or not, head. ConfigError naming the field on a bad parameter."""
+        if self.task not in TASK_NAMES:
+            raise ConfigError(f"task: expected one of {', '.join(TASK_NAMES)}, got {self.task!r}")
+        if not isinstance(self.task_params, dict):
+            raise ConfigTypeError(f"task_params: expected an object of the task's parameters, "
+                                  f"got {type(self.task_params).__name__} {self.task_params!r}")
+        if self.task != "lm" and self.data != "":
+            raise ConfigError(f"data: task {self.task!r} reads no corpus (its data is generated); "
+                              f"expected '', got {self.data!r}")
+        misplaced = sorted(set(self.task_params) & set(LM_TOP_FIELDS)) if self.task == "lm" else []
+        if misplaced:
+            raise ConfigError(f"task_params.{misplaced[0]}: the language model's {misplaced[0]} is "
+                              f"a top-level field of the config; set it there")
+        try:
+            return task_spec(self.task, **self.task_kwargs())
+        except (TypeError, ValueError) as err:  # the task's checks; each message starts with the parameter
+            raise ConfigError(f"task_params.{err}") from None
 
     @property
     def schedule_steps(self):
@@ -176,7 +234,8 @@ def split_fields(d, source):
 
 def _build(top, model):
     cfg = TrainConfig(**top)          # the training fields first, checked under their own names
-    model = {"vocab_size": VOCAB_SIZE, "max_len": cfg.context, **model}
+    # the task's vocabulary and longest row unless the model says otherwise
+    model = {"vocab_size": cfg.model.vocab_size, "max_len": cfg.model.max_len, **model}
     for f in fields(ModelConfig):      # before ModelConfig's checks, which take numpy integers too
         if f.name in model and f.type in _ACCEPTED:
             _expect_type(f"model.{f.name}", f.type, model[f.name])
@@ -188,14 +247,22 @@ def _build(top, model):
 
 
 def merge(*dicts):
-    """One config dict from several (nested or flat, later ones win, model fields merged
-    field by field). Raises ConfigError on unknown fields."""
-    top, model = {}, {}
+    """One config dict from several (nested or flat, later ones win; model fields and
+    task_params merged field by field, task_params started afresh where a later dict
+    names another task). Raises ConfigError on unknown fields."""
+    top, model, task_params = {}, {}, {}
     for d in dicts:
         t, m = split_fields(d, "config")
+        if "task" in t and t["task"] != top.get("task", "lm"):
+            task_params = {}                   # another task: the earlier ones' parameters do not apply
+        given = t.pop("task_params", {})
+        if not isinstance(given, dict):
+            raise ConfigTypeError(f"task_params: expected an object of the task's parameters, "
+                                  f"got {type(given).__name__} {given!r}")
+        task_params.update(given)
         top.update(t)
         model.update(m)
-    return {**top, "model": model}
+    return {**top, "task_params": task_params, "model": model}
 
 
 def load_config_file(path):
@@ -258,16 +325,25 @@ def preset(name, **overrides):
 
 
 def flat_items(cfg):
-    """[(name, value)] of every field, model fields as "model.<name>"."""
-    return ([(n, getattr(cfg, n)) for n in TRAIN_FIELDS]
-            + [(f"model.{n}", getattr(cfg.model, n)) for n in MODEL_FIELDS])
+    """{name: value} of every field, model fields as "model.<name>", the task's parameters
+    as "task_params.<name>"."""
+    out = {n: getattr(cfg, n) for n in TRAIN_FIELDS if n != "task_params"}
+    out.update({f"task_params.{n}": v for n, v in cfg.task_params.items()})
+    out.update({f"model.{n}": getattr(cfg.model, n) for n in MODEL_FIELDS})
+    return out
+
+
+# What a field that one config has and the other does not is shown as.
+ABSENT = "(absent)"
 
 
 def config_differences(a, b, ignore=BOOKKEEPING_FIELDS):
     """[(field, value in a, value in b)] of the fields that differ, the `ignore` ones excepted
-    (model fields named "model.<name>")."""
-    return [(n, va, vb) for (n, va), (_, vb) in zip(flat_items(a), flat_items(b))
-            if n not in ignore and va != vb]
+    (model fields named "model.<name>", task parameters "task_params.<name>")."""
+    fa, fb = flat_items(a), flat_items(b)
+    names = list(fa) + [n for n in fb if n not in fa]
+    return [(n, fa.get(n, ABSENT), fb.get(n, ABSENT)) for n in names
+            if n not in ignore and fa.get(n, ABSENT) != fb.get(n, ABSENT)]
 
 
 def schedule_warnings(cfg):

@@ -1,8 +1,12 @@
-"""Validation in bits per byte, and text generation with the recurrent decode path.
+"""Validation on a run's task, and text generation with the recurrent decode path.
 
-Bits per byte: the mean next-byte cross-entropy in nats over the fixed
-validation windows (gma_np.train.data.eval_batches), divided by ln 2. Each
-window starts from an empty GMA memory, as in training.
+`evaluate_task(model, task, split)` runs the task's fixed evaluation batches through
+the model's body (causal or bidirectional, as the task trains) and the task's head:
+{"loss": nats per scored target, <metric>: value, "count"} (gma_np.tasks.base.Task.evaluate).
+For the language model the metric is bits per byte: the mean next-byte
+cross-entropy in nats over the fixed validation windows, divided by ln 2, each
+window from an empty memory, as in training; `evaluate_bpb` is the same figure for
+a model and a byte split directly (gma_np.train.data.eval_batches).
 
 Generation: the prompt is run through LanguageModel.decode in one chunk,
 then one byte at a time, each from the logits of the previous step divided by
@@ -15,10 +19,27 @@ import math
 import numpy as np
 
 from gma_np.nn.layers import cross_entropy_forward
+from gma_np.nn.model import body_forward
 from gma_np.train.data import eval_batches
 
 # Validation windows per forward pass: bounds the activations' memory.
 EVAL_BATCH = 64
+
+
+def metric_key(task):
+    """The key of the task's validation metric in log.jsonl and the checkpoint: "val_bpb"
+    for the language model (as it has always been), "val_<metric name>" otherwise."""
+    return f"val_{task.log_name or task.metric_name}"
+
+
+def evaluate_task(model, task, split="val", max_examples=0, batch_size=EVAL_BATCH):
+    """{"loss", task.metric_name, "count"} of `model` (body + the task's head) on the fixed
+    batches of `split`; max_examples > 0: that many rows only."""
+    arrays, cfg = model.arrays(), model.cfg
+
+    def body(tokens, key_mask):
+        return body_forward(arrays, tokens, cfg, causal=task.causal, key_mask=key_mask)[0]
+    return task.evaluate(split, body, arrays, cfg, batch_size, max_examples)
 
 
 def evaluate_bpb(model, data, context, max_tokens=0, batch_size=EVAL_BATCH):

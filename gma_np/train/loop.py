@@ -1,18 +1,24 @@
-"""The training loop: train, validate, checkpoint, resume.
+"""The training loop: train, validate, checkpoint, resume, on any task.
 
     result = train(preset("tiny"), "runs/tiny")                 # a fresh run
     result = train(None, "runs/tiny", resume=True)              # continue it
+    result = train(preset("listops-cpu"), "runs/listops")       # another task
 
-One step: draw B windows with the run's Generator, forward, cross-entropy,
-backward, clip the global gradient norm, AdamW with the warm-up + cosine
-learning rate. Every `eval_interval` steps (and at the end) the validation
-bits per byte; every `checkpoint_interval` steps (and at the end, and at step 0)
-an atomic checkpoint (gma_np.train.checkpoint).
+The loop knows a task only through gma_np.tasks.base.Task (docs/tasks.md): the
+config names it (cfg.task, cfg.task_params), `build_task` makes it, and the model is
+the body with the task's head. One step: task.sample_batch("train", B, rng) with the
+run's Generator, the body (causal or bidirectional, with the batch's key mask), the
+task's head and loss, back through both (`loss_and_grads`), clip the global gradient
+norm, AdamW with the warm-up + cosine learning rate. Every `eval_interval` steps
+(and at the end) task.evaluate on the validation split: the task's metric (bits per
+byte for the language model, accuracy for the others); every `checkpoint_interval`
+steps (and at the end, and at step 0) an atomic checkpoint (gma_np.train.checkpoint).
 
 Resume is exact: the checkpoint holds the parameters, the AdamW moments and
 step count, the Generator's state (hence the batch order) and the step, so
 10 steps + resume + 10 steps equal 20 straight steps bit for bit
-(tests/test_train.py). Validation uses fixed windows and no randomness.
+(tests/test_train.py), on every task. Validation uses the task's fixed batches and
+no randomness.
 
 A resume may raise `steps` (extend a finished or paused run). The learning
 rate keeps the schedule the run was following: the cosine still reaches its
@@ -25,7 +31,9 @@ The run directory gets:
     checkpoint.npz, checkpoint.json   the last checkpoint
     config.json                       the TrainConfig
     log.jsonl                         one JSON object a line: {"step", "loss", "lr", "grad_norm",
-                                      "tokens_per_s", "elapsed_s"} or {"step", "val_bpb", ...}
+                                      "tokens_per_s", "elapsed_s"} or, at a validation,
+                                      {"step", "val_bpb", "elapsed_s"} (lm) /
+                                      {"step", "val_<metric>", "val_loss", "elapsed_s"} (the others)
     loss.png                          the loss curves (when matplotlib is installed)
 
 A NaN or inf loss (or gradient norm) stops the run with TrainingDiverged and
@@ -43,14 +51,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gma_np.nn.model import LanguageModel, buffer_shapes, parameter_shapes
+from gma_np.nn.heads import add_head_grads
+from gma_np.nn.model import LanguageModel, body_backward, body_forward, parameter_shapes
 from gma_np.ops._threads import with_blas_threads
 from gma_np.optim import AdamW, clip_grad_norm, lr_at
+from gma_np.tasks import default_cache_dir, get_task
 from gma_np.train import checkpoint as ckpt
-from gma_np.train.config import (BOOKKEEPING_FIELDS, SCHEDULE_FIELDS, TrainConfig,
+from gma_np.train.config import (BOOKKEEPING_FIELDS, SCHEDULE_FIELDS, ConfigError, TrainConfig,
                                   config_differences)
-from gma_np.train.data import DataError, load_corpus, sample_batch
-from gma_np.train.evaluate import evaluate_bpb
+from gma_np.train.evaluate import evaluate_task, metric_key
 from gma_np.train.runlog import RunLog
 
 
@@ -66,11 +75,17 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainResult:
     step: int                 # steps done in all (this run and the ones it resumed)
-    val_bpb: float            # last validation bits per byte (nan if never evaluated)
+    val_metric: float         # last validation value of the task's metric (nan if never evaluated)
+    metric: str               # its name: "bits_per_byte" (lm), "accuracy", "answer_accuracy"
     tokens_per_s: float       # training throughput of this invocation (median over its steps)
     elapsed_s: float          # wall time of this invocation
-    model: object             # the LanguageModel at the end
+    model: object             # the LanguageModel (body + the task's head) at the end
     stopped: str              # "done", "stop_after", "interrupted"
+
+    @property
+    def val_bpb(self):
+        """The last validation bits per byte of a language-model run (nan for another task)."""
+        return self.val_metric if self.metric == "bits_per_byte" else float("nan")
 
 
 def _optimizer(cfg, model):
@@ -78,10 +93,31 @@ def _optimizer(cfg, model):
                  weight_decay=cfg.weight_decay, decay=model.decay_flags())
 
 
-def build(cfg):
-    """A fresh model and optimizer for cfg (data-dependent parameters not yet set)."""
-    model = LanguageModel(cfg.model_config(), seed=cfg.seed)
+def build_task(cfg, cache_dir=None):
+    """The run's task, made from cfg.task and its parameters (generated splits are kept
+    in cache_dir, default gma_np.tasks.default_cache_dir()). A corpus that cannot be
+    used is a DataError."""
+    return get_task(cfg.task, cache_dir=default_cache_dir() if cache_dir is None else cache_dir,
+                    **cfg.task_kwargs())
+
+
+def build(cfg, head=None):
+    """A fresh model (the body with `head`, the task's; None: the language model's token
+    head) and its optimizer for cfg (data-dependent parameters not yet set)."""
+    model = LanguageModel(cfg.model_config(), seed=cfg.seed, head=head)
     return model, _optimizer(cfg, model)
+
+
+def loss_and_grads(model, task, batch):
+    """(loss in nats, gradient dict) of one batch: the body (causal or not, the batch's key
+    mask), the task's head and loss, then back through both (docs/tasks.md, "One training
+    step"). The head's gradient of a shared parameter (the tied wte) adds to the body's."""
+    arrays, cfg = model.arrays(), model.cfg
+    h, c_body = body_forward(arrays, batch.tokens, cfg, causal=task.causal,
+                             key_mask=batch.key_mask)                       # (B, N, D)
+    loss, c_head, _ = task.head_forward(h, arrays, batch, cfg)
+    dh, g_head = task.head_backward(c_head)
+    return loss, add_head_grads(body_backward(dh, c_body), g_head)
 
 
 def restore(run_dir):
@@ -90,10 +126,12 @@ def restore(run_dir):
     try:
         cfg = TrainConfig.from_dict(meta["config"])
         model_cfg = cfg.model_config()
+        head = cfg.task_spec().head
         # the checkpoint holds the parameters and the mixer's buffers (model.arrays())
-        names = set(parameter_shapes(model_cfg))
+        names = set(parameter_shapes(model_cfg, head))
         model = LanguageModel(model_cfg, params={n: a for n, a in arrays.items() if n in names},
-                              buffers={n: a for n, a in arrays.items() if n not in names})
+                              buffers={n: a for n, a in arrays.items() if n not in names},
+                              head=head)
     except (TypeError, ValueError) as err:
         raise ckpt.CheckpointError(f"checkpoint: {run_dir!r} does not match its own config: {err}") from None
     opt = _optimizer(cfg, model)
@@ -107,10 +145,11 @@ def restore(run_dir):
     return cfg, model, opt, rng, int(meta["step"]), meta
 
 
-def _save(run_dir, cfg, model, opt, rng, step, val_bpb):
+def _save(run_dir, cfg, model, opt, rng, step, key, value):
+    """The checkpoint; its meta records the last validation under the log's key (val_bpb for lm)."""
     ckpt.save_checkpoint(run_dir, model.arrays(), opt.state_arrays(),
                          {"step": step, "config": cfg.to_dict(), "rng": rng.bit_generator.state,
-                          "val_bpb": None if val_bpb is None or math.isnan(val_bpb) else val_bpb})
+                          key: None if value is None or math.isnan(value) else value})
 
 
 def _progress(total, initial, quiet):
@@ -125,9 +164,16 @@ def _print_now(message):
     print(message, flush=True)
 
 
+def _describe(task, cfg):
+    """How the run's metric reads in a line: (value -> text)."""
+    if task.metric_name == "bits_per_byte":
+        return lambda v: f"{v:.3f} bits/byte"
+    return lambda v: f"{task.metric_name.replace('_', ' ')} {v:.3f}"
+
+
 @with_blas_threads("blas_threads")
 def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_print_now,
-          on_step=None, blas_threads=1):
+          on_step=None, blas_threads=1, cache_dir=None):
     """Train (or resume) the run in run_dir. Returns a TrainResult.
 
     cfg : TrainConfig, or None with resume=True (use the checkpoint's). On resume
@@ -141,6 +187,7 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
     on_step : called as on_step(step) after each step (tests use it to kill a run).
     blas_threads : BLAS threads for the run (None = leave as is); the caller's come back
         when train returns or raises (gma_np.ops._threads.with_blas_threads).
+    cache_dir : where a task keeps generated splits (None: gma_np.tasks.default_cache_dir()).
     """
     if cfg is not None and not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig or None, got {type(cfg).__name__}")
@@ -175,32 +222,42 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
                 _write_config(run_dir, cfg)
         else:
             cfg = saved_cfg
-        val_bpb = meta.get("val_bpb")
-        val_bpb = float("nan") if val_bpb is None else float(val_bpb)
-        corpus = _load_data(cfg)
+        task = _task_for(cfg, model, cache_dir)
+        key = metric_key(task)
+        val = meta.get(key)
+        val = float("nan") if val is None else float(val)
         ckpt.remove_stale_temporaries(run_dir)
         log = RunLog(run_dir)
         log.truncate_after(step)
-        print_fn(f"resumed {run_dir} at step {step}/{cfg.steps} ({corpus.name})")
+        print_fn(f"resumed {run_dir} at step {step}/{cfg.steps} ({task.summary()})")
     else:
         if cfg is None:
             raise ValueError("cfg: a new run needs a TrainConfig (cfg=None only with resume=True)")
-        corpus = _load_data(cfg)
-        model, opt = build(cfg)
+        task = build_task(cfg, cache_dir)
+        model, opt = build(cfg, task.head)
+        _task_for(cfg, model, cache_dir, task)
+        key = metric_key(task)
         rng = np.random.default_rng(cfg.seed)
-        first, _ = sample_batch(corpus.train, cfg.batch_size, cfg.context, rng)
-        model.init_from_data(first, np.random.default_rng(cfg.seed + 1))
-        step, val_bpb = 0, float("nan")
+        first = task.sample_batch("train", cfg.batch_size, rng)
+        model.init_from_data(first.tokens, np.random.default_rng(cfg.seed + 1), causal=task.causal,
+                             key_mask=first.key_mask)
+        step, val = 0, float("nan")
         os.makedirs(run_dir, exist_ok=True)
         _write_config(run_dir, cfg)
         log = RunLog(run_dir)
         log.truncate_after(-1)
-        _save(run_dir, cfg, model, opt, rng, step, None)
-        print_fn(f"training {model.n_params():,} parameters ({cfg.model.mixer} mixer) on {corpus.name}: "
-                 f"{len(corpus.train):,} train / {len(corpus.val):,} validation bytes, "
-                 f"{cfg.steps} steps of {cfg.batch_size} x {cfg.context} tokens")
+        _save(run_dir, cfg, model, opt, rng, step, key, None)
+        how = "" if task.causal else ", bidirectional"
+        rows = (f"{cfg.batch_size} x {task.seq_len} tokens" if task.name == "lm" else
+                f"{cfg.batch_size} rows of up to {task.seq_len} tokens")
+        print_fn(f"training {model.n_params():,} parameters ({cfg.model.mixer} mixer{how}) on "
+                 f"{task.summary()}, {cfg.steps} steps of {rows}")
+        base = task.baseline("val")
+        if base is not None:
+            print_fn(f"baseline to beat: {base[0]}, validation {task.metric_name} {base[1]:.3f}")
 
-    tokens_per_step = cfg.batch_size * cfg.context
+    shown = _describe(task, cfg)
+    max_examples = max(1, cfg.eval_tokens // task.seq_len) if cfg.eval_tokens else 0
     bar = _progress(cfg.steps, step, quiet)
     say = print_fn if bar.disable else bar.write
     stop = {"signal": False}
@@ -219,8 +276,8 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            idx, targets = sample_batch(corpus.train, cfg.batch_size, cfg.context, rng)
-            loss, grads = model.loss_and_grads(idx, targets)
+            batch = task.sample_batch("train", cfg.batch_size, rng)
+            loss, grads = loss_and_grads(model, task, batch)
             grad_norm = clip_grad_norm(grads, cfg.grad_clip)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingDiverged(
@@ -235,28 +292,38 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
                 # a Generator of its own per redraw: the batch order does not depend on it,
                 # and a resumed run redraws the same projections (they are in the checkpoint)
                 model.redraw_buffers(np.random.default_rng([cfg.seed, REDRAW_STREAM, step]))
-            rates.append(tokens_per_step / (time.perf_counter() - t0))
+            rates.append(batch.tokens.size / (time.perf_counter() - t0))
             if step % cfg.log_interval == 0 or step == cfg.steps:
                 log.write({"step": step, "loss": round(loss, 6), "lr": lr,
                            "grad_norm": round(grad_norm, 6), "tokens_per_s": round(rates[-1], 1),
                            "elapsed_s": round(time.perf_counter() - t_start, 3)})
             if step % cfg.eval_interval == 0 or step == cfg.steps:
-                val_bpb = evaluate_bpb(model, corpus.val, cfg.context, cfg.eval_tokens)
-                log.write({"step": step, "val_bpb": round(val_bpb, 6),
-                           "elapsed_s": round(time.perf_counter() - t_start, 3)})
-                say(f"step {step}/{cfg.steps}: train {loss / math.log(2):.3f} bits/byte, "
-                    f"validation {val_bpb:.3f} bits/byte, {np.median(rates):,.0f} tokens/s")
+                result = evaluate_task(model, task, "val", max_examples)
+                val = result[task.metric_name]
+                record = {"step": step, key: round(val, 6)}
+                if task.name != "lm":              # the language model's lines stay as they were
+                    record["val_loss"] = round(result["loss"], 6)
+                log.write({**record, "elapsed_s": round(time.perf_counter() - t_start, 3)})
+                train_text = (f"{loss / math.log(2):.3f} bits/byte" if task.name == "lm"
+                              else f"loss {loss:.3f} nats")
+                val_text = shown(val) + ("" if task.name == "lm" else f" (loss {result['loss']:.3f})")
+                say(f"step {step}/{cfg.steps}: train {train_text}, validation {val_text}, "
+                    f"{np.median(rates):,.0f} tokens/s")
             if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
-                _save(run_dir, cfg, model, opt, rng, step, val_bpb)
-            bar.set_postfix(train_bpb=f"{loss / math.log(2):.3f}", val_bpb=f"{val_bpb:.3f}",
-                            tok_s=f"{rates[-1]:,.0f}", refresh=False)
+                _save(run_dir, cfg, model, opt, rng, step, key, val)
+            if task.name == "lm":
+                bar.set_postfix(train_bpb=f"{loss / math.log(2):.3f}", val_bpb=f"{val:.3f}",
+                                tok_s=f"{rates[-1]:,.0f}", refresh=False)
+            else:
+                bar.set_postfix(loss=f"{loss:.3f}", **{key: f"{val:.3f}"},
+                                tok_s=f"{rates[-1]:,.0f}", refresh=False)
             bar.update(1)
             if on_step is not None:
                 on_step(step)
             paused = stop_after is not None and step - start_step >= stop_after and step < cfg.steps
             if stop["signal"] or paused:
                 stopped = "interrupted" if stop["signal"] else "stop_after"
-                _save(run_dir, cfg, model, opt, rng, step, val_bpb)
+                _save(run_dir, cfg, model, opt, rng, step, key, val)
                 break
     finally:
         bar.close()
@@ -270,13 +337,13 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
         what = {"done": "done", "stop_after": "paused (stop_after)",
                 "interrupted": "interrupted"}[stopped]
         then = "" if stopped == "done" else f"; continue with --resume --out {run_dir}"
-        print_fn(f"{what} at step {step}/{cfg.steps}: validation {val_bpb:.3f} bits/byte, "
+        print_fn(f"{what} at step {step}/{cfg.steps}: validation {shown(val)}, "
                  f"{rate:,.0f} tokens/s (median), {elapsed:.1f} s; checkpoint in {run_dir}{then}")
     else:
         print_fn(f"nothing to do: the run in {run_dir} is complete (step {step}/{cfg.steps}, "
-                 f"validation {val_bpb:.3f} bits/byte); resume with a larger --steps to extend it")
-    return TrainResult(step=step, val_bpb=val_bpb, tokens_per_s=rate, elapsed_s=elapsed,
-                       model=model, stopped=stopped)
+                 f"validation {shown(val)}); resume with a larger --steps to extend it")
+    return TrainResult(step=step, val_metric=val, metric=task.metric_name, tokens_per_s=rate,
+                       elapsed_s=elapsed, model=model, stopped=stopped)
 
 
 def _write_config(run_dir, cfg):
@@ -284,15 +351,15 @@ def _write_config(run_dir, cfg):
                       lambda f: f.write(json.dumps(cfg.to_dict(), indent=1).encode()))
 
 
-def _load_data(cfg):
-    """The run's corpus, refused at once (not at the first validation) if a split is too short."""
-    corpus = load_corpus(cfg.data, cfg.val_fraction)
-    for split, data, need in (("training", corpus.train, cfg.context + 2),
-                              ("validation", corpus.val, cfg.context + 1)):
-        if len(data) < need:
-            raise DataError(f"data: the {split} split of {corpus.name} has {len(data)} bytes, "
-                            f"fewer than the {need} that a window of context {cfg.context} needs")
-    return corpus
+def _task_for(cfg, model, cache_dir, task=None):
+    """The run's task (built unless given), checked against the model: ConfigError if the
+    vocabulary or the positional table does not fit (a config edited by hand)."""
+    task = build_task(cfg, cache_dir) if task is None else task
+    try:
+        task.check_model(model.cfg)
+    except ValueError as err:
+        raise ConfigError(f"model.{err}") from None
+    return task
 
 
 def _resumed_config(saved, requested, step, run_dir, print_fn):

@@ -1,7 +1,9 @@
 """The run's log: log.jsonl (one JSON object a line) and the loss-curve PNG.
 
 Training lines are {"step", "loss" (nats), "lr", "grad_norm", "tokens_per_s",
-"elapsed_s"}; validation lines are {"step", "val_bpb", "elapsed_s"}. Read it
+"elapsed_s"}; validation lines are {"step", "val_bpb", "elapsed_s"} for the language
+model and {"step", "val_<metric>", "val_loss" (nats), "elapsed_s"} for another task
+(val_accuracy for listops, val_answer_accuracy for recall and copying). Read it
 with `pandas.read_json(path, lines=True)` or a few lines of json.loads.
 
 On resume the lines after the checkpoint's step are dropped (that stretch is
@@ -47,7 +49,9 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
 
     def plot(self, print_fn=print):
-        """Write loss.png: training loss and validation, in bits per byte, against the step."""
+        """Write loss.png against the step: for the language model the training loss and the
+        validation in bits per byte; for another task the training and validation loss in
+        nats, and the validation metric on a second axis."""
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -56,17 +60,35 @@ class RunLog:
             print_fn("plot: matplotlib is not installed (pip install 'gma_np[plot]'); skipping loss.png")
             return None
         recs = self.records()
-        train = [(r["step"], r["loss"] / math.log(2)) for r in recs if "loss" in r]
-        val = [(r["step"], r["val_bpb"]) for r in recs if "val_bpb" in r]
         fig, ax = plt.subplots(figsize=(6, 4))
-        if train:
-            ax.plot(*zip(*train), label="train (bits/byte)", lw=1)
-        if val:
-            ax.plot(*zip(*val), "o-", label="validation (bits/byte)")
+        metric = next((k for r in recs for k in r if k.startswith("val_") and k != "val_loss"), None)
+        if metric in (None, "val_bpb"):
+            train = [(r["step"], r["loss"] / math.log(2)) for r in recs if "loss" in r]
+            val = [(r["step"], r["val_bpb"]) for r in recs if "val_bpb" in r]
+            if train:
+                ax.plot(*zip(*train), label="train (bits/byte)", lw=1)
+            if val:
+                ax.plot(*zip(*val), "o-", label="validation (bits/byte)")
+            ax.set_ylabel("bits per byte")
+            ax.legend()
+        else:
+            train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+            val_loss = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+            val = [(r["step"], r[metric]) for r in recs if metric in r]
+            if train:
+                ax.plot(*zip(*train), label="train loss", lw=1)
+            if val_loss:
+                ax.plot(*zip(*val_loss), "o-", label="validation loss")
+            ax.set_ylabel("loss (nats)")
+            right = ax.twinx()
+            if val:
+                right.plot(*zip(*val), "s-", color="C2", label=metric.replace("_", " "))
+            right.set_ylabel(metric[4:].replace("_", " "))
+            lines = ax.get_legend_handles_labels()
+            more = right.get_legend_handles_labels()
+            ax.legend(lines[0] + more[0], lines[1] + more[1])
         ax.set_xlabel("step")
-        ax.set_ylabel("bits per byte")
         ax.grid(alpha=0.3)
-        ax.legend()
         fig.tight_layout()
         fig.savefig(self.plot_path, dpi=100)
         plt.close(fig)
