@@ -142,7 +142,7 @@ def test_failures_are_one_line_and_exit_one(tmp_path, capsys, monkeypatch):
 
 
 def test_unreadable_data_and_bad_config_files(tmp_path, capsys, monkeypatch):
-    import gma_np.train.data as data_module
+    import gma_np.data.corpus as data_module
     text = tmp_path / "corpus.txt"
     text.write_text("some text\n" * 100)
 
