@@ -418,3 +418,173 @@ def test_performer_buffers_are_checkpointed_and_redrawn_exactly(tmp_path):
     # the redraws (steps 3 and 6) changed the projections from their initial draw
     fresh = LanguageModel(cfg.model_config(), seed=cfg.seed)
     assert not np.array_equal(final, fresh.buffers[name])
+
+
+# ---------------------------------------------------------------- tasks through the trainer
+
+# Tiny parameters of each generated task: a step takes milliseconds, a split is drawn in
+# well under a second.
+TASK_ARGS = {
+    "listops": dict(min_len=5, max_len=20, max_depth=4, max_args=4, n_train=60, n_val=12, n_test=12),
+    "recall": dict(seq_len=24, n_pairs=4, vocab_size=40, n_val=20, n_test=20),
+    "copying": dict(region_len=12, n_tokens=3, vocab_size=8, n_val=20, n_test=20),
+}
+
+
+@pytest.fixture(autouse=True)
+def _task_cache(tmp_path_factory, monkeypatch):
+    """Generated splits go to a temporary folder, not the user's cache."""
+    monkeypatch.setenv("GMA_NP_CACHE", str(tmp_path_factory.getbasetemp() / "task-cache"))
+
+
+def _task_flags(name):
+    return [f for k, v in TASK_ARGS[name].items() for f in ("--task-param", f"{k}={v}")]
+
+
+def test_lm_task_batches_are_the_trainers():
+    """The lm task draws exactly the windows gma_np.train.data.sample_batch draws from the same
+    Generator, and its evaluation windows are eval_batches' (max_examples = max_tokens // N)."""
+    from gma_np.tasks import get_task
+    cfg = preset("test")
+    task = get_task("lm", **cfg.task_kwargs())
+    corpus = load_corpus(cfg.data, cfg.val_fraction)
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(3):
+        batch = task.sample_batch("train", cfg.batch_size, a)
+        idx, targets = sample_batch(corpus.train, cfg.batch_size, cfg.context, b)
+        assert np.array_equal(batch.tokens, idx) and np.array_equal(batch.targets, targets)
+        assert batch.key_mask is None and batch.loss_mask is None
+    assert a.bit_generator.state == b.bit_generator.state
+    for max_tokens in (0, 512, 20):
+        ours = list(task.eval_batches("val", 64, max(1, max_tokens // cfg.context) if max_tokens else 0))
+        theirs = list(eval_batches(corpus.val, cfg.context, 64, max_tokens))
+        assert len(ours) == len(theirs)
+        for x, (idx, targets) in zip(ours, theirs):
+            assert np.array_equal(x.tokens, idx) and np.array_equal(x.targets, targets)
+
+
+def test_config_takes_vocabulary_and_length_from_the_task():
+    cfg = preset("test", task="listops", task_params=TASK_ARGS["listops"])
+    assert (cfg.model.vocab_size, cfg.model.max_len) == (17, 20)
+    assert cfg.task_params == {"seed": 0, "pool": "mean", **TASK_ARGS["listops"]}   # every parameter
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    first = preset("test", task="listops", task_params={**TASK_ARGS["listops"], "pool": "first"})
+    assert (first.model.vocab_size, first.model.max_len) == (18, 21)
+    rc = preset("test", task="recall", task_params=TASK_ARGS["recall"])
+    assert (rc.model.vocab_size, rc.model.max_len) == (40, 24)
+    assert rc.task_params["power_a"] == 0.01
+    assert preset("test", task="recall", task_params=TASK_ARGS["recall"], max_len=30).model.max_len == 30
+    lm = preset("test")
+    assert lm.task == "lm" and lm.task_params == {"dataset": None, "dataset_params": {}}
+    # a config written before tasks existed is a language-model run
+    old = {k: v for k, v in lm.to_dict().items() if k not in ("task", "task_params")}
+    assert TrainConfig.from_dict(old) == lm
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(task="listops", mixer="mamba"), "model.mixer: 'mamba' is causal only, and task 'listops'"),
+    (dict(task="listops", task_params={"min_len": 0}), "task_params.min_len: expected an integer >= 1"),
+    (dict(task="listops", task_params={"min_lenn": 5}),
+     "task_params.min_lenn: task 'listops' has no such parameter \\(did you mean 'min_len'\\?\\)"),
+    (dict(task="recall", task_params={"seq_len": 25}), "task_params.seq_len: expected an even number"),
+    (dict(task="recall", task_params={"n_pairs": 3, "seq_len": 8}), "task_params.n_pairs: expected at most"),
+    (dict(task="copying", task_params={"n_tokens": 0}), "task_params.n_tokens"),
+    (dict(task="copying", data="corpus.txt"), "data: task 'copying' reads no corpus"),
+    (dict(task="recall", task_params=TASK_ARGS["recall"], max_len=16), "model.max_len: expected at least 24"),
+    (dict(task="recall", vocab_size=256, task_params={"vocab_size": 40}),
+     "model.vocab_size: expected 40 \\(task 'recall'\\)"),
+    (dict(task="listop"), "task: expected one of lm, listops, recall, copying"),
+    (dict(task="lm", task_params={"context": 16}), "task_params.context: .*top-level field"),
+    (dict(task="lm", task_params={"dataset": "enwik9"}), "task_params.dataset: expected one of"),
+    (dict(task_params=[1, 2]), "task_params: expected an object"),
+])
+def test_task_config_errors_name_the_field(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        preset("test", **bad)
+
+
+def test_a_later_layer_naming_another_task_drops_the_earlier_task_params():
+    from gma_np.train.config import merge
+    merged = merge({"task": "listops", "task_params": {"min_len": 9}}, {"task_params": {"max_len": 30}})
+    assert merged["task_params"] == {"min_len": 9, "max_len": 30}
+    merged = merge({"task": "listops", "task_params": {"min_len": 9}}, {"task": "recall"})
+    assert merged["task"] == "recall" and merged["task_params"] == {}
+
+
+@pytest.mark.parametrize("mixer", ["gma", "linear"])
+@pytest.mark.parametrize("name", sorted(TASK_ARGS))
+def test_cli_trains_and_evaluates_every_task(name, mixer, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["train", "--preset", "test", "--task", name, "--mixer", mixer, "--steps", "3",
+            "--out", out] + _task_flags(name)
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"({mixer} mixer{', bidirectional' if name == 'listops' else ''})" in printed
+    base = {"listops": "majority class", "recall": "1 / n_pairs", "copying": "chance"}[name]
+    assert "baseline to beat: " in printed and base in printed.split("baseline to beat: ")[1]
+    meta = json.load(open(os.path.join(out, "checkpoint.json")))
+    assert meta["config"]["task"] == name and meta["step"] == 3
+    metric = "accuracy" if name == "listops" else "answer_accuracy"
+    vals = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "val_loss" in r]
+    assert vals and set(vals[-1]) == {"step", f"val_{metric}", "val_loss", "elapsed_s"}
+    assert 0.0 <= vals[-1][f"val_{metric}"] <= 1.0
+    assert meta[f"val_{metric}"] == pytest.approx(vals[-1][f"val_{metric}"], abs=1e-6)   # the log rounds
+    assert ("cls.W" in meta["params"]) == (name == "listops")
+    assert main(["eval", out]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"validation {metric.replace('_', ' ')}: ")
+    assert 0.0 <= float(line.split(":")[1].split()[0]) <= 1.0
+    assert main(["eval", out, "--split", "test"]) == 0
+    assert capsys.readouterr().out.startswith("test ")
+    assert main(["sample", out, "--prompt", "ab"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is a {name!r} run" in err[0] and "task lm" in err[0]
+
+
+def test_listops_resume_is_bit_identical(tmp_path):
+    cfg = preset("test", task="listops", task_params=TASK_ARGS["listops"], steps=12,
+                 checkpoint_interval=4, eval_interval=4)
+    _run(cfg, tmp_path / "straight")
+    _run(cfg, tmp_path / "paused", stop_after=5)
+    result = _run(None, tmp_path / "paused", resume=True)
+    _assert_same_run(tmp_path / "straight", tmp_path / "paused")
+    log = [r for r in map(json.loads, open(tmp_path / "paused" / "log.jsonl")) if "loss" in r]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    straight = [r for r in map(json.loads, open(tmp_path / "straight" / "log.jsonl"))
+                if "val_accuracy" in r]
+    assert result.val_metric == straight[-1]["val_accuracy"] and result.metric == "accuracy"
+    assert np.isnan(result.val_bpb)
+
+
+def test_task_flags_and_default_preset(tmp_path, capsys):
+    from gma_np.train.commands import default_preset
+    assert default_preset("listops") == "listops-cpu" and default_preset(None) == "tiny"
+    assert default_preset("lm") == "tiny"
+    out = str(tmp_path / "run")
+    assert main(["train", "--preset", "test", "--task", "recall", "--steps", "2", "--out", out,
+                 "--task-param", "seq_len=24", "--task-param", "n_pairs=4",
+                 "--task-param", "vocab_size=40", "--task-param", "power_a=0.5"]) == 0
+    saved = TrainConfig.from_dict(json.load(open(os.path.join(out, "config.json"))))
+    assert saved.task_params["power_a"] == 0.5 and saved.model.vocab_size == 40
+    capsys.readouterr()
+    for args, named in ((["--task-param", "seq_len"], "--task-param"),
+                        (["--task", "listop"], "--task")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "--preset", "test"] + args)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--preset", "test", "--task", "listops", "--mixer", "mamba",
+                 "--out", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'mamba' is causal only" in err[0]
+    assert main(["eval", out, "--data", "x.txt"]) == 1
+    assert "reads no corpus" in capsys.readouterr().err
+
+
+def test_each_task_preset_is_valid():
+    from gma_np.train.config import PRESETS
+    for name in ("listops-cpu", "recall-cpu", "copying-cpu"):
+        cfg = preset(name)
+        assert cfg.task == name.split("-")[0] and name in PRESETS
+        assert cfg.model.max_len == cfg.task_spec().seq_len

@@ -53,8 +53,9 @@ def task_param(text):
 # Options of `gma-np train` that override fields of the config: (flag, field, type, help).
 # Their default is the preset's (or the --config file's), so the help gives none.
 _OVERRIDES = (
-    ("--task", "task", task_name, "what is learned; without --preset, its CPU preset <task>-cpu "
-                                  "(tiny for lm)"),
+    ("--task", "task", task_name, "what is learned: lm, listops, recall or copying; a command "
+                                  "line without --preset starts from the task's CPU preset "
+                                  "<task>-cpu (tiny for lm)"),
     ("--mixer", "mixer", mixer_name, "the sequence mixer"),
     ("--steps", "steps", positive_int, "total optimizer steps; on --resume a larger value "
                                        "extends the run: the cosine keeps its end and the added "
@@ -218,7 +219,7 @@ def add_subcommands(sub):
                    else "the preset's")
         if field == "task":
             p.add_argument(flag, dest=field, type=kind, default=None, metavar="NAME",
-                           help=f"{text}: lm, listops, recall or copying (default: {default})")
+                           help=f"{text} (default: the preset's, lm in tiny)")
             continue
         p.add_argument(flag, dest=field, type=kind, default=None, help=f"{text} (default: {default})")
     p.add_argument("--task-param", dest="task_params", type=task_param, action="append",

@@ -304,6 +304,27 @@ PRESETS = {
                             n_components=5),
                  context=32, batch_size=4, steps=20, warmup_steps=5, eval_interval=10,
                  eval_tokens=512, checkpoint_interval=10, log_interval=1),
+    # The tasks' CPU presets (docs/tasks.md: what each reaches against its baseline, and the
+    # time): a 2-layer d_model-64 model, each learning something in under 10 minutes on 2 cores.
+    # ListOps at lengths 50..200 (the LRA's generator, shorter rows), bidirectional.
+    "listops-cpu": dict(task="listops",
+                        task_params=dict(min_len=50, max_len=200, n_train=20_000, n_val=1_000,
+                                         n_test=1_000),
+                        model=dict(d_model=64, n_heads=4, head_dim=16, value_dim=16),
+                        batch_size=32, steps=800, lr=2e-3, eval_interval=100,
+                        checkpoint_interval=100),
+    # Associative recall: 8 key-value pairs, then the 8 queries, in rows of 64 tokens.
+    "recall-cpu": dict(task="recall",
+                       task_params=dict(seq_len=64, n_pairs=8, vocab_size=64),
+                       model=dict(d_model=64, n_heads=4, head_dim=16, value_dim=16),
+                       batch_size=32, steps=800, lr=2e-3, eval_interval=100,
+                       checkpoint_interval=100),
+    # Selective copying: 8 tokens of 14 hidden among 64 noise positions.
+    "copying-cpu": dict(task="copying",
+                        task_params=dict(region_len=64, n_tokens=8, vocab_size=16),
+                        model=dict(d_model=64, n_heads=4, head_dim=16, value_dim=16),
+                        batch_size=32, steps=800, lr=2e-3, eval_interval=100,
+                        checkpoint_interval=100),
     # A bigger model for a longer run (not timed: docs/training.md reports only the tiny presets).
     "small": dict(model=dict(d_model=192, n_layers=4, n_heads=6, n_components=32), context=256,
                   steps=6000, batch_size=32, lr=2e-3, warmup_steps=200, eval_interval=500,
