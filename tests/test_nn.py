@@ -345,3 +345,110 @@ def test_layers_name_the_bad_argument(rng):
         L.cross_entropy_forward(x, np.zeros((2, 2), dtype=np.int64))
     with pytest.raises(ValueError, match="^mask:"):
         L.masked_mean_pool_forward(x, np.ones((2, 2), dtype=bool))
+
+
+# ---------------------------------------------------------------- the body, a bidirectional task's head
+
+BIDIRECTIONAL = ("gma", "softmax", "linear", "performer")
+# Real tokens of the two rows of the padded batch below (padding at the end of row 1).
+LENGTHS = (7, 4)
+
+
+def _classifier_model(mixer, seed=1, **kw):
+    from gma_np.nn.heads import PooledClassifierHead
+    cfg = ModelConfig(**{**dict(vocab_size=11, max_len=7, d_model=8, n_layers=2, n_heads=2,
+                                head_dim=3, value_dim=2, n_components=3, mlp_ratio=2,
+                                n_features=4, mixer=mixer, dtype="float64"), **kw})
+    return LanguageModel(cfg, seed=seed, head=PooledClassifierHead(5))
+
+
+def _padded(rng, pad_id=0):
+    key_mask = np.arange(7)[None, :] < np.array(LENGTHS)[:, None]           # (2, 7)
+    tokens = rng.integers(1, 11, (2, 7))
+    tokens[~key_mask] = pad_id
+    return tokens, key_mask
+
+
+@pytest.mark.parametrize("mixer", BIDIRECTIONAL)
+def test_bidirectional_body_ignores_padding_and_reads_both_ways(rng, mixer):
+    model = _classifier_model(mixer)
+    tokens, key_mask = _padded(rng)
+    h = model.body(tokens, key_mask, causal=False)                          # (2, 7, D)
+    other = tokens.copy()
+    other[~key_mask] = rng.integers(1, 11, int((~key_mask).sum()))          # other padding ids
+    h2 = model.body(other, key_mask, causal=False)
+    np.testing.assert_allclose(h2[key_mask], h[key_mask], rtol=0, atol=1e-13)
+    unmasked = model.body(other, None, causal=False)                        # padding read as real
+    assert np.abs(unmasked[1, :LENGTHS[1]] - model.body(tokens, None, causal=False)[1, :LENGTHS[1]]).max() > 1e-6
+    later = tokens.copy()
+    later[1, LENGTHS[1] - 1] = later[1, LENGTHS[1] - 1] % 10 + 1            # the last real token of row 1
+    h3 = model.body(later, key_mask, causal=False)
+    assert np.abs(h3[1, 0] - h[1, 0]).max() > 1e-6, "an earlier token does not read a later one"
+    assert np.array_equal(h3[0], h[0])                                      # rows stay apart
+    h4 = model.body(later, key_mask, causal=True)
+    h5 = model.body(tokens, key_mask, causal=True)
+    assert np.array_equal(h4[1, 0], h5[1, 0]), "causal=True let a token read a later one"
+
+
+def test_mixture_fit_sees_only_the_real_tokens(rng):
+    """GMA's data-dependent init, with a key mask: padding ids do not change the mixture, a
+    padded row fits as the row alone, and counting the padding as real does change it."""
+    tokens, key_mask = _padded(rng)
+
+    def fitted(tokens, key_mask, causal=False):
+        model = _classifier_model("gma")
+        model.init_from_data(tokens, np.random.default_rng(3), causal=causal, key_mask=key_mask)
+        return {n: v for n, v in model.params.items()
+                if n.rsplit(".", 1)[-1] in ("means", "log_var", "logits")}
+    ref = fitted(tokens, key_mask)
+    other = tokens.copy()
+    other[~key_mask] = 7
+    for name, value in fitted(other, key_mask).items():
+        assert np.array_equal(value, ref[name]), name
+    alone = fitted(tokens[1:, :LENGTHS[1]], None)
+    for name, value in fitted(tokens[1:], key_mask[1:]).items():
+        np.testing.assert_allclose(value, alone[name], rtol=1e-12, atol=1e-12, err_msg=name)
+    counted = fitted(other, None)
+    assert any(not np.allclose(counted[n], ref[n]) for n in ref), "padding did not matter: the test is void"
+
+
+def test_classifier_model_gradcheck_every_parameter(rng):
+    """Body (bidirectional, key mask) + pooled classifier: every parameter, float64."""
+    from gma_np.nn.heads import add_head_grads
+    from gma_np.nn.model import body_backward, body_forward
+    model = _classifier_model("gma", n_layers=1)
+    cfg = model.cfg
+    tokens, key_mask = _padded(rng)
+    labels = np.array([3, 1])
+
+    class B:
+        targets, loss_mask = labels, None
+    B.key_mask = key_mask
+
+    def fun(**p):
+        h, _ = body_forward(p, tokens, cfg, causal=False, key_mask=key_mask)
+        return np.array(model.head.forward(h, p, B, cfg)[0])
+
+    def grad(dout, **p):
+        h, c_body = body_forward(p, tokens, cfg, causal=False, key_mask=key_mask)
+        dh, g_head = model.head.backward(model.head.forward(h, p, B, cfg)[1], float(dout))
+        return add_head_grads(body_backward(dh, c_body), g_head)
+    params = {n: v + 0.3 * rng.standard_normal(v.shape) for n, v in model.params.items()}
+    report = _check(fun, grad, params, mode="random", n_directions=2)
+    assert sorted(c.name for c in report.inputs) == sorted(model.params)
+    assert {"cls.W", "cls.b"} <= set(model.params) and "head" not in model.params
+
+
+def test_token_methods_need_a_token_head(rng):
+    model = _classifier_model("gma")
+    tokens, key_mask = _padded(rng)
+    for call in (lambda: model.forward(tokens), lambda: model.decode_init(1),
+                 lambda: model.loss_and_grads(tokens, tokens)):
+        with pytest.raises(ValueError, match="needs a token head.*PooledClassifierHead"):
+            call()
+    with pytest.raises(ValueError, match="key_mask: expected a bool array of shape \\(2, 7\\)"):
+        model.body(tokens, key_mask.astype(int))
+    lm = _tiny_model(rng)
+    with pytest.raises(ValueError, match="decoding is causal"):
+        block_forward(np.zeros((1, 1, 8)), {n[3:]: v for n, v in lm.params.items() if n.startswith("h0.")},
+                      lm.cfg, lm.decode_init(1).blocks[0], causal=False)
