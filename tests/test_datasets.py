@@ -160,3 +160,15 @@ def test_registry_errors_name_what_is_known():
         D.resolve(3)
     with pytest.raises(ValueError, match="val_fraction"):
         D.get_dataset("embedded", val_fraction=1.5)
+
+
+def test_an_unreadable_file_is_a_data_error_naming_it(tmp_path, monkeypatch):
+    path = _write(tmp_path / "locked.txt", b"some text\n" * 50)
+
+    def no_permission(p, *a, **k):
+        raise PermissionError(13, "Permission denied", p)
+    # as root a chmod 000 file stays readable, so the open itself is made to fail
+    monkeypatch.setattr(corpus_mod, "open", no_permission, raising=False)
+    for load in (lambda: D.get_dataset("text", path=path), lambda: D.resolve(path)):
+        with pytest.raises(D.DataError, match=r"cannot read .*locked\.txt.*Permission denied"):
+            load()

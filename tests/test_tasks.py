@@ -9,9 +9,8 @@ import pytest
 
 import gma_np
 from gma_np.nn import heads as Hd
-from gma_np.nn.model import (LanguageModel, ModelConfig, _block_params, block_backward,
-                             block_forward, lm_loss_backward, lm_loss_forward)
-from gma_np.nn import layers as L
+from gma_np.nn.model import (LanguageModel, ModelConfig, body_backward, body_forward,
+                             lm_loss_backward, lm_loss_forward)
 from gma_np.tasks import TASK_NAMES, get_task
 from gma_np.tasks import copying as CP
 from gma_np.tasks import recall as RC
@@ -123,32 +122,6 @@ def test_listops_head_gradcheck_through_the_task(rng):
 
 # ---------------------------------------------------------------- body + head = the language model
 
-def _body_forward(params, idx, cfg):
-    """Test twin of the model body (embeddings, causal blocks, final layernorm) from
-    gma_np.nn.model's own pieces: model_forward without its logits."""
-    x = params["wte"][idx] + params["wpe"][:idx.shape[1]]
-    caches = []
-    for l in range(cfg.n_layers):
-        x, c = block_forward(x, _block_params(params, l), cfg)
-        caches.append(c)
-    h, c_lnf = L.layernorm_forward(x, params["lnf.g"], params["lnf.b"])
-    return h, (idx, caches, c_lnf)
-
-
-def _body_backward(dh, cache, params, cfg):
-    idx, caches, c_lnf = cache
-    g = {}
-    dx, g["lnf.g"], g["lnf.b"] = L.layernorm_backward(dh, c_lnf)
-    for l in reversed(range(cfg.n_layers)):
-        dx, gb = block_backward(dx, caches[l])
-        g.update({f"h{l}.{n}": v for n, v in gb.items()})
-    g["wpe"] = np.zeros_like(params["wpe"])
-    g["wpe"][:idx.shape[1]] = dx.sum(axis=0)
-    g["wte"] = np.zeros_like(params["wte"])
-    np.add.at(g["wte"], idx.ravel(), dx.reshape(-1, dx.shape[-1]))
-    return g
-
-
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_body_and_token_head_are_the_language_model(rng, tied):
     cfg = ModelConfig(vocab_size=256, max_len=9, d_model=8, n_layers=1, n_heads=2, head_dim=3,
@@ -160,15 +133,16 @@ def test_body_and_token_head_are_the_language_model(rng, tied):
     loss_ref, cache_ref = lm_loss_forward(params, batch.tokens, batch.targets, cfg)
     grads_ref = lm_loss_backward(cache_ref)
 
-    h, c_body = _body_forward(params, batch.tokens, cfg)
+    h, c_body = body_forward(params, batch.tokens, cfg, causal=task.causal, key_mask=batch.key_mask)
     loss, c_head, out = task.head_forward(h, params, batch, cfg)
     dh, g_head = task.head_backward(c_head)
-    grads = add_head_grads(_body_backward(dh, c_body, params, cfg), g_head)
-    assert abs(loss - loss_ref) <= 1e-12 * abs(loss_ref)
+    grads = add_head_grads(body_backward(dh, c_body), g_head)
+    assert loss == loss_ref                                   # the same operations, in the same order
+    assert list(grads) == list(grads_ref)                     # and the same order of names (the clip's sum)
     assert out["count"] == batch.targets.size and out["nats"] == pytest.approx(loss * out["count"])
     assert set(grads) == set(grads_ref)
     for name, g in grads_ref.items():
-        np.testing.assert_allclose(grads[name], g, rtol=1e-10, atol=1e-13, err_msg=name)
+        assert np.array_equal(grads[name], g), name
 
 
 # ---------------------------------------------------------------- the tasks
@@ -346,3 +320,23 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("GMA_NP_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert default_cache_dir() == str(tmp_path / "x" / "gma_np")
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_spec_is_what_build_makes_without_generating(name, monkeypatch):
+    from gma_np.tasks import listops as LO
+    from gma_np.tasks import task_spec
+    task = get_task(name, **SMALL[name])
+
+    def must_not_run(*a, **k):
+        raise AssertionError("spec generated data")
+    monkeypatch.setattr(LO, "generate_splits", must_not_run)
+    spec = task_spec(name, **SMALL[name])
+    assert (spec.vocab_size, spec.seq_len, spec.causal) == (task.vocab_size, task.seq_len, task.causal)
+    assert spec.head.kind == task.head.kind
+    shared = set(spec.params) & set(task.params)
+    assert shared >= set(task.params) - {"seed"}
+    assert all(spec.params[k] == task.params[k] for k in shared)
+    assert task_spec(name, **spec.params).params == spec.params          # idempotent on its params
+    with pytest.raises(ValueError, match=f"^bogus: task {name!r} has no such parameter"):
+        task_spec(name, bogus=1)
