@@ -1,4 +1,7 @@
-"""Shared helpers of the test-suite: random GMA problems and a comparison that names what failed."""
+"""Shared helpers of the test-suite: random GMA problems, a comparison that names what failed,
+and the settings of the property-based tests."""
+
+import os
 
 import numpy as np
 import pytest
@@ -26,3 +29,20 @@ def assert_close(name, got, ref, rtol, atol_scale=True):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+# The property-based tests (tests/test_properties.py) run a fixed number of examples each (set
+# there), with no deadline: the first example of a process waits for Numba to compile or load
+# its kernels. No example database: a run leaves no files behind, and a failure prints the
+# example (and a blob to reproduce it). With CI set, the examples are derandomized: every run
+# tests the same ones, so that CI fails on a change of the code, not of the draw.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:                   # without hypothesis, test_properties.py skips itself
+    settings = None
+if settings is not None:
+    _common = dict(deadline=None, database=None, print_blob=True,
+                   suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("dev", **_common)
+    settings.register_profile("ci", derandomize=True, **_common)
+    settings.load_profile("ci" if os.environ.get("CI") else "dev")
