@@ -222,7 +222,8 @@ def test_an_integer_scalar_is_a_value(problem):
 
 
 @pytest.mark.parametrize("value,why", [
-    (np.array([0, 2, 2]), "is an integer array (dtype int64): gradcheck takes integer arrays for indices"),
+    (np.array([0, 2, 2]),
+     "is an integer array (dtype int64): gradcheck takes integer arrays for indices"),
     (np.array([True, False, True]), "is boolean (a flag or a mask): it has no derivative"),
     (True, "is boolean (a flag or a mask): it has no derivative"),
     ("left", "is a str, not a number or a float array"),
@@ -234,7 +235,8 @@ def test_what_is_not_a_value_is_a_clear_error(value, why):
     with pytest.raises(ValueError, match=re.escape(f"wrt: 'other' {why}")):
         gma_np.gradcheck(fun_, lambda do, x, other: {"x": 2 * x * do}, {"x": x, "other": value},
                          wrt=["x", "other"])
-    with pytest.raises(ValueError, match=re.escape(f"grad: returned a gradient for 'other', but 'other' {why}")):
+    returned = f"grad: returned a gradient for 'other', but 'other' {why}"
+    with pytest.raises(ValueError, match=re.escape(returned)):
         gma_np.gradcheck(fun_, lambda do, x, other: {"x": 2 * x * do, "other": np.zeros(3)},
                          {"x": x, "other": value})
     report = gma_np.gradcheck(fun_, lambda do, x, other: {"x": 2 * x * do}, {"x": x, "other": value})
@@ -242,7 +244,8 @@ def test_what_is_not_a_value_is_a_clear_error(value, why):
 
 
 def test_unknown_wrt_name_and_a_grad_that_is_not_a_dict():
-    with pytest.raises(ValueError, match=re.escape("wrt: 'y' is not a name of `inputs` (they are ['x'])")):
+    unknown = "wrt: 'y' is not a name of `inputs` (they are ['x'])"
+    with pytest.raises(ValueError, match=re.escape(unknown)):
         gma_np.gradcheck(lambda x: x, lambda do, x: {"x": do}, {"x": np.ones(2)}, wrt=["y"])
     with pytest.raises(TypeError, match="grad: expected it to return a dict"):
         gma_np.gradcheck(lambda x: x, lambda do, x: do, {"x": np.ones(2)})
