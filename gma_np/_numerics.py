@@ -64,7 +64,7 @@ EXPANSION_CANCELLATION_BOUND = 2.0
 # error, eps (x2 + m2), against the direct form's eps quad; there no |const| term
 # hides it. A token with an entry where x2 + m2 > BOUND * quad takes its gradient in
 # the direct form (gma_np.ops.routing.log_density_backward). 1 bit, as above.
-GRADIENT_CANCELLATION_BOUND = 2.0
+GRADIENT_CANCELLATION_BOUND = 4.0
 
 # Kernel calls with fewer multiply-adds than this run on one thread
 # (gma_np.ops._threads.threads_for). Waking Numba's thread pool costs tens of

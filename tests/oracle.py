@@ -59,40 +59,47 @@ def _tau(temperature, H):
     return np.broadcast_to(temperature, (H,))
 
 
-def log_density(x, means, log_var, logits):
-    """l (..., H, N, K) = log pi_k - 1/2 sum_j [(x_j - mu_kj)^2 exp(-log_var_kj) + log_var_kj + log 2pi]."""
+def log_density(x, means, log_var, logits, w_rel=0, log_pi_offset=0):
+    """l (..., H, N, K) = log pi_k - 1/2 sum_j [(x_j - mu_kj)^2 exp(-log_var_kj) + log_var_kj + log 2pi].
+
+    w_rel (H, K, d) and log_pi_offset (H, K) perturb exp(-log_var) by a factor 1 + w_rel
+    and log pi by an offset (0: the definition), as a float64 method's rounding of them
+    would: how the tests measure what those roundings alone do to a result."""
     H, K, d = means.shape
     lv = log_var if log_var.ndim == 3 else np.repeat(log_var[:, :, None], d, axis=2)   # (H, K, d)
-    log_pi = logits - _logsumexp(logits, axis=-1)                                      # (H, K)
+    log_pi = logits - _logsumexp(logits, axis=-1) + log_pi_offset                      # (H, K)
+    inv_var = _exp(-lv) * (1 + w_rel)                                                  # (H, K, d)
     diff = x[..., :, None, :] - means[:, None, :, :]                                   # (..., H, N, K, d)
-    quad = (diff * diff * _exp(-lv)[:, None]).sum(-1)                                  # (..., H, N, K)
+    quad = (diff * diff * inv_var[:, None]).sum(-1)                                    # (..., H, N, K)
     return log_pi[:, None, :] - (quad + lv.sum(-1)[:, None, :] + d * mpmath.log(2 * mpmath.pi)) / 2
 
 
-def responsibilities(x, means, log_var, logits, temperature, l_offset=0):
+def responsibilities(x, means, log_var, logits, temperature, l_offset=0, w_rel=0, log_pi_offset=0):
     """r (..., H, N, K) = softmax_k(l / tau) = exp(a - logsumexp_k a), a = l / tau.
 
-    l_offset (..., H, N, K) is added to l (0: the definition): how the tests measure
-    what rounding each log-density once to float64 does to a result."""
-    l = log_density(x, means, log_var, logits) + l_offset
+    l_offset (..., H, N, K) is added to l (0: the definition), as rounding each
+    log-density once to float64 would; w_rel, log_pi_offset: see log_density."""
+    l = log_density(x, means, log_var, logits, w_rel, log_pi_offset) + l_offset
     a = l / _tau(temperature, means.shape[0])[:, None, None]
     return _exp(a - _logsumexp(a, axis=-1))
 
 
-def log_likelihood(x, means, log_var, logits, l_offset=0):
-    """log p(x) (..., H, N) = logsumexp_k l (l_offset as in responsibilities)."""
-    return _logsumexp(log_density(x, means, log_var, logits) + l_offset, axis=-1)[..., 0]
+def log_likelihood(x, means, log_var, logits, l_offset=0, w_rel=0, log_pi_offset=0):
+    """log p(x) (..., H, N) = logsumexp_k l (the offsets as in responsibilities)."""
+    l = log_density(x, means, log_var, logits, w_rel, log_pi_offset) + l_offset
+    return _logsumexp(l, axis=-1)[..., 0]
 
 
 def gma(q, k, v, means, log_var, logits, temperature, *, causal, norm, eps, key_mask=None,
-        l_offset=(0, 0)):
+        l_offset=(0, 0), w_rel=0, log_pi_offset=0):
     """o (B, H, N, e) through the N x N affinity (definition, section 2):
     row O = diag(A 1 + eps)^-1 A V with A = R_Q R~_K^T; slot A = R_Q diag(z + eps)^-1 R~_K^T,
     both times the lower-triangular mask L when causal (z then the prefix sums L R~_K).
-    l_offset: the offsets of the log-densities of q and of k (responsibilities)."""
+    l_offset: the offsets of the log-densities of q and of k; w_rel, log_pi_offset: see
+    log_density."""
     B, H, N, _ = q.shape
-    rq = responsibilities(q, means, log_var, logits, temperature, l_offset[0])          # (B, H, N, K)
-    rk = responsibilities(k, means, log_var, logits, temperature, l_offset[1])
+    rq = responsibilities(q, means, log_var, logits, temperature, l_offset[0], w_rel, log_pi_offset)
+    rk = responsibilities(k, means, log_var, logits, temperature, l_offset[1], w_rel, log_pi_offset)
     if key_mask is not None:
         rk = rk * np.asarray(key_mask, dtype=np.int64)[:, None, :, None]
     L = np.tril(np.ones((N, N), dtype=np.int64)) if causal else np.ones((N, N), dtype=np.int64)

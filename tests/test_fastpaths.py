@@ -84,7 +84,7 @@ def test_cancellation_fallback_is_what_keeps_it_accurate(rng):
     for bound in (EXPANSION_CANCELLATION_BOUND, np.inf):
         g = np.matmul(feats, mix.w_forward)
         _log_density_expanded(g, feats, x, x, 0, mix.means, mix.inv_var_max, mix.m2, mix.const,
-                              mix.inv_var, bound, GRADIENT_CANCELLATION_BOUND, g,
+                              mix.inv_var, bound, GRADIENT_CANCELLATION_BOUND, np.ones(H), g,
                               np.empty(x.shape[:3], dtype=np.uint8))
         errs[bound] = np.max(np.abs(g - naive) / scale)
     assert errs[EXPANSION_CANCELLATION_BOUND] <= 1e-13, errs
@@ -116,14 +116,15 @@ def test_gemm_log_density_backward_matches_direct(rng, covariance, monkeypatch):
     x = points_near_components(rng, means, log_var, N)
     mix = routing.prepare_mixture(means, log_var, logits)
     dl = rng.standard_normal((2, H, N, K))
-    dx, grads, dl_dot_l = routing.log_density_backward(dl, x, mix, np.float64)
+    l = log_density_naive(x, means, log_var, logits)
+    shift = l.max(axis=-1)                                         # (2, H, N)
+    dx, grads, dl_dot = routing.log_density_backward(dl, x, mix, np.float64, shift=shift)
     dx_ref, grads_ref = routing.log_density_backward_direct(dl, x, mix)
     assert_close("dx", dx, dx_ref, 1e-12)
     for name in grads_ref:
         assert_close(name, grads[name], grads_ref[name], 1e-11)
-    # the identity behind the temperature gradient: sum dl * l from the GEMM sums
-    l = log_density_naive(x, means, log_var, logits)
-    assert_close("sum dl*l", dl_dot_l, (dl * l).sum(axis=(0, 2, 3)), 1e-12)
+    # the sum behind the temperature gradient, entry by entry from l recomputed
+    assert_close("sum dl*(l - max l)", dl_dot, (dl * (l - shift[..., None])).sum(axis=(0, 2, 3)), 1e-12)
 
 
 @pytest.mark.parametrize("norm", ["row", "slot"])

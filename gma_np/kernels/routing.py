@@ -10,14 +10,18 @@ as ordinary Python, so a student can step through them in a debugger. They do
 no validation and allocate nothing of size N: the public wrappers in
 gma_np.ops.routing check the arguments and allocate the outputs.
 
-Form of the quadratic term. We compute sum_j (x_j - mu_kj)^2 / sigma2_kj in the
-*direct* form, one (x - mu) difference at a time, accumulated in float64, and
-not with the matmul expansion x^2 @ (1/sigma2) - 2 x @ (mu/sigma2) + mu^2/sigma2.
-The expansion subtracts terms of size |x|^2/sigma2 to get a result of size
-|x - mu|^2/sigma2: when points sit near their components but far from the
-origin (or variances are tiny) it cancels catastrophically, and in float32 the
-responsibilities can be wrong in the first digit. The direct form is exact to
-a few ulps of the result whatever the offset (docs/numerics.md).
+Form of the quadratic term. sum_j (x_j - mu_kj)^2 / sigma2_kj has two forms here.
+The *direct* form (_log_density_forward, _log_density_backward) takes one
+(x - mu) difference at a time, accumulated in float64: it is exact to a few ulps
+of its terms whatever the offset, and it is the naive path the fast one is
+checked against. The fast path (the second half of this file, driven by
+gma_np.ops.routing) uses the matmul expansion on points centred at the mean of
+their head's means, x'^2 @ (1/sigma2) - 2 x' @ (mu'/sigma2) + mu'^2/sigma2, as
+float64 GEMMs. The expansion subtracts terms of size |x'|^2/sigma2 to get a
+result of size |x - mu|^2/sigma2, so where a point sits close to a mean far from
+the centre (or variances are tiny) it cancels; the fast kernels bound that loss
+entry by entry and take the direct form wherever it would exceed one bit, for
+the log-densities and for the gradients alike (docs/numerics.md, section 2).
 """
 
 import numpy as np
@@ -99,12 +103,13 @@ def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
 #     g = F @ [-2 (mu' inv_var)^T ; inv_var^T]   = x2 - 2 cross          (N, K)
 # with x2 = x'^2 @ inv_var^T, cross = x' @ (mu' inv_var)^T, and then
 #     quad = g + m2,  m2[k] = sum_j mu'_kj^2 inv_var_kj                  (the matmul expansion)
-# The kernels below finish the job row by row, in one pass over memory. The four
-# that run once per block of ROUTING_BLOCK tokens (_features, _log_density_expanded,
-# _softmax_rows_forward, _dx_from_gemm) are serial: a block is small, and launching Numba's thread pool
-# once per block (hundreds of times per call) cost more than it gained: measured on
-# the loaded 2-core machine, causal fwd+bwd at N=8192 took 11 s with 2 threads
-# against 0.5 s with 1 (docs/performance.md). Their `prange` is then a plain range.
+# The kernels below finish the job row by row, in one pass over memory. Those that
+# run once per block of ROUTING_BLOCK tokens (_features, _log_density_expanded,
+# _softmax_rows_forward, _dx_from_gemm, _log_density_backward_rows, _dl_dot_shifted_l)
+# are serial: a block is small, and waking Numba's thread pool once per block
+# (hundreds of times per call) costs more than it gains (on a loaded 2-core machine,
+# causal fwd+bwd at N=8192: 11 s with 2 threads against 0.5 s with 1;
+# docs/performance.md). Their `prange` is then a plain range.
 # They release the GIL (nogil): gma_np.ops.routing runs two streams of blocks on two
 # Python threads when Numba is given more than one thread.
 # ---------------------------------------------------------------------------------------
@@ -133,7 +138,7 @@ def _features(x, center, n0, out):
 
 @njit(cache=True, nogil=True)
 def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, inv_var, bound,
-                          grad_bound, out, direct_rows):
+                          grad_bound, inv_tau, out, direct_rows):
     """l[p,h,n,k] = const[h,k] - 1/2 quad, quad = g + m2 or, where that cancels, directly,
     for the block of tokens n0 .. n0 + nb - 1 (out holds the block: row n is token n0 + n).
 
@@ -151,9 +156,11 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
     (docs/numerics.md, section 2).
 
     The backward's GEMMs expand the same way (dx = dl @ (mu' inv_var) - x' (dl @ inv_var),
-    dquad from dl^T x'^2 - 2 mu' dl^T x' + mu'^2 sum dl) and lose digits where quad is
-    small against size, whatever const is: a token with an entry where
-        size > grad_bound * quad
+    dquad from dl^T x'^2 - 2 mu' dl^T x' + mu'^2 sum dl), with an error of about
+    eps_64 size |dl|. The direct form's gradient carries the rounding of l through
+    dl = r (dr - r . dr) / tau: about eps_64 |l| / tau relative, times quad |dl|
+    (and quad |dl| alone for its own sums). A token with an entry where
+        size > grad_bound * quad * max(1, |l| / tau)
     is marked in direct_rows, and _log_density_backward_rows takes its gradient in
     the direct form.
 
@@ -169,6 +176,7 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
     inv_var      (H, K, d)      float64
     bound        float          gma_np._numerics.EXPANSION_CANCELLATION_BOUND
     grad_bound   float          gma_np._numerics.GRADIENT_CANCELLATION_BOUND
+    inv_tau      (H,)           float64 1 / tau (ones for the log-likelihood)
     out          (P, H, nb, K)   float64, written (may be `g` itself)
     direct_rows  (P, H, N)       uint8, rows n0 .. n0 + nb - 1 written: 1 for a token whose
                                 gradient the backward takes in the direct form, else 0
@@ -228,8 +236,8 @@ def _dx_from_gemm(g, feats, n0, direct_rows, dx):
 
 
 @njit(cache=True, nogil=True)
-def _log_density_backward_rows(dl, xa, xb, n0, means, inv_var, direct_rows, dx, dmeans, dquad,
-                               dl_sum):
+def _log_density_backward_rows(dl, xa, xb, n0, means, inv_var, const, shift, direct_rows, dx,
+                               dmeans, dquad, dl_sum, dl_dot):
     """The direct-form backward (_log_density_backward) of the marked tokens of one block,
     and their rows of dl set to 0, so that the GEMMs that follow leave them out.
 
@@ -239,26 +247,33 @@ def _log_density_backward_rows(dl, xa, xb, n0, means, inv_var, direct_rows, dx, 
         dmeans[k, j] += sum over the marked n of dl[n, k] w[k, j]
         dquad[k, j]  += 1/2 sum over the marked n of dl[n, k] (x[n, j] - mu[k, j]) w[k, j]
         dl_sum[k]    += sum over the marked n of dl[n, k]
+        dl_dot       += sum over the marked n of sum_k dl[n, k] (l[n, k] - shift[n])
+                        (l = const - quad / 2 in the direct form; see _dl_dot_shifted_l)
 
     dl           (P, H, nb, K)  float64 block of dl; marked rows zeroed
     xa, xb       the points as passed, as in _log_density_expanded
     n0           int            first token of the block
     means        (H, K, d)      float64
     inv_var      (H, K, d)      float64
+    const        (H, K)         float64
+    shift        (P, H, N)      float64 max_k l, from _softmax_rows_forward
     direct_rows  (P, H, N)      uint8
     dx           (P, H, N, d)   float32 or float64, the marked rows written
     dmeans, dquad (H, K, d)     float64, accumulated
     dl_sum       (H, K)         float64, accumulated
+    dl_dot       (H,)           float64, accumulated
     """
     P, H, nb, K = dl.shape
     d = means.shape[2]
     Pa = xa.shape[0]
+    quad = np.empty(K)
     for ph in prange(P * H):
         p = ph // H
         h = ph % H
         for n in range(nb):
             if not direct_rows[p, h, n0 + n]:
                 continue
+            quad[:] = 0.0
             for j in range(d):
                 xj = xa[p, h, n0 + n, j] if p < Pa else xb[p - Pa, h, n0 + n, j]
                 acc = 0.0
@@ -269,10 +284,14 @@ def _log_density_backward_rows(dl, xa, xb, n0, means, inv_var, direct_rows, dx, 
                     acc -= c * w
                     dmeans[h, k, j] += c * w
                     dquad[h, k, j] += 0.5 * c * diff * w
+                    quad[k] += diff * w
                 dx[p, h, n0 + n, j] = acc
+            dot = 0.0
             for k in range(K):
+                dot += dl[p, h, n, k] * (const[h, k] - 0.5 * quad[k] - shift[p, h, n0 + n])
                 dl_sum[h, k] += dl[p, h, n, k]
                 dl[p, h, n, k] = 0.0
+            dl_dot[h] += dot
 
 
 @njit(cache=True, nogil=True)
@@ -316,43 +335,69 @@ def _softmax_rows_forward(l, inv_tau, n0, r, shift):
 
 
 @njit(cache=True, parallel=True)
-def _softmax_rows_backward(dr, r, inv_tau, shift, dl, dl_shift):
-    """Backward of _softmax_rows_forward: dl = d/dl of sum(r * dr), and a correction of dtau.
+def _softmax_rows_backward(dr, r, inv_tau, dl):
+    """Backward of _softmax_rows_forward: dl = d/dl of sum(r * dr).
 
     In the forward pass this was r = softmax_k(a), a = l / tau, so
         da = r * (dr - sum_k r dr)                       (softmax Jacobian)
         dl = da / tau
-    The temperature gradient is -sum da * a / tau = -sum dl * l / tau, which
-    the wrapper takes from the GEMM sums of the log-density backward (neither
-    l nor log r is stored). In exact arithmetic sum_k dl_nk = 0, so any
-    per-row constant c_n may be taken out of l; in floating point the stored
-    dl (rounded to its dtype) leaves a residue rho_n = sum_k dl_nk that the
-    large common part of l (hundreds and more far from the mixture) would
-    multiply. So the kernel returns, per (p, h),
-        dl_shift = sum_n rho_n c_n,   c_n = shift[n] = max_k l_nk,
-    and the wrapper uses sum dl (l - c) = sum dl l - dl_shift: the rows then
-    have their maximum at 0, as in the log r form, computed from the very dl
-    values that were stored (docs/derivations.md, section 2).
+    The temperature gradient, -sum da * a / tau = -sum dl (l - c) / tau for any
+    per-row c, is summed entry by entry with l recomputed block by block in the
+    log-density backward (_dl_dot_shifted_l).
 
     dr, r     (P, H, N, K)  float32 or float64 (one dtype), read in float64
     inv_tau   (H,)          float64
-    shift     (P, H, N)     float64 max_k l, from _softmax_rows_forward
     dl        (P, H, N, K)  dtype of dr, written (may be `dr` itself)
-    dl_shift  (P, H)        float64, written
     """
     P, H, N, K = dr.shape
     for ph in prange(P * H):
         p = ph // H
         h = ph % H
         s = inv_tau[h]
-        acc = 0.0
         for n in range(N):
             dot = 0.0
             for k in range(K):
                 dot += np.float64(r[p, h, n, k]) * np.float64(dr[p, h, n, k])
-            rho = 0.0
             for k in range(K):
                 dl[p, h, n, k] = np.float64(r[p, h, n, k]) * (np.float64(dr[p, h, n, k]) - dot) * s
-                rho += np.float64(dl[p, h, n, k])            # the value as stored
-            acc += rho * shift[p, h, n]
-        dl_shift[p, h] = acc
+
+
+@njit(cache=True, nogil=True)
+def _dl_dot_shifted_l(dl, g, feats, const, m2, shift, n0, out):
+    """out[h] += sum_{p, n, k} dl[p,h,n,k] (l[p,h,n,k] - shift[p,h,n0+n]) for one block of
+    tokens, row by row from the backward GEMM of the block: the sum behind the
+    temperature gradient, -sum dl (l - c) / tau (route_backward).
+
+    With g = dl @ [mu' inv_var | inv_var] (the GEMM of dx) and l = const - quad / 2,
+        sum_k dl_k quad_k = sum_j (x'_j^2 g[d + j] - 2 x'_j g[j]) + sum_k dl_k m2_k
+    per token, so that
+        sum_k dl_k (l_k - c) = sum_k dl_k (const_k - c) - 1/2 sum_k dl_k quad_k,
+    c = shift = max_k l_k. Summed token by token, not from the sums over the tokens
+    (sum_k const_k sum_n dl - sum dquad): those would cancel the common part of l
+    across tokens, which is large far from the mixture (hundreds and more), where each
+    token's own sum loses no more than its rounding of l.
+
+    dl     (P, H, nb, K)   float64 block of dl, as stored
+    g      (P, H, nb, 2d)  float64 dl @ [mu' inv_var | inv_var]
+    feats  (P, H, nb, 2d)  float64 [x', x'^2] of the block
+    const, m2 (H, K)       float64
+    shift  (P, H, N)       float64 max_k l, from _softmax_rows_forward
+    n0     int             first token of the block
+    out    (H,)            float64, accumulated
+    """
+    P, H, nb, K = dl.shape
+    d = feats.shape[3] // 2
+    for ph in prange(P * H):
+        p = ph // H
+        h = ph % H
+        acc = 0.0
+        for n in range(nb):
+            c = shift[p, h, n0 + n]
+            lin = 0.0                                  # sum_k dl_k (const_k - c - m2_k / 2)
+            for k in range(K):
+                lin += dl[p, h, n, k] * (const[h, k] - c - 0.5 * m2[h, k])
+            sq = 0.0                                   # sum_j x'_j^2 g[d + j] - 2 x'_j g[j]
+            for j in range(d):
+                sq += feats[p, h, n, d + j] * g[p, h, n, d + j] - 2.0 * feats[p, h, n, j] * g[p, h, n, j]
+            acc += lin - 0.5 * sq
+        out[h] += acc

@@ -9,7 +9,7 @@ Forward, per sequence (R_Q = r(q), R~_K = key_mask * r(k)):
     read    row:  O_i = (R_Q[i] S) / (R_Q[i] . z + eps)
             slot: O_i = sum_k R_Q[i,k] S[k] / (z[k] + eps)
 
-Backward (docs/derivations.md, section 2), the same for both norms once the read
+Backward (docs/derivations.md, sections 4 to 6 and 8), the same for both norms once the read
 is summarised by, per query i, the gradient of its routing dR_Q[i] and the two
 pieces of the gradient of the memory it read, dS_i = outer(c_i, dO_i), dz_i:
 

@@ -9,15 +9,16 @@ Each head h owns a diagonal Gaussian mixture (definition, section 1):
     r_k(x) = softmax_k( l_k(x) / tau )               responsibilities
     log p(x) = logsumexp_k l_k(x)                    log-likelihood (no tau)
 
-Backward (docs/derivations.md, section 1). With a = l / tau and r = softmax(a):
+Backward (docs/derivations.md, sections 1 to 3). With a = l / tau and r = softmax(a):
 
     da = r * (dr - sum_k r dr)                       softmax Jacobian, row by row
     dl = da / tau
-    dtau = -sum da * a / tau = -sum da * log r / tau (sum_k da = 0, so any shift of a per row is free)
+    dtau = -sum da * a / tau = -sum dl (l - c) / tau (sum_k da = 0, so any shift c of l
+                                                      per row is free; c = max_k l)
     dlogits = dlog_pi - pi * sum_k dlog_pi,   dlog_pi = sum_n dl
 and dl flows into x, means and log_var through the quadratic term.
 
-Fast path (docs/performance.md). The quadratic term is computed by GEMMs on
+Fast path (docs/numerics.md, section 2). The quadratic term is computed by GEMMs on
 points centred at the mean c of their head's means, x' = x - c, mu' = mu - c
 (the term is unchanged by the shift, and the shift is what keeps the expansion
 from cancelling for data far from the origin):
@@ -25,15 +26,18 @@ from cancelling for data far from the origin):
     sum_j (x'_j - mu'_kj)^2 inv_var_kj = x'^2 @ inv_var^T - 2 x' @ (mu' inv_var)^T + m2
 
 in float64 whatever the dtype of x, as ONE GEMM [x', x'^2] @ [-2 (mu' inv_var)^T ;
-inv_var^T]; a fused Numba pass adds the terms and recomputes directly the rare
-entries where the expansion could lose more than 4 bits
-(gma_np._numerics.EXPANSION_CANCELLATION_BOUND), and a second one takes the
-row softmax with the algorithm of scipy.special.softmax (_softmax_rows_forward).
-The backward is one fused pass and two more GEMMs, dl @ [mu' inv_var | inv_var]
-and dl^T @ [x', x'^2]. No (N, K, d) array is ever formed, and a stream of
-blocks reuses its scratch arrays from block to block. The direct-form kernels
-(log_density_direct, log_density_backward_direct) are kept as the naive path
-the fast one is checked against (tests/test_fastpaths.py).
+inv_var^T]; a fused Numba pass adds the terms and recomputes directly the
+entries where the expansion could lose more than 1 bit against the direct form
+(gma_np._numerics.EXPANSION_CANCELLATION_BOUND), marks the tokens whose gradient
+would (GRADIENT_CANCELLATION_BOUND), and a second pass takes the row softmax with
+the algorithm of scipy.special.softmax (_softmax_rows_forward). The backward is
+two GEMMs per block, dl @ [mu' inv_var | inv_var] and dl^T @ [x', x'^2], for the
+unmarked tokens, the direct form for the marked ones, and the temperature's sum
+token by token. No (N, K, d) array is ever formed, and a stream of blocks reuses
+its scratch arrays from block to block. The direct-form kernels
+(log_density_direct, log_density_backward_direct, route_forward_direct,
+route_backward_direct) are kept as the naive path the fast one is checked
+against (tests/test_fastpaths.py, and against 60 digits in tests/test_regimes.py).
 
 Every log-sum-exp (log pi, the log-likelihood) is scipy.special.logsumexp; the
 responsibilities are a softmax, which takes no log (docs/numerics.md).
@@ -63,6 +67,7 @@ from gma_np.kernels.routing import (
     _features,
     _log_density_expanded,
     _log_density_forward,
+    _dl_dot_shifted_l,
     _softmax_rows_backward,
     _softmax_rows_forward,
 )
@@ -195,6 +200,7 @@ def _route_blocks(x_parts, mix, inv_tau, r, direct_rows, shift=None):
     P, H, N, K = r.shape
     d = xa.shape[3]
     blocks = list(_blocks(N))
+    tau_scale = np.ones(H) if inv_tau is None else inv_tau           # (H,) for the marks
 
     def stream(s):                                                 # blocks s, s + S, s + 2S, ...
         feats_buf, g_buf = _block_buffers(P, H, N, (2 * d, K))
@@ -204,7 +210,7 @@ def _route_blocks(x_parts, mix, inv_tau, r, direct_rows, shift=None):
             # g += m2, -1/2, + const, and the direct form where the expansion cancels: g = l
             _log_density_expanded(g, feats, xa, xb, n0, mix.means, mix.inv_var_max, mix.m2,
                                   mix.const, mix.inv_var, EXPANSION_CANCELLATION_BOUND,
-                                  GRADIENT_CANCELLATION_BOUND, g, direct_rows)
+                                  GRADIENT_CANCELLATION_BOUND, tau_scale, g, direct_rows)
             if inv_tau is None:
                 r[:, :, n0:n1] = g
             else:
@@ -261,13 +267,14 @@ def _mixture_grads(dl_sum, dmeans, dquad, mix):
             zip(("means", "log_var", "logits"), (dmeans, dlog_var, dlogits), mix.dtypes)}
 
 
-def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None):
+def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=None):
     """Gradients of sum(l * dl) for l = log_density(x_parts, mix), by two GEMMs per block.
 
-    dl (P, H, N, K) float64. Returns (dx (P, H, N, d) in dx_dtype, a dict with
-    "means", "log_var", "logits" in the shapes and dtypes that were passed, and
-    sum_{n,k} dl * l per head (H,), which is what the temperature gradient
-    needs). In the forward pass this was
+    dl (P, H, N, K), float32 or float64. Returns (dx (P, H, N, d) in dx_dtype, a
+    dict with "means", "log_var", "logits" in the shapes and dtypes that were
+    passed, and, given the row maxima shift (P, H, N) of l, the sum
+    sum_{n,k} dl (l - shift) per head (H,) that the temperature gradient needs,
+    else None). In the forward pass this was
         l = const - 1/2 (x'^2 @ inv_var^T - 2 x' @ (mu' inv_var)^T + m2)
     so, with the sums over n taken as GEMMs dl^T @ [x', x'^2] (block by block,
     the blocks summed in float64):
@@ -275,7 +282,6 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None):
         dmeans = inv_var * (dl^T x' - mu' sum_n dl)
         dquad  = 1/2 inv_var * (dl^T x'^2 - 2 mu' dl^T x' + mu'^2 sum_n dl)
                = 1/2 sum_n dl (x' - mu')^2 inv_var
-        sum_{n,k} dl l = sum_k const_k sum_n dl_k - sum_{k,j} dquad_kj
     (d/dx = d/dx', and the centre is a constant of the parameters' own chain:
     the quadratic term does not depend on it, so no gradient flows through it).
 
@@ -283,6 +289,12 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None):
     far from the centre: the tokens the forward marked in direct_rows (P, H, N)
     uint8 (or None: no token) are left out of the GEMMs and take the direct form
     instead (_log_density_backward_rows), and their sums are added to the GEMMs'.
+
+    The sum for the temperature is taken token by token from the GEMM of dx
+    (_dl_dot_shifted_l): the same sum from the sums over the tokens,
+    sum_k const_k sum_n dl - sum dquad, would cancel the common part of l across
+    tokens, which is large far from the mixture, and lose the digits that the direct
+    form keeps.
     """
     x_parts = _parts(x_parts)
     xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
@@ -293,12 +305,14 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None):
     any_direct = direct_rows is not None and direct_rows.any()
     if not any_direct:
         direct_rows = np.zeros((P, H, N), dtype=np.uint8)
+    row_max = np.zeros((P, H, N)) if shift is None else shift      # (P, H, N)
 
     def stream(s):                                                 # blocks s, s + S, s + 2S, ...
         dl_f = np.zeros((H, K, 2 * d), dtype=ACCUM_DTYPE)          # dl^T @ [x', x'^2], summed
         dl_sum = np.zeros((H, K), dtype=ACCUM_DTYPE)               # sum_{p,n} dl, GEMM tokens
         # dmeans, dquad (H, K, d) and sum_{p,n} dl (H, K) of the direct tokens, summed
         direct = (np.zeros((H, K, d)), np.zeros((H, K, d)), np.zeros((H, K)))
+        dl_dot = np.zeros(H)                                       # sum dl (l - shift), summed
         feats_buf, g_buf, dl_buf = _block_buffers(P, H, N, (2 * d, 2 * d, K))
         for n0, n1 in blocks[s::BLOCK_STREAMS]:
             nb = n1 - n0
@@ -306,27 +320,29 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None):
             dl_b = dl_buf[:, :, :nb]                               # (P, H, nb, K) float64
             dl_b[...] = dl[:, :, n0:n1]
             if any_direct:                                         # direct tokens; their dl_b rows -> 0
-                _log_density_backward_rows(dl_b, xa, xb, n0, mix.means, mix.inv_var, direct_rows,
-                                           dx, *direct)
+                _log_density_backward_rows(dl_b, xa, xb, n0, mix.means, mix.inv_var, mix.const,
+                                           row_max, direct_rows, dx, *direct, dl_dot)
             g = np.matmul(dl_b, mix.w_backward, out=g_buf[:, :, :nb])   # 'phnk,hkf->phnf'
             _dx_from_gemm(g, feats, n0, direct_rows, dx)           # dx = g[:d] - x' * g[d:]
+            if shift is not None:                                  # sum dl (l - shift), token by token
+                _dl_dot_shifted_l(dl_b, g, feats, mix.const, mix.m2, shift, n0, dl_dot)
             for p in range(P):                                     # 'phnk,phnf->hkf', one p at a
                 dl_f += np.matmul(dl_b[p].transpose(0, 2, 1), feats[p])   # time: no (P, H, K, 2d)
             dl_sum += dl_b.sum(axis=(0, 2))
-        return dl_f, dl_sum, direct
+        return dl_f, dl_sum, direct, dl_dot
 
     with blas_single_thread():                                     # small GEMMs: see _threads
         partial = run_streams(stream, BLOCK_STREAMS)
-    dl_f = sum_in_order([f for f, _, _ in partial])                # (H, K, 2d)
-    dl_sum = sum_in_order([t for _, t, _ in partial])              # (H, K)
+    dl_f = sum_in_order([t[0] for t in partial])                   # (H, K, 2d)
+    dl_sum = sum_in_order([t[1] for t in partial])                 # (H, K)
     dmeans_d, dquad_d, dl_sum_d = (sum_in_order([t[2][i] for t in partial]) for i in range(3))
     dl_x, dl_x2 = dl_f[..., :d], dl_f[..., d:]
     mu, inv_var = mix.means_c, mix.inv_var
     dmeans = inv_var * (dl_x - mu * dl_sum[:, :, None]) + dmeans_d
     dquad = 0.5 * inv_var * (dl_x2 - 2.0 * mu * dl_x + mu * mu * dl_sum[:, :, None]) + dquad_d
     dl_sum = dl_sum + dl_sum_d                                     # all tokens
-    dl_dot_l = (mix.const * dl_sum).sum(-1) - dquad.sum(axis=(1, 2))   # (H,)
-    return dx, _mixture_grads(dl_sum, dmeans, dquad, mix), dl_dot_l
+    dl_dot = sum_in_order([t[3] for t in partial]) if shift is not None else None   # (H,)
+    return dx, _mixture_grads(dl_sum, dmeans, dquad, mix), dl_dot
 
 
 @dataclass
@@ -382,15 +398,14 @@ def route_backward(dr, cache, overwrite_dr=False):
     With overwrite_dr, dr is used as the buffer of dl (the caller's scratch).
     """
     dl = dr if overwrite_dr else np.empty_like(dr)
-    dl_shift = np.empty(dr.shape[:2], dtype=ACCUM_DTYPE)           # (P, H)
     with threads_for(_work(cache.x_parts, cache.mix)):
         # in the forward pass this was: r = softmax_k(a), a = l / tau
-        _softmax_rows_backward(dr, cache.r, 1.0 / cache.tau, cache.shift, dl, dl_shift)
-        dx, grads, dl_dot_l = log_density_backward(dl, cache.x_parts, cache.mix, cache.x_dtype,
-                                                   cache.direct_rows)
-    # dtau = -sum da * a / tau = -sum dl * (l - c) / tau   (da = tau dl, a = l / tau; any
-    # per-row c, here the row maximum of l, since sum_k dl = 0: _softmax_rows_backward)
-    dtau = -(dl_dot_l - dl_shift.sum(axis=0)) / cache.tau          # (H,)
+        _softmax_rows_backward(dr, cache.r, 1.0 / cache.tau, dl)
+        dx, grads, dl_dot = log_density_backward(dl, cache.x_parts, cache.mix, cache.x_dtype,
+                                                 cache.direct_rows, cache.shift)
+    # dtau = -sum da * a / tau = -sum dl (l - c) / tau   (da = tau dl, a = l / tau; any
+    # per-row c, here the row maximum of l, since sum_k dl = 0)
+    dtau = -dl_dot / cache.tau                                     # (H,)
     grads["temperature"] = (dtau.astype(cache.tau_dtype) if cache.tau_per_head
                             else float(dtau.sum()))
     grads["x"] = dx
@@ -420,8 +435,7 @@ def route_backward_direct(dr, cache, overwrite_dr=False):
     summed entry by entry from l recomputed directly (c = max_k l, as in route_backward)."""
     x4 = cache.x_parts[0]
     dl = np.empty(dr.shape, dtype=ACCUM_DTYPE)                     # (P, H, N, K)
-    dl_shift = np.empty(dr.shape[:2], dtype=ACCUM_DTYPE)
-    _softmax_rows_backward(dr, cache.r, 1.0 / cache.tau, cache.shift, dl, dl_shift)
+    _softmax_rows_backward(dr, cache.r, 1.0 / cache.tau, dl)
     dx, grads = log_density_backward_direct(dl, x4, cache.mix)
     l = log_density_direct(x4, cache.mix)
     dtau = -(dl * (l - cache.shift[..., None])).sum(axis=(0, 2, 3)) / cache.tau   # (H,)
