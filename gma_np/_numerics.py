@@ -62,8 +62,12 @@ EXPANSION_CANCELLATION_BOUND = 2.0
 # The backward's GEMMs expand the same sums (dx = dl @ (mu' inv_var) - x' (dl @ inv_var),
 # and dl^T x'^2 - 2 mu' dl^T x' + mu'^2 sum dl for the log-variances), with the same
 # error, eps (x2 + m2), against the direct form's eps quad; there no |const| term
-# hides it. A token with an entry where x2 + m2 > BOUND * quad takes its gradient in
-# the direct form (gma_np.ops.routing.log_density_backward). 1 bit, as above.
+# hides it. A token with an entry where |x'|^2 max_j inv_var + m2 > BOUND * quad takes
+# its gradient in the direct form (gma_np.ops.routing.log_density_backward). The
+# left side bounds x2 + m2 from above, by about 2x on data near its mixture (the
+# largest inverse variance against their mean), so 4 is about 1 bit of x2 + m2 against
+# quad: at 2, 93% of the tokens of the benchmark's problems (bench_gma.py) were
+# marked for no cancellation; at 4, none, and tests/test_regimes.py holds.
 GRADIENT_CANCELLATION_BOUND = 4.0
 
 # Kernel calls with fewer multiply-adds than this run on one thread
