@@ -3,6 +3,16 @@
 Every public function checks its arguments here before any kernel sees them,
 so that bad input gets an error naming the argument, what was expected and
 what came, never a Numba typing traceback and never a silent wrong answer.
+
+Which exception (docs/numerics.md, section 8):
+
+- TypeError: the wrong kind of object (an integer array, a dict for a cache).
+- ValueError: a value invalid on its face, whatever the arithmetic: a wrong
+  shape, NaN or inf, a temperature <= 0, eps < 0.
+- FloatingPointError: a valid value that float64 cannot carry through the
+  computation: exp(-log_var) or a log-density that overflows, 1 / tau that
+  overflows, eps = 0 on an empty memory. Raised where the non-finite
+  intermediate arises, naming the argument it comes from and the cause.
 """
 
 import numbers
@@ -43,6 +53,20 @@ def float_array(name, x, ndim=None, min_ndim=None):
             f"{name}: expected at least {min_ndim} dimensions, got shape {x.shape}")
     check_finite(name, x)
     return np.ascontiguousarray(x)
+
+
+def first_nonfinite(x):
+    """The index (a tuple) of the first NaN or inf entry of x, or None."""
+    bad = np.flatnonzero(~np.isfinite(x))
+    return None if bad.size == 0 else tuple(int(i) for i in np.unravel_index(bad[0], np.shape(x)))
+
+
+def cache(name, value, expected_type, made_by):
+    """Raise TypeError unless value is an instance of expected_type (what made_by returns)."""
+    if not isinstance(value, expected_type):
+        raise TypeError(
+            f"{name}: expected the {expected_type.__name__} that {made_by} returns, "
+            f"got {'None' if value is None else type(value).__name__}")
 
 
 def check_finite(name, x):
@@ -116,6 +140,12 @@ def temperature(tau, H):
             f"temperature: expected a positive float or an array of shape ({H},), got {_describe(tau)}")
     if not np.isfinite(arr).all() or (arr <= 0).any():
         raise ValueError(f"temperature: expected finite values > 0, got {tau!r}")
+    with np.errstate(over="ignore", divide="ignore"):
+        inverse = 1.0 / arr
+    if not np.isfinite(inverse).all():
+        raise FloatingPointError(
+            f"temperature: 1 / tau overflows float64 for tau = {float(arr[~np.isfinite(inverse)][0])!r} "
+            f"(the log-densities are divided by tau): expected tau >= {1.0 / np.finfo(np.float64).max:.3g}")
     return arr, per_head
 
 

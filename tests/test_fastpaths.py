@@ -84,7 +84,7 @@ def test_cancellation_fallback_is_what_keeps_it_accurate(rng):
     for bound in (EXPANSION_CANCELLATION_BOUND, np.inf):
         g = np.matmul(feats, mix.w_forward)
         _log_density_expanded(g, feats, x, x, 0, mix.means, mix.inv_var_max, mix.m2, mix.const,
-                              mix.inv_var, bound, GRADIENT_CANCELLATION_BOUND, np.ones(H), g,
+                              mix.inv_var, bound, GRADIENT_CANCELLATION_BOUND, g,
                               np.empty(x.shape[:3], dtype=np.uint8))
         errs[bound] = np.max(np.abs(g - naive) / scale)
     assert errs[EXPANSION_CANCELLATION_BOUND] <= 1e-13, errs

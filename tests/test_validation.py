@@ -111,3 +111,189 @@ def test_float32_inputs_with_float64_parameters_are_fine(problem):
     q, k, v = (problem[n].astype(np.float32) for n in ("q", "k", "v"))
     o = gma_np.gma(q, k, v, problem["means"], problem["log_var"], problem["logits"])
     assert o.dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite intermediates: a FloatingPointError naming the argument and the cause, where
+# the intermediate arises; never a NaN answer, a NumPy warning, or blame on eps.
+# ---------------------------------------------------------------------------------------
+
+def _no_warnings(fn):
+    """fn() with every NumPy warning turned into an error: none may leak."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn()
+
+
+def _mixture_of(problem, **changes):
+    return {n: changes.get(n, problem[n]) for n in ("means", "log_var", "logits")}
+
+
+def _tiny_log_var(problem):
+    log_var = problem["log_var"].copy()
+    log_var[1, 2, 0] = -800.0                                      # exp(800) = inf
+    return log_var
+
+
+OVERFLOW_MESSAGE = {
+    "log_var": r"log_var: the inverse variance exp\(-log_var\) overflows float64 at index \(1, 2, 0\) "
+               r"\(log_var = -800.0\); expected log_var > -709.78",
+    "q": r"q: the log-density of the point at \(b, h, n\) = \(0, 0, 0\) overflows float64 for every "
+         r"component: sum_j \(x_j - mu_kj\)\^2 / sigma2_kj > 1.8e\+308",
+    "x": r"x: the log-density of the point at \(p, h, n\) \(p: the leading axes flattened\) = "
+         r"\(0, 0, 0\) overflows float64 for every component",
+}
+
+
+def test_responsibilities_with_an_overflowing_inverse_variance(problem):
+    mix = _mixture_of(problem, log_var=_tiny_log_var(problem))
+    x = problem["q"][0]
+    for fn in (gma_np.responsibilities, gma_np.log_likelihood):
+        with pytest.raises(FloatingPointError, match=OVERFLOW_MESSAGE["log_var"]):
+            _no_warnings(lambda: fn(x, **mix))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_gma_with_an_overflowing_inverse_variance_blames_log_var_not_eps(problem, causal):
+    args = _with(problem, log_var=_tiny_log_var(problem))
+    with pytest.raises(FloatingPointError, match=OVERFLOW_MESSAGE["log_var"]) as err:
+        _no_warnings(lambda: gma_np.gma(**args, causal=causal))
+    assert "eps" not in str(err.value)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_gma_with_an_overflowing_log_density_blames_q(problem, causal):
+    args = _with(problem, q=problem["q"] * 1e200)                  # (x - mu)^2 = 1e400
+    with pytest.raises(FloatingPointError, match=OVERFLOW_MESSAGE["q"]) as err:
+        _no_warnings(lambda: gma_np.gma(**args, causal=causal))
+    assert "eps" not in str(err.value)
+
+
+def test_routing_with_an_overflowing_log_density_blames_x(problem):
+    mix = _mixture_of(problem)
+    x = problem["q"][0] * 1e200
+    for fn in (gma_np.responsibilities, gma_np.log_likelihood):
+        with pytest.raises(FloatingPointError, match=OVERFLOW_MESSAGE["x"]):
+            _no_warnings(lambda: fn(x, **mix))
+
+
+def test_recurrent_and_step_report_the_same_causes(problem):
+    args = _with(problem, q=problem["q"] * 1e200)
+    with pytest.raises(FloatingPointError, match=OVERFLOW_MESSAGE["q"]):
+        _no_warnings(lambda: gma_np.gma_recurrent(**args))
+    p = _mixture_of(problem, log_var=_tiny_log_var(problem))
+    with pytest.raises(FloatingPointError, match=OVERFLOW_MESSAGE["log_var"]):
+        _no_warnings(lambda: gma_np.gma_step(problem["q"][:, :, 0], problem["k"][:, :, 0],
+                                             problem["v"][:, :, 0], **p))
+    with pytest.raises(FloatingPointError, match=r"q_t: the log-density of the point at \(b, h, n\) = "
+                                                 r"\(0, 0, 0\) overflows float64"):
+        _no_warnings(lambda: gma_np.gma_step(problem["q"][:, :, 0] * 1e200, problem["k"][:, :, 0],
+                                             problem["v"][:, :, 0], **_mixture_of(problem)))
+
+
+MIXTURE_OVERFLOWS = {
+    # name: (changes, message)
+    "means far apart": (lambda p: dict(means=p["means"] * 1e200),
+                        r"means: \(mu - c\)\^2 / sigma\^2 overflows float64 for \(head, component\)"),
+    "logits span": (lambda p: dict(logits=np.tile([1.7e308, -1.7e308, 0.0], (H, 1))),
+                    r"logits: log pi = logits - logsumexp\(logits\) overflows float64 for head 0"),
+    "log_var sum": (lambda p: dict(log_var=np.full((H, K, d), 1e308)),
+                    r"log_var: the log-density constant -1/2 sum_j log_var overflows float64"),
+    "tiny temperature": (lambda p: dict(temperature=1e-320),
+                         r"temperature: 1 / tau overflows float64 for tau = 1e-320"),
+}
+
+
+@pytest.mark.parametrize("case", list(MIXTURE_OVERFLOWS), ids=list(MIXTURE_OVERFLOWS))
+def test_mixture_overflows_name_the_parameter(problem, case):
+    changes, pattern = MIXTURE_OVERFLOWS[case]
+    args = _with(problem, **changes(problem))
+    with pytest.raises(FloatingPointError, match=pattern):
+        _no_warnings(lambda: gma_np.gma(**args))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_an_overflowing_memory_blames_v(problem, causal, norm):
+    args = _with(problem, v=np.full(problem["v"].shape, 1.5e308))  # finite, but sum r v is not
+    with pytest.raises(FloatingPointError, match=r"v: the output of the query at \(p, n\) = .* "
+                                                 r"overflows float64.*\|v\| up to 1.5e\+308") as err:
+        _no_warnings(lambda: gma_np.gma(**args, causal=causal, norm=norm))
+    assert "eps" not in str(err.value)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_eps_zero_on_an_empty_memory_still_names_eps(problem, causal, norm):
+    mask = np.zeros((B, N), dtype=bool)                            # nothing is ever written
+    with pytest.raises(FloatingPointError, match=r"gma: the output is not finite; with eps = 0.0 a "
+                                                 r"query that reads an empty memory \(all keys masked "
+                                                 r"so far\) divides 0 by 0: pass eps > 0"):
+        _no_warnings(lambda: gma_np.gma(**problem, causal=causal, norm=norm, eps=0.0, key_mask=mask))
+
+
+def _huge(shape):
+    """A finite cotangent of entries +-1e308 (alternating), whose backward overflows."""
+    return np.where(np.arange(np.prod(shape)).reshape(shape) % 2, 1e308, -1e308)
+
+
+def test_an_overflowing_backward_blames_the_cotangent(problem):
+    o, cache = gma_np.gma_forward(**problem)
+    with pytest.raises(FloatingPointError, match=r"do: the gradient of \w+ overflows float64 at index "
+                                                 r".*\|do\| up to 1e\+308\): rescale do"):
+        _no_warnings(lambda: gma_np.gma_backward(_huge(o.shape), cache))
+    mix = _mixture_of(problem)
+    r, rcache = gma_np.responsibilities_forward(problem["q"][0], **mix)
+    with pytest.raises(FloatingPointError, match=r"dr: the gradient of \w+ overflows float64"):
+        _no_warnings(lambda: gma_np.responsibilities_backward(_huge(r.shape), rcache))
+    ll, lcache = gma_np.log_likelihood_forward(problem["q"][0], **mix)
+    with pytest.raises(FloatingPointError, match=r"dll: the gradient of \w+ overflows float64"):
+        _no_warnings(lambda: gma_np.log_likelihood_backward(_huge(ll.shape), lcache))
+
+
+def test_ordinary_calls_emit_no_warnings(problem):
+    for causal in (False, True):
+        o, cache = _no_warnings(lambda: gma_np.gma_forward(**problem, causal=causal))
+        _no_warnings(lambda: gma_np.gma_backward(np.ones_like(o), cache))
+
+
+# ---------------------------------------------------------------------------------------
+# A wrong cache or state: a TypeError saying what was expected and what came.
+# ---------------------------------------------------------------------------------------
+
+def test_a_wrong_cache_gets_a_type_error(problem):
+    o, gcache = gma_np.gma_forward(**problem)
+    mix = _mixture_of(problem)
+    r, rcache = gma_np.responsibilities_forward(problem["q"][0], **mix)
+    ll, lcache = gma_np.log_likelihood_forward(problem["q"][0], **mix)
+    expected = {
+        "gma": r"cache: expected the GMACache that gma_forward returns, got {}",
+        "responsibilities": r"cache: expected the RoutingCache that responsibilities_forward returns, got {}",
+        "log_likelihood": r"cache: expected the LogLikelihoodCache that log_likelihood_forward returns, got {}",
+    }
+    calls = {
+        "gma": lambda c: gma_np.gma_backward(np.ones_like(o), c),
+        "responsibilities": lambda c: gma_np.responsibilities_backward(np.ones_like(r), c),
+        "log_likelihood": lambda c: gma_np.log_likelihood_backward(np.ones_like(ll), c),
+    }
+    wrong = {"dict": {}, "None": None, "GMACache": gcache, "RoutingCache": rcache,
+             "LogLikelihoodCache": lcache}
+    right = {"gma": "GMACache", "responsibilities": "RoutingCache", "log_likelihood": "LogLikelihoodCache"}
+    for fn, call in calls.items():
+        for came, cache in wrong.items():
+            if came == right[fn]:
+                continue
+            with pytest.raises(TypeError, match=expected[fn].format(came)):
+                call(cache)
+
+
+@pytest.mark.parametrize("state", [{}, (np.zeros((B, H, K, e)), np.zeros((B, H, K))), "S"],
+                         ids=["dict", "tuple", "str"])
+def test_a_wrong_state_gets_a_type_error(problem, state):
+    came = type(state).__name__
+    with pytest.raises(TypeError, match=rf"state: expected a GMAState \(see init_state\) or None, got {came}"):
+        gma_np.gma_recurrent(**problem, state=state)
+    with pytest.raises(TypeError, match=rf"state: expected a GMAState \(see init_state\) or None, got {came}"):
+        gma_np.gma_step(problem["q"][:, :, 0], problem["k"][:, :, 0], problem["v"][:, :, 0],
+                        **_mixture_of(problem), state=state)

@@ -138,7 +138,7 @@ def _features(x, center, n0, out):
 
 @njit(cache=True, nogil=True)
 def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, inv_var, bound,
-                          grad_bound, inv_tau, out, direct_rows):
+                          grad_bound, out, direct_rows):
     """l[p,h,n,k] = const[h,k] - 1/2 quad, quad = g + m2 or, where that cancels, directly,
     for the block of tokens n0 .. n0 + nb - 1 (out holds the block: row n is token n0 + n).
 
@@ -157,10 +157,9 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
 
     The backward's GEMMs expand the same way (dx = dl @ (mu' inv_var) - x' (dl @ inv_var),
     dquad from dl^T x'^2 - 2 mu' dl^T x' + mu'^2 sum dl), with an error of about
-    eps_64 size |dl|. The direct form's gradient carries the rounding of l through
-    dl = r (dr - r . dr) / tau: about eps_64 |l| / tau relative, times quad |dl|
-    (and quad |dl| alone for its own sums). A token with an entry where
-        size > grad_bound * quad * max(1, |l| / tau)
+    eps_64 size |dl| against the direct form's eps_64 quad |dl|; no const hides it
+    there. A token with an entry where
+        size > grad_bound * quad
     is marked in direct_rows, and _log_density_backward_rows takes its gradient in
     the direct form.
 
@@ -176,7 +175,6 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
     inv_var      (H, K, d)      float64
     bound        float          gma_np._numerics.EXPANSION_CANCELLATION_BOUND
     grad_bound   float          gma_np._numerics.GRADIENT_CANCELLATION_BOUND
-    inv_tau      (H,)           float64 1 / tau (ones for the log-likelihood)
     out          (P, H, nb, K)   float64, written (may be `g` itself)
     direct_rows  (P, H, N)       uint8, rows n0 .. n0 + nb - 1 written: 1 for a token whose
                                 gradient the backward takes in the direct form, else 0
@@ -195,7 +193,9 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
             for k in range(K):
                 quad = g[p, h, n, k] + m2[h, k]
                 size = sq * inv_var_max[h, k] + m2[h, k]
-                if size > bound * max(quad + 2.0 * abs(const[h, k]), 1.0):
+                # not (quad < inf): the features overflowed (NaN or inf); the direct form
+                # gives +inf where the term itself overflows, which the wrappers report
+                if not (quad < np.inf) or size > bound * max(quad + 2.0 * abs(const[h, k]), 1.0):
                     quad = 0.0
                     for j in range(d):
                         xj = xa[p, h, n0 + n, j] if p < Pa else xb[p - Pa, h, n0 + n, j]
@@ -312,7 +312,8 @@ def _softmax_rows_forward(l, inv_tau, n0, r, shift):
     r        (P, H, N, K)   float32 or float64, rows n0 .. n0 + nb - 1 written
     shift    (P, H, N)      float64, rows n0 .. written: m tau = max_k l, the common part
                             of the row that the temperature gradient takes out
-                            (_softmax_rows_backward)
+                            (_dl_dot_shifted_l); NaN for a row whose r is not finite (every
+                            l_k = -inf, or a NaN l_k), which the wrappers report
     """
     P, H, nb, K = l.shape
     for ph in prange(P * H):
@@ -331,7 +332,7 @@ def _softmax_rows_forward(l, inv_tau, n0, r, shift):
             inv_total = 1.0 / total
             for k in range(K):
                 r[p, h, n0 + n, k] = l[p, h, n, k] * inv_total
-            shift[p, h, n0 + n] = m
+            shift[p, h, n0 + n] = m if (m > -np.inf and total < np.inf) else np.nan
 
 
 @njit(cache=True, parallel=True)

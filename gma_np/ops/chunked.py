@@ -265,7 +265,7 @@ def _forward(rq, rk, v, slot, eps, chunk, out):
         b.D = np.empty_like(b.q)
     carry = np.zeros((P, K, ev), ACCUM_DTYPE)                       # (P, K, e') S before the group
     zcarry = np.zeros((P, K), ACCUM_DTYPE)                          # (P, K) slot: z before the group
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         for s, n, g in _groups(N, chunk):
             t = g * chunk
             k = _load(b.k, rk, s, n, t, True)                             # (P, t, K)
@@ -305,7 +305,7 @@ def _backward(rq, rk, v, do, slot, eps, chunk, drq, drk, dv):
     carry = np.zeros((P, K, ev), f)        # (P, K, e') S before the group (pass 1), Gx after it (pass 2)
     zcarry = np.zeros((P, K), f)           # (P, K)     slot: z before the group / sum of dZ after it
 
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         # ---- pass 1: forward over groups ---------------------------------------------
         for s, n, g in _groups(N, chunk):
             t = g * chunk

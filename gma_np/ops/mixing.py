@@ -51,7 +51,7 @@ from gma_np.kernels.scan import (
 )
 from gma_np.ops._threads import blas_single_thread, run_streams, sum_in_order, threads_for
 from gma_np.ops.chunked import causal_chunked_backward, causal_chunked_forward
-from gma_np.ops.routing import prepare_mixture, route_backward, route_forward
+from gma_np.ops.routing import check_gradients_finite, prepare_mixture, route_backward, route_forward
 
 
 @dataclass
@@ -104,7 +104,10 @@ def _over_blocks(N, work, body):
     blocks = _token_blocks(N)
 
     def stream(s):
-        return [body(n0, n1) for n0, n1 in blocks[s::BLOCK_STREAMS]]
+        # NaN and inf (eps = 0 on an empty memory, an overflowing v or do) are not answers:
+        # check_output_finite and check_gradients_finite report them, naming the cause
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            return [body(n0, n1) for n0, n1 in blocks[s::BLOCK_STREAMS]]
 
     with threads_for(work), blas_single_thread():
         parts = run_streams(stream, BLOCK_STREAMS)
@@ -131,7 +134,8 @@ def _bidirectional_forward(rq, rk, v, slot, eps):
     (docs/derivations.md, section 4): write S = rk^T v, z = rk^T 1 (float64), then read
     block by block of queries. Never an N x N array."""
     S, z = _bidirectional_write(rk, v)                             # (P, K, e), (P, K, 1)
-    M = S / (z + eps) if slot else S                               # (P, K, e) read matrix
+    with np.errstate(divide="ignore", invalid="ignore"):           # eps = 0: check_output_finite
+        M = S / (z + eps) if slot else S                           # (P, K, e) read matrix
     out = np.empty_like(v)
 
     def read(n0, n1):
@@ -141,7 +145,7 @@ def _bidirectional_forward(rq, rk, v, slot, eps):
             num /= np.matmul(rq_b, z) + eps                        # den (P, nb, 1)
         out[:, n0:n1] = num
 
-    with np.errstate(divide="ignore", invalid="ignore"):           # eps = 0: check_output_finite
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):   # check_output_finite
         _over_blocks(rq.shape[1], rq.size * v.shape[2], read)
     return out
 
@@ -177,7 +181,7 @@ def _bidirectional_backward(rq, rk, v, do, slot, eps, drq, drk):
         return (np.matmul(rq_b.transpose(0, 2, 1), dnum),         # 'pnk,pne->pke'
                 np.matmul(rq_b.transpose(0, 2, 1), dden))          # 'pnk,pn->pk'
 
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):   # check_gradients_finite
         parts = _over_blocks(rq.shape[1], 2 * rq.size * v.shape[2], read_backward)
         G = sum_in_order([a for a, _ in parts])                   # (P, K, e)
         if slot:
@@ -231,16 +235,41 @@ def _causal_backward(rq, rk, v, do, slot, eps, drq, drk):
     return dv
 
 
-def check_output_finite(o, eps):
-    """Raise FloatingPointError if o holds NaN or inf.
+def check_output_finite(o, eps, rq, v, slot, z_read):
+    """Raise FloatingPointError if o holds NaN or inf, naming the cause.
 
-    Finite inputs (validated) and eps > 0 give a finite output; eps = 0 does not
-    when a query reads a memory nothing was written to (all keys masked so far).
+    o (P, N, e); rq (P, N, K) the routed queries; v (P, N, e); z_read(p, n) -> (K,) the
+    normaliser z that query n of sequence p reads (prefix sums when causal). Finite
+    inputs (validated) and finite responsibilities (checked by the routing) leave two
+    causes: eps = 0 with a query that reads an empty memory (all keys masked so far:
+    0 / 0), or a memory S = sum_j r(k_j) v_j, or its read-out, beyond the float64
+    range (|v| near 1e308).
     """
-    if not np.isfinite(o).all():
+    if np.isfinite(o).all():
+        return
+    p, n, _ = check.first_nonfinite(o)
+    z = z_read(p, n)                                               # (K,)
+    if slot:
+        empty = bool(((rq[p, n] > 0) & (z + eps == 0)).any())
+    else:
+        empty = float(np.dot(rq[p, n], z)) + eps == 0
+    if empty:
         raise FloatingPointError(
             f"gma: the output is not finite; with eps = {eps} a query that reads an empty memory "
             f"(all keys masked so far) divides 0 by 0: pass eps > 0")
+    raise FloatingPointError(
+        f"v: the output of the query at (p, n) = {(p, n)} (p = b H + h) overflows float64: the "
+        f"memory sum_j r(k_j) v_j or its read-out exceeds {np.finfo(np.float64).max:.3g} "
+        f"(|v| up to {float(np.abs(v).max()):.3g}): rescale v")
+
+
+def _z_read(rk, causal, z0=None):
+    """z_read(p, n) for check_output_finite: the normaliser query n of sequence p reads,
+    from the routed keys rk (P, N, K) as written (masked) and an initial z0 (P, K)."""
+    def z_read(p, n):
+        z = rk[p, :n + 1].sum(axis=0, dtype=ACCUM_DTYPE) if causal else rk[p].sum(axis=0, dtype=ACCUM_DTYPE)
+        return z if z0 is None else z + z0[p]
+    return z_read
 
 
 def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
@@ -273,7 +302,7 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
     K = mix.means.shape[1]
     P = B * H
     # 1. route queries and keys through the same mixture in one call: (2B, H, N, d) stacked
-    r, routing = route_forward((q, k), mix, tau, per_head, tau_dtype)
+    r, routing = route_forward((q, k), mix, tau, per_head, tau_dtype, names=("q", "k"))
     rq = r[:B].reshape(P, N, K)                                    # (P, N, K)
     rk = r[B:]                                                     # (B, H, N, K)
     if key_mask is not None:
@@ -287,7 +316,7 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
         o = _causal_forward(rq, rk, v3, slot, eps)
     else:
         o = _bidirectional_forward(rq, rk, v3, slot, eps)
-    check_output_finite(o, eps)
+    check_output_finite(o, eps, rq, v3, slot, _z_read(rk, causal))
     o = o.astype(q.dtype, copy=False).reshape(B, H, N, e)
     cache = GMACache(shape=(B, H, N, d, e, K), dtype=q.dtype, causal=causal, slot=slot,
                      eps=eps, mask=mask, masked=key_mask is not None, rq=rq, rk=rk, v=v3, routing=routing)
@@ -308,6 +337,7 @@ def gma_backward(do, cache):
     each in the shape that was passed to gma_forward ("temperature" a float or
     an (H,) array).
     """
+    check.cache("cache", cache, GMACache, "gma_forward")
     B, H, N, d, e, K = cache.shape
     P = B * H
     do = check.float_array("do", do, ndim=4)
@@ -334,6 +364,7 @@ def gma_backward(do, cache):
     grads["q"] = dx[:B]
     grads["k"] = dx[B:]
     grads["v"] = dv.astype(cache.dtype, copy=False).reshape(B, H, N, e)
+    check_gradients_finite(grads, "do", do)
     return grads
 
 

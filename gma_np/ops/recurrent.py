@@ -29,8 +29,8 @@ from gma_np.kernels.scan import _causal_scan_forward
 from gma_np.kernels.routing import _softmax_rows_forward
 from gma_np.kernels.step import _step_log_densities, _step_write_read
 from gma_np.ops._threads import threads_for
-from gma_np.ops.mixing import _validate, check_output_finite
-from gma_np.ops.routing import route_forward
+from gma_np.ops.mixing import _validate, _z_read, check_output_finite
+from gma_np.ops.routing import check_log_densities_finite, route_forward
 
 
 @dataclass
@@ -91,15 +91,17 @@ def gma_recurrent(q, k, v, means, log_var, logits, state=None, *, norm="row",
     e = v.shape[3]
     K = mix.means.shape[1]
     state = _starting_state(state, B, H, K, e)
-    r, _ = route_forward((q, k), mix, tau)                        # (2B, H, N, K)
+    r, _ = route_forward((q, k), mix, tau, names=("q", "k"))      # (2B, H, N, K)
     rq = r[:B].reshape(B * H, N, K)
     rk = (r[B:] * mask.astype(r.dtype)[:, None, :, None]).reshape(B * H, N, K)
     S = state.S.reshape(B * H, K, e).copy()                        # (P, K, e) in: initial, out: final
     z = state.z.reshape(B * H, K).copy()                           # (P, K)
+    z0 = state.z.reshape(B * H, K)                                 # (P, K) as passed, not modified
     o = np.empty((B * H, N, e), dtype=v.dtype)
+    v3 = v.reshape(B * H, N, e)
     with threads_for(B * H * N * K * e):
-        _causal_scan_forward(rq, rk, v.reshape(B * H, N, e), slot, eps, S, z, o)
-    check_output_finite(o, eps)
+        _causal_scan_forward(rq, rk, v3, slot, eps, S, z, o)
+    check_output_finite(o, eps, rq, v3, slot, _z_read(rk, True, z0))
     return o.reshape(B, H, N, e), GMAState(S.reshape(B, H, K, e), z.reshape(B, H, K))
 
 
@@ -136,8 +138,12 @@ def gma_step(q_t, k_t, v_t, means, log_var, logits, state=None, *, norm="row",
     _step_log_densities(np.stack([q[:, :, 0], k[:, :, 0]]), mix.means, mix.inv_var, mix.const,
                         l.reshape(2, B, H, K))
     r = np.empty_like(l)                                           # softmax_k(l / tau)
-    _softmax_rows_forward(l, 1.0 / tau, 0, r, np.empty((2 * B, H, 1)))
+    row_max = np.empty((2 * B, H, 1))                              # NaN where no l_k is finite
+    _softmax_rows_forward(l, 1.0 / tau, 0, r, row_max)
+    check_log_densities_finite(row_max, (q, k), ("q_t", "k_t"), mix)
     r = r.reshape(2, B, H, K)
     _step_write_read(r[0], r[1], v[:, :, 0], np.ascontiguousarray(mask[:, 0]), slot, eps, S, z, o)
-    check_output_finite(o, eps)
+    z_after = z.reshape(B * H, K)
+    check_output_finite(o.reshape(B * H, 1, e), eps, r[0].reshape(B * H, 1, K),
+                        v.reshape(B * H, 1, e), slot, lambda p, n: z_after[p])
     return o, GMAState(S, z)

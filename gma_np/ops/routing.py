@@ -121,18 +121,49 @@ def _build_mixture(means, log_var, logits, covariance):
     lv = log_var.astype(ACCUM_DTYPE)
     H, K, d = mu.shape
     lv_full = lv if covariance == "diag" else np.broadcast_to(lv[:, :, None], (H, K, d))
-    log_pi = logits - logsumexp(logits.astype(ACCUM_DTYPE), axis=-1, keepdims=True)   # (H, K)
-    const = log_pi - 0.5 * (lv_full.sum(-1) + d * LOG_2PI)                            # (H, K)
-    inv_var = np.ascontiguousarray(np.exp(-lv_full))                                  # (H, K, d)
-    center = mu.mean(axis=1)                                                          # (H, d)
-    means_c = mu - center[:, None, :]                                                 # (H, K, d)
-    scaled = means_c * inv_var                                                        # (H, K, d)
+    # overflow here is not an answer: _check_mixture turns it into an error naming its cause
+    with np.errstate(over="ignore", invalid="ignore"):
+        log_pi = logits - logsumexp(logits.astype(ACCUM_DTYPE), axis=-1, keepdims=True)   # (H, K)
+        const = log_pi - 0.5 * (lv_full.sum(-1) + d * LOG_2PI)                            # (H, K)
+        inv_var = np.ascontiguousarray(np.exp(-lv_full))                                  # (H, K, d)
+        center = mu.mean(axis=1)                                                          # (H, d)
+        means_c = mu - center[:, None, :]                                                 # (H, K, d)
+        scaled = means_c * inv_var                                                        # (H, K, d)
+        m2 = (means_c * scaled).sum(-1)                                                   # (H, K)
+    _check_mixture(lv_full, log_pi, const, inv_var, means_c, m2, covariance)
     w_backward = np.concatenate([scaled, inv_var], axis=2)                            # (H, K, 2d)
     w_forward = np.concatenate([-2.0 * scaled, inv_var], axis=2).transpose(0, 2, 1)  # (H, 2d, K)
     return Mixture(means=mu, log_var=lv, inv_var=inv_var, log_pi=log_pi, const=const,
                    covariance=covariance, dtypes=dtypes, center=center, means_c=means_c,
                    w_forward=np.ascontiguousarray(w_forward), w_backward=w_backward,
-                   m2=(means_c * scaled).sum(-1), inv_var_max=inv_var.max(axis=2))
+                   m2=m2, inv_var_max=inv_var.max(axis=2))
+
+
+def _check_mixture(lv_full, log_pi, const, inv_var, means_c, m2, covariance):
+    """FloatingPointError naming the parameter whose float64 intermediate overflowed."""
+    bad = check.first_nonfinite(log_pi)
+    if bad is not None:
+        raise FloatingPointError(
+            f"logits: log pi = logits - logsumexp(logits) overflows float64 for head {bad[0]} "
+            f"(its logits span more than the float64 range); expected logits that differ "
+            f"by less than {np.finfo(np.float64).max:.3g}")
+    bad = check.first_nonfinite(inv_var)
+    if bad is not None:
+        where = bad if covariance == "diag" else bad[:2]
+        raise FloatingPointError(
+            f"log_var: the inverse variance exp(-log_var) overflows float64 at index {where} "
+            f"(log_var = {float(lv_full[bad])!r}); expected log_var > -{np.log(np.finfo(np.float64).max):.2f}")
+    bad = check.first_nonfinite(const)
+    if bad is not None:
+        raise FloatingPointError(
+            f"log_var: the log-density constant -1/2 sum_j log_var overflows float64 for "
+            f"(head, component) {bad} (|log_var| up to {np.abs(lv_full[bad]).max():.3g})")
+    bad = check.first_nonfinite(m2)
+    if bad is not None:
+        raise FloatingPointError(
+            f"means: (mu - c)^2 / sigma^2 overflows float64 for (head, component) {bad}, c the "
+            f"mean of the head's means (|mu - c| up to {np.abs(means_c[bad]).max():.3g}, "
+            f"1 / sigma^2 up to {inv_var[bad].max():.3g}): rescale the means or widen the variances")
 
 
 def _parts(x_parts):
@@ -200,21 +231,23 @@ def _route_blocks(x_parts, mix, inv_tau, r, direct_rows, shift=None):
     P, H, N, K = r.shape
     d = xa.shape[3]
     blocks = list(_blocks(N))
-    tau_scale = np.ones(H) if inv_tau is None else inv_tau           # (H,) for the marks
 
     def stream(s):                                                 # blocks s, s + S, s + 2S, ...
         feats_buf, g_buf = _block_buffers(P, H, N, (2 * d, K))
-        for n0, n1 in blocks[s::BLOCK_STREAMS]:
-            feats = features(x_parts, mix, n0, n1, feats_buf)      # (P, H, nb, 2d)
-            g = np.matmul(feats, mix.w_forward, out=g_buf[:, :, :n1 - n0])   # (P, H, nb, K)
-            # g += m2, -1/2, + const, and the direct form where the expansion cancels: g = l
-            _log_density_expanded(g, feats, xa, xb, n0, mix.means, mix.inv_var_max, mix.m2,
-                                  mix.const, mix.inv_var, EXPANSION_CANCELLATION_BOUND,
-                                  GRADIENT_CANCELLATION_BOUND, tau_scale, g, direct_rows)
-            if inv_tau is None:
-                r[:, :, n0:n1] = g
-            else:
-                _softmax_rows_forward(g, inv_tau, n0, r, shift)    # r = softmax_k(l / tau)
+        # overflowing features give inf and NaN in the GEMM: _log_density_expanded takes
+        # those entries in the direct form, and the wrappers report what still overflows
+        with np.errstate(over="ignore", invalid="ignore"):
+            for n0, n1 in blocks[s::BLOCK_STREAMS]:
+                feats = features(x_parts, mix, n0, n1, feats_buf)  # (P, H, nb, 2d)
+                g = np.matmul(feats, mix.w_forward, out=g_buf[:, :, :n1 - n0])   # (P, H, nb, K)
+                # g += m2, -1/2, + const, and the direct form where the expansion cancels: g = l
+                _log_density_expanded(g, feats, xa, xb, n0, mix.means, mix.inv_var_max, mix.m2,
+                                      mix.const, mix.inv_var, EXPANSION_CANCELLATION_BOUND,
+                                      GRADIENT_CANCELLATION_BOUND, g, direct_rows)
+                if inv_tau is None:
+                    r[:, :, n0:n1] = g
+                else:
+                    _softmax_rows_forward(g, inv_tau, n0, r, shift)   # r = softmax_k(l / tau)
 
     with blas_single_thread():                                     # small GEMMs: see _threads
         run_streams(stream, BLOCK_STREAMS)
@@ -314,21 +347,24 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
         direct = (np.zeros((H, K, d)), np.zeros((H, K, d)), np.zeros((H, K)))
         dl_dot = np.zeros(H)                                       # sum dl (l - shift), summed
         feats_buf, g_buf, dl_buf = _block_buffers(P, H, N, (2 * d, 2 * d, K))
-        for n0, n1 in blocks[s::BLOCK_STREAMS]:
-            nb = n1 - n0
-            feats = features(x_parts, mix, n0, n1, feats_buf)      # (P, H, nb, 2d)
-            dl_b = dl_buf[:, :, :nb]                               # (P, H, nb, K) float64
-            dl_b[...] = dl[:, :, n0:n1]
-            if any_direct:                                         # direct tokens; their dl_b rows -> 0
-                _log_density_backward_rows(dl_b, xa, xb, n0, mix.means, mix.inv_var, mix.const,
-                                           row_max, direct_rows, dx, *direct, dl_dot)
-            g = np.matmul(dl_b, mix.w_backward, out=g_buf[:, :, :nb])   # 'phnk,hkf->phnf'
-            _dx_from_gemm(g, feats, n0, direct_rows, dx)           # dx = g[:d] - x' * g[d:]
-            if shift is not None:                                  # sum dl (l - shift), token by token
-                _dl_dot_shifted_l(dl_b, g, feats, mix.const, mix.m2, shift, n0, dl_dot)
-            for p in range(P):                                     # 'phnk,phnf->hkf', one p at a
-                dl_f += np.matmul(dl_b[p].transpose(0, 2, 1), feats[p])   # time: no (P, H, K, 2d)
-            dl_sum += dl_b.sum(axis=(0, 2))
+        # an overflow gives inf or NaN gradients, which the public backward functions report
+        with np.errstate(over="ignore", invalid="ignore"):
+            for n0, n1 in blocks[s::BLOCK_STREAMS]:
+                nb = n1 - n0
+                feats = features(x_parts, mix, n0, n1, feats_buf)  # (P, H, nb, 2d)
+                dl_b = dl_buf[:, :, :nb]                           # (P, H, nb, K) float64
+                dl_b[...] = dl[:, :, n0:n1]
+                if any_direct:                                     # direct tokens; dl_b rows -> 0
+                    _log_density_backward_rows(dl_b, xa, xb, n0, mix.means, mix.inv_var,
+                                               mix.const, row_max, direct_rows, dx, *direct,
+                                               dl_dot)
+                g = np.matmul(dl_b, mix.w_backward, out=g_buf[:, :, :nb])   # 'phnk,hkf->phnf'
+                _dx_from_gemm(g, feats, n0, direct_rows, dx)       # dx = g[:d] - x' * g[d:]
+                if shift is not None:                              # sum dl (l - shift), by token
+                    _dl_dot_shifted_l(dl_b, g, feats, mix.const, mix.m2, shift, n0, dl_dot)
+                for p in range(P):                                 # 'phnk,phnf->hkf', one p at a
+                    dl_f += np.matmul(dl_b[p].transpose(0, 2, 1), feats[p])  # time: no (P,H,K,2d)
+                dl_sum += dl_b.sum(axis=(0, 2))
         return dl_f, dl_sum, direct, dl_dot
 
     with blas_single_thread():                                     # small GEMMs: see _threads
@@ -338,11 +374,12 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
     dmeans_d, dquad_d, dl_sum_d = (sum_in_order([t[2][i] for t in partial]) for i in range(3))
     dl_x, dl_x2 = dl_f[..., :d], dl_f[..., d:]
     mu, inv_var = mix.means_c, mix.inv_var
-    dmeans = inv_var * (dl_x - mu * dl_sum[:, :, None]) + dmeans_d
-    dquad = 0.5 * inv_var * (dl_x2 - 2.0 * mu * dl_x + mu * mu * dl_sum[:, :, None]) + dquad_d
-    dl_sum = dl_sum + dl_sum_d                                     # all tokens
-    dl_dot = sum_in_order([t[3] for t in partial]) if shift is not None else None   # (H,)
-    return dx, _mixture_grads(dl_sum, dmeans, dquad, mix), dl_dot
+    with np.errstate(over="ignore", invalid="ignore"):             # reported by the callers
+        dmeans = inv_var * (dl_x - mu * dl_sum[:, :, None]) + dmeans_d
+        dquad = 0.5 * inv_var * (dl_x2 - 2.0 * mu * dl_x + mu * mu * dl_sum[:, :, None]) + dquad_d
+        dl_sum = dl_sum + dl_sum_d                                 # all tokens
+        dl_dot = sum_in_order([t[3] for t in partial]) if shift is not None else None   # (H,)
+        return dx, _mixture_grads(dl_sum, dmeans, dquad, mix), dl_dot
 
 
 @dataclass
@@ -368,9 +405,49 @@ def _work(x_parts, mix):
     return sum(a.size for a in x_parts) * mix.means.shape[1] * 2
 
 
-def route_forward(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.float64)):
+def check_gradients_finite(grads, cotangent_name, cotangent):
+    """FloatingPointError if a gradient holds NaN or inf. The forward was finite, so an
+    intermediate of the backward overflowed; every gradient is linear in the cotangent."""
+    for name, g in grads.items():
+        bad = check.first_nonfinite(g)
+        if bad is not None:
+            raise FloatingPointError(
+                f"{cotangent_name}: the gradient of {name} overflows float64 at index {bad} "
+                f"(the backward is linear in {cotangent_name}, |{cotangent_name}| up to "
+                f"{float(np.abs(cotangent).max()):.3g}): rescale {cotangent_name}")
+
+
+def check_log_densities_finite(row_max, x_parts, names, mix):
+    """FloatingPointError if a point's log-densities are -inf (or NaN) for every component.
+
+    row_max (P, H, N): max_k l of the points x_parts (stacked along P, named names), NaN
+    where the kernels found no finite log-density (_softmax_rows_forward). The sum
+    sum_j (x_j - mu_kj)^2 / sigma2_kj then overflowed float64 for every k: nothing is
+    left to route the point by."""
+    bad = check.first_nonfinite(row_max)
+    if bad is None:
+        return
+    p, h, n = bad
+    for name, a in zip(names, x_parts):
+        if p < a.shape[0]:
+            break
+        p -= a.shape[0]
+    x = a[p, h, n].astype(ACCUM_DTYPE)                             # (d,)
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = np.abs(x - mix.means[h])                            # (K, d)
+    at = "(b, h, n)" if name in ("q", "k", "q_t", "k_t") else "(p, h, n) (p: the leading axes flattened)"
+    raise FloatingPointError(
+        f"{name}: the log-density of the point at {at} = {(p, h, n)} overflows float64 for "
+        f"every component: sum_j (x_j - mu_kj)^2 / sigma2_kj > {np.finfo(np.float64).max:.3g} "
+        f"(|x - mu| at least {np.nanmin(diff.max(axis=1)):.3g}, 1 / sigma2 up to "
+        f"{mix.inv_var[h].max():.3g}): rescale {name} or the means, or widen the variances")
+
+
+def route_forward(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.float64),
+                  names=("x",)):
     """Responsibilities of validated points, one array (P, H, N, d) or a tuple stacked
-    along P (e.g. (q, k)): (r (P, H, N, K) in their dtype, cache).
+    along P (e.g. (q, k)): (r (P, H, N, K) in their dtype, cache). names: the names of
+    the arrays, for the error of a point whose log-densities overflow.
 
     r is computed in float64 and rounded once to the dtype of the points: for
     float32 that halves the largest arrays of the cache (r, and dr in the
@@ -386,6 +463,7 @@ def route_forward(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.f
     direct_rows = np.empty((P, H, N), dtype=np.uint8)
     with threads_for(_work(x_parts, mix)):
         _route_blocks(x_parts, mix, 1.0 / tau, r, direct_rows, shift)
+    check_log_densities_finite(shift, x_parts, names, mix)
     cache = RoutingCache(x_parts=x_parts, x_dtype=x_parts[0].dtype, lead_shape=(P,),
                          mix=mix, tau=tau, tau_per_head=tau_per_head, tau_dtype=tau_dtype, r=r,
                          shift=shift, direct_rows=direct_rows)
@@ -485,11 +563,13 @@ def responsibilities_backward(dr, cache):
     "log_var", "logits", "temperature", each in the shape (and dtype) passed to
     the forward; "temperature" is a float or an (H,) array as passed.
     """
+    check.cache("cache", cache, RoutingCache, "responsibilities_forward")
     expected = cache.lead_shape + cache.r.shape[1:]
     dr = check.float_array("dr", dr)
     check.check_shape("dr", dr, expected, "the shape of r")
     grads = route_backward(dr.reshape(cache.r.shape).astype(cache.r.dtype), cache, overwrite_dr=True)
     grads["x"] = grads["x"].reshape(cache.lead_shape + grads["x"].shape[1:])
+    check_gradients_finite(grads, "dr", dr)
     return grads
 
 
@@ -519,6 +599,7 @@ def log_likelihood_forward(x, means, log_var, logits):
     direct_rows = np.empty(x4.shape[:3], dtype=np.uint8)          # (P, H, N)
     with threads_for(_work((x4,), mix)):
         l = log_density(x4, mix, direct_rows)                      # (P, H, N, K)
+    check_log_densities_finite(l.max(axis=-1), (x4,), ("x",), mix)
     ll = logsumexp(l, axis=-1)                                     # (P, H, N)
     posterior = np.exp(l - ll[..., None])
     cache = LogLikelihoodCache(x4=x4, x_dtype=x4.dtype, lead_shape=lead, mix=mix,
@@ -531,6 +612,7 @@ def log_likelihood_backward(dll, cache):
 
     In the forward pass this was ll = logsumexp_k l_k, so dl = dll * softmax_k(l).
     """
+    check.cache("cache", cache, LogLikelihoodCache, "log_likelihood_forward")
     expected = cache.lead_shape + cache.posterior.shape[1:3]
     dll = check.float_array("dll", dll)
     check.check_shape("dll", dll, expected, "the shape of the log-likelihood")
@@ -539,6 +621,7 @@ def log_likelihood_backward(dll, cache):
         dx4, grads, _ = log_density_backward(dll[..., None] * cache.posterior, cache.x4,
                                              cache.mix, cache.x_dtype, cache.direct_rows)
     grads["x"] = dx4.reshape(cache.lead_shape + dx4.shape[1:])
+    check_gradients_finite(grads, "dll", dll)
     return grads
 
 
