@@ -490,7 +490,8 @@ def route_backward(dr, cache, overwrite_dr=False):
     return grads
 
 
-def route_forward_direct(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.float64)):
+def route_forward_direct(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.float64),
+                         names=("x",)):
     """route_forward by the direct-form kernel (log_density_direct), no GEMM, all N at once.
 
     The naive twin of the fast path, with the same contract: tests/test_regimes.py
@@ -501,6 +502,7 @@ def route_forward_direct(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dty
     r = np.empty(l.shape, dtype=x4.dtype)
     shift = np.empty(l.shape[:3], dtype=ACCUM_DTYPE)
     _softmax_rows_forward(l, 1.0 / tau, 0, r, shift)
+    check_log_densities_finite(shift, x_parts, names, mix)
     cache = RoutingCache(x_parts=(x4,), x_dtype=x4.dtype, lead_shape=(x4.shape[0],), mix=mix,
                          tau=tau, tau_per_head=tau_per_head, tau_dtype=tau_dtype, r=r, shift=shift,
                          direct_rows=None)
