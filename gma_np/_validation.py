@@ -57,8 +57,10 @@ def float_array(name, x, ndim=None, min_ndim=None):
 
 def first_nonfinite(x):
     """The index (a tuple) of the first NaN or inf entry of x, or None."""
-    bad = np.flatnonzero(~np.isfinite(x))
-    return None if bad.size == 0 else tuple(int(i) for i in np.unravel_index(bad[0], np.shape(x)))
+    finite = np.isfinite(x)
+    if finite.all():
+        return None
+    return tuple(int(i) for i in np.unravel_index(np.argmin(finite), np.shape(x)))
 
 
 def cache(name, value, expected_type, made_by):

@@ -189,22 +189,32 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
             sq = 0.0                                   # |x'|^2
             for j in range(d):
                 sq += feats[p, h, n, d + j]
-            direct = 0
+            # pass 1, branch-free (it vectorises): how many entries of the row fall back,
+            # how many mark it. NaN or inf (overflowing features) fail `size <= ...`.
+            fallbacks = 0
+            marks = 0
             for k in range(K):
                 quad = g[p, h, n, k] + m2[h, k]
                 size = sq * inv_var_max[h, k] + m2[h, k]
-                # not (quad < inf): the features overflowed (NaN or inf); the direct form
-                # gives +inf where the term itself overflows, which the wrappers report
-                if not (quad < np.inf) or size > bound * max(quad + 2.0 * abs(const[h, k]), 1.0):
-                    quad = 0.0
-                    for j in range(d):
-                        xj = xa[p, h, n0 + n, j] if p < Pa else xb[p - Pa, h, n0 + n, j]
-                        diff = xj - means[h, k, j]
-                        quad += diff * diff * inv_var[h, k, j]
-                if size > grad_bound * quad:
-                    direct = 1
-                out[p, h, n, k] = const[h, k] - 0.5 * quad
-            direct_rows[p, h, n0 + n] = direct
+                fallbacks += not (size <= bound * max(quad + 2.0 * abs(const[h, k]), 1.0))
+                marks += size > grad_bound * quad
+            if fallbacks == 0:                         # the common case: l from the GEMM
+                for k in range(K):
+                    out[p, h, n, k] = const[h, k] - 0.5 * (g[p, h, n, k] + m2[h, k])
+            else:                                      # pass 2: the direct form where needed
+                marks = 0
+                for k in range(K):
+                    quad = g[p, h, n, k] + m2[h, k]
+                    size = sq * inv_var_max[h, k] + m2[h, k]
+                    if not (size <= bound * max(quad + 2.0 * abs(const[h, k]), 1.0)):
+                        quad = 0.0                     # +inf where the term itself overflows
+                        for j in range(d):
+                            xj = xa[p, h, n0 + n, j] if p < Pa else xb[p - Pa, h, n0 + n, j]
+                            diff = xj - means[h, k, j]
+                            quad += diff * diff * inv_var[h, k, j]
+                    marks += size > grad_bound * quad
+                    out[p, h, n, k] = const[h, k] - 0.5 * quad
+            direct_rows[p, h, n0 + n] = marks > 0
 
 
 @njit(cache=True, nogil=True)
