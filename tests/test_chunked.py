@@ -5,6 +5,7 @@ import numba
 import numpy as np
 import pytest
 
+from gma_np._numerics import DEFAULT_EPS
 from gma_np.ops.chunked import causal_chunked_backward, causal_chunked_forward
 from gma_np.ops.mixing import _causal_backward, _causal_forward
 from gma_np.reference.dense import dense_mix_backward, dense_mix_forward
@@ -70,12 +71,12 @@ def test_matches_dense_and_scan(dtype, norm, masked, chunk):
     rng = np.random.default_rng(11)
     args = make_mixing(rng, masked=masked, dtype=dtype, empty_start=True)
     slot = norm == "slot"
-    got = chunked(*args, slot, 1e-6, chunk)
+    got = chunked(*args, slot, DEFAULT_EPS, chunk)
     for name, g in zip(NAMES, got):
         assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {np.dtype(dtype)}"
-    for name, g, r in zip(NAMES, got, dense(*args, slot, 1e-6)):
+    for name, g, r in zip(NAMES, got, dense(*args, slot, DEFAULT_EPS)):
         assert_close(f"{name} vs dense", g, r, RTOL[dtype])
-    for name, g, r in zip(NAMES, got, scan(*args, slot, 1e-6)):
+    for name, g, r in zip(NAMES, got, scan(*args, slot, DEFAULT_EPS)):
         assert_close(f"{name} vs scan", g, r, RTOL[dtype])
 
 
@@ -85,9 +86,9 @@ def test_gradient_buffers_may_be_strided_views(norm):
     rng = np.random.default_rng(12)
     rq, rk, v, do = make_mixing(rng, masked=True)
     slot = norm == "slot"
-    _, drq_ref, drk_ref, dv_ref = chunked(rq, rk, v, do, slot, 1e-6, 16)
+    _, drq_ref, drk_ref, dv_ref = chunked(rq, rk, v, do, slot, DEFAULT_EPS, 16)
     buf = np.full((P, N, 2 * K), np.nan)                                    # (P, N, 2K)
-    dv = causal_chunked_backward(rq, rk, v, do, slot, 1e-6, 16, buf[:, :, ::2], buf[:, :, 1::2])
+    dv = causal_chunked_backward(rq, rk, v, do, slot, DEFAULT_EPS, 16, buf[:, :, ::2], buf[:, :, 1::2])
     assert np.array_equal(buf[:, :, ::2], drq_ref) and np.array_equal(buf[:, :, 1::2], drk_ref)
     assert np.array_equal(dv, dv_ref)
 
@@ -99,11 +100,11 @@ def test_backward_against_central_differences(norm, chunk):
     rng = np.random.default_rng(13)
     rq, rk, v, do = make_mixing(rng, P=2, N=9, K=3, e=2, masked=True)
     slot = norm == "slot"
-    _, drq, drk, dv = chunked(rq, rk, v, do, slot, 1e-6, chunk)
+    _, drq, drk, dv = chunked(rq, rk, v, do, slot, DEFAULT_EPS, chunk)
     h = 1e-6
 
     def loss():
-        return float((causal_chunked_forward(rq, rk, v, slot, 1e-6, chunk) * do).sum())
+        return float((causal_chunked_forward(rq, rk, v, slot, DEFAULT_EPS, chunk) * do).sum())
 
     for name, x, g in (("drq", rq, drq), ("drk", rk, drk), ("dv", v, dv)):
         fd = np.empty_like(x)
@@ -138,8 +139,8 @@ def test_future_tokens_change_nothing_before_t(dtype, norm, masked, chunk, t):
     rq2[:, t:], rk2[:, t:] = future[0], 3.0 * future[1]
     v2[:, t:] = 10.0 * future[2]
     slot = norm == "slot"
-    a = chunked(rq, rk, v, do, slot, 1e-6, chunk)
-    b = chunked(rq2, rk2, v2, do, slot, 1e-6, chunk)
+    a = chunked(rq, rk, v, do, slot, DEFAULT_EPS, chunk)
+    b = chunked(rq2, rk2, v2, do, slot, DEFAULT_EPS, chunk)
     assert not np.array_equal(a[0][:, t:], b[0][:, t:]), "the change did not reach the future"
     for name, x, y in zip(NAMES, a, b):
         assert np.array_equal(bits(x[:, :t]), bits(y[:, :t])), f"{name} before t={t} changed"
@@ -169,10 +170,10 @@ def test_same_bits_for_any_thread_count(norm):
     args = make_mixing(rng, P=4, N=300, K=16, e=16, masked=True)
     slot = norm == "slot"
     n = numba.get_num_threads()
-    many = chunked(*args, slot, 1e-6, 32)
+    many = chunked(*args, slot, DEFAULT_EPS, 32)
     numba.set_num_threads(1)
     try:
-        one = chunked(*args, slot, 1e-6, 32)
+        one = chunked(*args, slot, DEFAULT_EPS, 32)
     finally:
         numba.set_num_threads(n)
     for name, x, y in zip(NAMES, many, one):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import gma_np
+from gma_np._numerics import DEFAULT_EPS
 from gma_np.reference.recurrent import causal_mix_loop
 from gma_np.reference.routing import responsibilities_naive
 from tests.conftest import RTOL, assert_close, make_problem
@@ -59,9 +60,9 @@ def test_loop_reference_with_initial_state():
     rq, rk = rng.dirichlet(np.ones(K), size=N), rng.dirichlet(np.ones(K), size=N)
     v = rng.standard_normal((N, e))
     for slot in (False, True):
-        o, S, z = causal_mix_loop(rq, rk, v, slot, 1e-6)
-        o1, S1, z1 = causal_mix_loop(rq[:8], rk[:8], v[:8], slot, 1e-6)
-        o2, S2, z2 = causal_mix_loop(rq[8:], rk[8:], v[8:], slot, 1e-6, S1, z1)
+        o, S, z = causal_mix_loop(rq, rk, v, slot, DEFAULT_EPS)
+        o1, S1, z1 = causal_mix_loop(rq[:8], rk[:8], v[:8], slot, DEFAULT_EPS)
+        o2, S2, z2 = causal_mix_loop(rq[8:], rk[8:], v[8:], slot, DEFAULT_EPS, S1, z1)
         assert_close("o", np.concatenate([o1, o2]), o, 1e-13)
         assert_close("S", S2, S, 1e-13)
 

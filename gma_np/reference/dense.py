@@ -20,6 +20,7 @@ Backward, from dO (N, e):
 
 import numpy as np
 
+from gma_np._numerics import DEFAULT_EPS
 from gma_np.reference.routing import (
     responsibilities_backward_naive,
     routed_keys_and_queries_naive,
@@ -63,7 +64,7 @@ def dense_mix_backward(do, rq, rk, v, causal, slot, eps):
 
 
 def gma_dense(q, k, v, means, log_var, logits, *, causal=False, norm="row",
-              temperature=1.0, eps=1e-6, key_mask=None):
+              temperature=1.0, eps=DEFAULT_EPS, key_mask=None):
     """o (B, H, N, e) in float64, through the N x N affinity of every sequence."""
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
     B, H = q.shape[:2]
@@ -76,7 +77,7 @@ def gma_dense(q, k, v, means, log_var, logits, *, causal=False, norm="row",
 
 
 def gma_dense_backward(do, q, k, v, means, log_var, logits, *, causal=False, norm="row",
-                       temperature=1.0, eps=1e-6, key_mask=None):
+                       temperature=1.0, eps=DEFAULT_EPS, key_mask=None):
     """The gradients of sum(o * do), as gma_np.gma_backward returns them, by the dense form.
 
     "temperature" is a float for a scalar temperature and (H,) for a per-head one.

@@ -14,6 +14,7 @@ This is what the Numba scan of gma_np.kernels.scan computes, in NumPy, one
 
 import numpy as np
 
+from gma_np._numerics import DEFAULT_EPS
 from gma_np.reference.routing import routed_keys_and_queries_naive
 
 
@@ -35,7 +36,7 @@ def causal_mix_loop(rq, rk, v, slot, eps, S=None, z=None):
 
 
 def gma_loop(q, k, v, means, log_var, logits, *, norm="row", temperature=1.0,
-             eps=1e-6, key_mask=None):
+             eps=DEFAULT_EPS, key_mask=None):
     """Causal o (B, H, N, e) in float64, by the loop over t."""
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
     B, H = q.shape[:2]
