@@ -1,6 +1,5 @@
 """Byte corpora (gma_np.data): the splits each dataset module gives, memory-mapping, the errors."""
 
-import os
 import tracemalloc
 
 import numpy as np

@@ -11,7 +11,7 @@ from gma_np.mixers import get_mixer
 from gma_np.mixers.attention import split_heads
 from gma_np.mixers.gma.core import temperature_of
 from gma_np.nn.mixture_init import DEAD_SHARE, component_shares
-from gma_np.nn.model import block_backward, block_forward, model_forward
+from gma_np.nn.model import block_backward, block_forward
 
 # Decode vs full forward: the same float64 arithmetic in another order.
 DECODE_ATOL = {np.float64: 1e-10, np.float32: 2e-4}

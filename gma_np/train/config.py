@@ -317,14 +317,14 @@ PRESETS = {
     "recall-cpu": dict(task="recall",
                        task_params=dict(seq_len=64, n_pairs=8, vocab_size=64),
                        model=dict(d_model=64, n_heads=4, head_dim=16, value_dim=16),
-                       batch_size=32, steps=800, lr=2e-3, eval_interval=100,
-                       checkpoint_interval=100),
+                       batch_size=32, steps=2000, lr=2e-3, eval_interval=200,
+                       checkpoint_interval=200),
     # Selective copying: 8 tokens of 14 hidden among 64 noise positions.
     "copying-cpu": dict(task="copying",
                         task_params=dict(region_len=64, n_tokens=8, vocab_size=16),
                         model=dict(d_model=64, n_heads=4, head_dim=16, value_dim=16),
-                        batch_size=32, steps=800, lr=2e-3, eval_interval=100,
-                        checkpoint_interval=100),
+                        batch_size=32, steps=3000, lr=2e-3, eval_interval=250,
+                        checkpoint_interval=250),
     # A bigger model for a longer run (not timed: docs/training.md reports only the tiny presets).
     "small": dict(model=dict(d_model=192, n_layers=4, n_heads=6, n_components=32), context=256,
                   steps=6000, batch_size=32, lr=2e-3, warmup_steps=200, eval_interval=500,

@@ -164,7 +164,7 @@ def _print_now(message):
     print(message, flush=True)
 
 
-def _describe(task, cfg):
+def _describe(task):
     """How the run's metric reads in a line: (value -> text)."""
     if task.metric_name == "bits_per_byte":
         return lambda v: f"{v:.3f} bits/byte"
@@ -256,7 +256,7 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
         if base is not None:
             print_fn(f"baseline to beat: {base[0]}, validation {task.metric_name} {base[1]:.3f}")
 
-    shown = _describe(task, cfg)
+    shown = _describe(task)
     max_examples = max(1, cfg.eval_tokens // task.seq_len) if cfg.eval_tokens else 0
     bar = _progress(cfg.steps, step, quiet)
     say = print_fn if bar.disable else bar.write
