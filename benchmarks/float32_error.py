@@ -24,7 +24,7 @@ Skip it with --no-emulation.
 
 The column "f32-GEMM routing worst" is NOT gma_np either: it emulates gma_np
 with its routing GEMM, [x', x'^2] @ [-2 (mu' w)^T ; w^T] on the centred points
-(gma_np.ops.routing), taken in float32 instead of float64, and everything
+(gma_np.mixers.gma.routing), taken in float32 instead of float64, and everything
 else as gma_np does it (float64 softmax and scan state). It is what the 2x
 faster float32 GEMM would cost in accuracy, and why the routing GEMMs stay
 float64 for float32 inputs (docs/performance.md).
@@ -82,8 +82,8 @@ def float32_state_emulation(inputs, norm, eps=1e-6):
 
 def float32_gemm_routing_emulation(inputs, norm, eps=1e-6):
     """Causal GMA with the routing GEMM of gma_np taken in float32 (not what gma_np does)."""
-    from gma_np.ops.mixing import _causal_forward
-    from gma_np.ops.routing import prepare_mixture
+    from gma_np.mixers.gma.mixing import _causal_forward
+    from gma_np.mixers.gma.routing import prepare_mixture
     mix = prepare_mixture(inputs["means"], inputs["log_var"], inputs["logits"])
     B, H, N, _ = inputs["q"].shape
     K = mix.means.shape[1]

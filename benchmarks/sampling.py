@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
+from gma_np._threads import blas_threads
 from gma_np.nn import LanguageModel
-from gma_np.ops._threads import blas_threads
 from gma_np.train.config import preset
 from gma_np.train.data import default_text
 from gma_np.train.evaluate import _pick

@@ -34,7 +34,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 import gma_np
-from gma_np.reference.routing import log_density_naive
+from gma_np.mixers.gma.reference.routing import log_density_naive
 
 H, N, K, d = 1, 200, 8, 16
 REGIMES = [  # (means spread s, offset of the points, tau)

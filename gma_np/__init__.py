@@ -5,9 +5,9 @@ the forward/backward pairs, the recurrent form and the gradient checker.
 """
 
 from gma_np.gradcheck import GradcheckReport, gradcheck
-from gma_np.ops.mixing import GMACache, gma, gma_backward, gma_forward
-from gma_np.ops.recurrent import GMAState, gma_recurrent, gma_step, init_state
-from gma_np.ops.routing import (
+from gma_np.mixers.gma.mixing import GMACache, gma, gma_backward, gma_forward
+from gma_np.mixers.gma.recurrent import GMAState, gma_recurrent, gma_step, init_state
+from gma_np.mixers.gma.routing import (
     log_likelihood,
     log_likelihood_backward,
     log_likelihood_forward,

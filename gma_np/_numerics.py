@@ -48,7 +48,7 @@ GRADCHECK_MAX_FULL_ELEMENTS = 4096
 # (dense vs naive vs fast) of the same computation.
 RTOL_EXACT = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-6}
 
-# Fast routing (gma_np.ops.routing.log_density): the quadratic term is the GEMM
+# Fast routing (gma_np.mixers.gma.routing.log_density): the quadratic term is the GEMM
 # expansion x'^2 @ inv_var^T - 2 x' @ (mu' inv_var)^T + m2 on points centred at
 # the mean of their head's means. Its rounding error in l = const - quad / 2 is
 # about eps (x2 + m2) / 2; the direct form's about eps (|const| + quad / 2), the
@@ -65,7 +65,7 @@ EXPANSION_CANCELLATION_BOUND = 2.0
 # and dl^T x'^2 - 2 mu' dl^T x' + mu'^2 sum dl for the log-variances), with the same
 # error, eps (x2 + m2), against the direct form's eps quad; there no |const| term
 # hides it. A token with an entry where |x'|^2 max_j inv_var + m2 > BOUND * quad takes
-# its gradient in the direct form (gma_np.ops.routing.log_density_backward). The
+# its gradient in the direct form (gma_np.mixers.gma.routing.log_density_backward). The
 # left side bounds x2 + m2 from above, by about 2x on data near its mixture (the
 # largest inverse variance against their mean), so 4 is about 1 bit of x2 + m2 against
 # quad: at 2, 93% of the tokens of the benchmark's problems (bench_gma.py) were
@@ -73,14 +73,14 @@ EXPANSION_CANCELLATION_BOUND = 2.0
 GRADIENT_CANCELLATION_BOUND = 4.0
 
 # Kernel calls with fewer multiply-adds than this run on one thread
-# (gma_np.ops._threads.threads_for). Waking Numba's thread pool costs tens of
+# (gma_np._threads.threads_for). Waking Numba's thread pool costs tens of
 # microseconds on an idle machine and, measured on a loaded 2-core machine,
 # ~20 ms per parallel kernel call: a causal fwd+bwd at B=2, H=2, N=37 took
 # 140 ms with 2 threads and 0.7 ms with 1. 2^20 multiply-adds is about a
 # millisecond of one core, where a second thread cannot win much anyway.
 PARALLEL_MIN_WORK = 2 ** 20
 
-# Tokens per block of the routing GEMMs (gma_np.ops.routing): the features
+# Tokens per block of the routing GEMMs (gma_np.mixers.gma.routing): the features
 # [x', x'^2] and the GEMM results exist one block at a time, so the routing's
 # temporaries are O(block), not O(N); only r (and dr) are (N, K). 128 rows of
 # 2d = 128 float64 features per (batch, head) are 128 KiB, in L2 with the GEMM
@@ -97,13 +97,13 @@ ROUTING_BLOCK = 128
 
 # The blocks of tokens of the routing and of the bidirectional mixing are dealt
 # round-robin to this many streams, which run on Python threads when Numba has more
-# than one thread (gma_np.ops._threads.run_streams), each with BLAS on one thread.
+# than one thread (gma_np._threads.run_streams), each with BLAS on one thread.
 # Fixed, not the thread count, so that the sums over blocks (added in a fixed order)
 # are bit for bit the same whatever the thread count. 2: the machines this was
 # measured on have 2 cores.
 BLOCK_STREAMS = 2
 
-# Tokens per block of the bidirectional mixing GEMMs (gma_np.ops.mixing): rq, rk, v
+# Tokens per block of the bidirectional mixing GEMMs (gma_np.mixers.gma.mixing): rq, rk, v
 # and do are read one block at a time and widened to float64 there, so the float64
 # temporaries are O(P * block * (K + e)), never a float64 copy of an (N, K) or (N, e)
 # array. 256 rows keep each GEMM large enough for BLAS (1024 rows would raise the
@@ -112,8 +112,8 @@ BLOCK_STREAMS = 2
 # float64 block temporaries a small share of the memory there.
 MIXING_BLOCK = 256
 
-# Causal mixing has two forms (gma_np.ops.mixing.causal_form): the Numba token scan
-# (gma_np.kernels.scan) and the chunked BLAS form (gma_np.ops.chunked). The chunked
+# Causal mixing has two forms (gma_np.mixers.gma.mixing.causal_form): the Numba token scan
+# (gma_np.memory.scan) and the chunked BLAS form (gma_np.memory.chunked). The chunked
 # form does the scan's work plus C (4K + 3e) multiply-adds per token, in float64
 # matrix products of a few dozen rows; it wins only where K e is large enough for
 # those products to beat the fused scan loop. Measured (benchmarks/causal_forms.py,

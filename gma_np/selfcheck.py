@@ -17,9 +17,9 @@ import numpy as np
 
 from gma_np._numerics import GRADCHECK_RTOL, RTOL_EXACT
 from gma_np.gradcheck import gradcheck
-from gma_np.ops.mixing import gma, gma_backward, gma_forward
-from gma_np.reference.dense import gma_dense, gma_dense_backward
-from gma_np.reference.recurrent import gma_loop
+from gma_np.mixers.gma.mixing import gma, gma_backward, gma_forward
+from gma_np.mixers.gma.reference.dense import gma_dense, gma_dense_backward
+from gma_np.mixers.gma.reference.recurrent import gma_loop
 
 # Small odd sizes: every element is finite-differenced, 32 configurations in seconds.
 CHECK_SIZES = dict(B=2, H=2, N=7, d=3, e=2, K=3)

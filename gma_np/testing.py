@@ -12,7 +12,7 @@ gma_np's own gma is already in the port form (`gma_np.gma`); its backward is
 `reference_backward` below.
 """
 
-from gma_np.ops.mixing import gma_backward, gma_forward
+from gma_np.mixers.gma.mixing import gma_backward, gma_forward
 from gma_np.vectors.check import (BundleError, CheckReport, TensorResult, check_port,
                                   compare_tensor, load_case, read_manifest, verify_bundle)
 

@@ -1,4 +1,4 @@
-"""The chunked form of causal mixing (gma_np.ops.chunked) against the dense N x N reference and the
+"""The chunked form of causal mixing (gma_np.memory.chunked) against the dense N x N reference and the
 token scan, forward and backward; finite differences; exact causality; eps = 0; thread counts."""
 
 import numba
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from gma_np._numerics import DEFAULT_EPS
-from gma_np.ops.chunked import causal_chunked_backward, causal_chunked_forward
-from gma_np.ops.mixing import _causal_backward, _causal_forward
-from gma_np.reference.dense import dense_mix_backward, dense_mix_forward
+from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
+from gma_np.mixers.gma.mixing import _causal_backward, _causal_forward
+from gma_np.mixers.gma.reference.dense import dense_mix_backward, dense_mix_forward
 from tests.conftest import RTOL, assert_close
 
 P, N, K, E = 4, 37, 5, 3

@@ -22,10 +22,10 @@ from scipy.special import logsumexp, softmax
 
 import gma_np
 from gma_np._numerics import EXPANSION_CANCELLATION_BOUND, GRADIENT_CANCELLATION_BOUND
-from gma_np.kernels.routing import _log_density_expanded, _softmax_rows_forward
-from gma_np.ops import routing
-from gma_np.reference.dense import gma_dense, gma_dense_backward
-from gma_np.reference.routing import log_density_naive, responsibilities_naive
+from gma_np.mixers.gma import routing
+from gma_np.mixers.gma.kernels import _log_density_expanded, _softmax_rows_forward
+from gma_np.mixers.gma.reference.dense import gma_dense, gma_dense_backward
+from gma_np.mixers.gma.reference.routing import log_density_naive, responsibilities_naive
 from tests.conftest import assert_close, make_problem
 
 COVARIANCES = ["diag", "spherical"]
@@ -199,7 +199,7 @@ def test_kernels_run_as_plain_python():
     code = """
 import numpy as np, gma_np
 from gma_np.selfcheck import make_problem
-from gma_np.reference.dense import gma_dense, gma_dense_backward
+from gma_np.mixers.gma.reference.dense import gma_dense, gma_dense_backward
 rng = np.random.default_rng(5)
 for norm, causal in (("row", True), ("slot", True), ("row", False), ("slot", False)):
     inputs, mask = make_problem(rng, B=1, H=2, N=6, d=3, e=2, K=3, masked=True)

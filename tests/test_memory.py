@@ -1,4 +1,4 @@
-"""The shared feature memory (gma_np.ops.memory) against its dense N x N form.
+"""The shared feature memory (gma_np.memory) against its dense N x N form.
 
 Every form (bidirectional GEMMs, causal scan, causal chunked, recurrent, one-token step)
 is checked against A = (rq rk^T) o L, O = (A V) / (A 1 + eps) (row) or the slot read-out,
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import gma_np
-from gma_np.ops.memory import (
+from gma_np.memory.ops import (
     MemoryState,
     check_output_finite,
     check_state,

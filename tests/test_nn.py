@@ -10,7 +10,7 @@ from gma_np.nn import layers as L
 from gma_np.mixers import get_mixer
 from gma_np.mixers.attention import split_heads
 from gma_np.mixers.gma.core import temperature_of
-from gma_np.nn.mixture_init import DEAD_SHARE, component_shares
+from gma_np.mixers.gma.init import DEAD_SHARE, component_shares
 from gma_np.nn.model import block_backward, block_forward
 
 # Decode vs full forward: the same float64 arithmetic in another order.

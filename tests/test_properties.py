@@ -42,8 +42,8 @@ from scipy.special import logsumexp  # noqa: E402
 
 import gma_np  # noqa: E402
 from gma_np._numerics import RTOL_EXACT  # noqa: E402
-from gma_np.reference.dense import gma_dense, gma_dense_backward  # noqa: E402
-from gma_np.reference.routing import (  # noqa: E402
+from gma_np.mixers.gma.reference.dense import gma_dense, gma_dense_backward  # noqa: E402
+from gma_np.mixers.gma.reference.routing import (  # noqa: E402
     _full_log_var,
     log_density_naive,
     log_likelihood_naive,
@@ -145,7 +145,7 @@ def _tolerance(dtype, cond):
 def _term_sizes(inputs, do, causal, norm, key_mask, eps=1e-6):
     """For every gradient of gma, the sum of the absolute values of the terms it sums.
 
-    The backward of gma_np/reference/dense.py, with every term taken positive:
+    The backward of gma_np/mixers/gma/reference/dense.py, with every term taken positive:
     |do| and |v| for do and v, the positive factors (r, A, W, 1/den) as they are.
     """
     q, v = _f64(inputs["q"]), _f64(inputs["v"])

@@ -9,7 +9,7 @@ mixtures over the data, around it far from the origin, or far from it, temperatu
 - the 60-digit oracle of the definition (tests/oracle.py: mpmath, complex-step gradients);
 - the fast path (the public API: GEMM routing on centred points, fused kernels);
 - the direct form: the same public API with the routing done by the direct-form
-  kernels instead (gma_np.ops.routing.route_forward_direct and friends), the naive
+  kernels instead (gma_np.mixers.gma.routing.route_forward_direct and friends), the naive
   form a port would write.
 
 and for every output (r, the log-likelihood, the gma output) and every gradient the
@@ -42,7 +42,7 @@ mpmath = pytest.importorskip("mpmath")
 
 import gma_np                                                       # noqa: E402
 from gma_np._numerics import DEFAULT_EPS                           # noqa: E402
-from gma_np.ops import mixing, routing                              # noqa: E402
+from gma_np.mixers.gma import mixing, routing                              # noqa: E402
 from tests import oracle                                            # noqa: E402
 
 EPS = np.finfo(np.float64).eps

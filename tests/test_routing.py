@@ -7,7 +7,7 @@ from scipy import stats
 from scipy.special import logsumexp
 
 import gma_np
-from gma_np.reference.routing import (
+from gma_np.mixers.gma.reference.routing import (
     log_likelihood_naive,
     responsibilities_backward_naive,
     responsibilities_naive,

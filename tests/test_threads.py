@@ -1,4 +1,4 @@
-"""Thread control (gma_np/ops/_threads.py): BLAS on one thread inside an op's block loops and
+"""Thread control (gma_np/_threads.py): BLAS on one thread inside an op's block loops and
 for a training run, the caller's BLAS threads back afterwards (on return and on raise), and
 Numba's OpenMP wait policy applied to its own pool only.
 
@@ -17,9 +17,9 @@ import pytest
 import threadpoolctl
 
 import gma_np
-from gma_np.ops import _threads
-from gma_np.ops import mixing as mixing_module
-from gma_np.ops import routing as routing_module
+from gma_np import _threads
+from gma_np.mixers.gma import mixing as mixing_module
+from gma_np.mixers.gma import routing as routing_module
 from gma_np.train import TrainingDiverged, preset, train
 from gma_np.train import loop as loop_module
 from tests.conftest import make_problem

@@ -101,7 +101,7 @@ def analyze_run(run_dir, out=None, windows=DEFAULT_WINDOWS, seed=0, compare=None
 
 
 def cmd_analyze(args):
-    from gma_np.ops._threads import blas_threads
+    from gma_np._threads import blas_threads
     try:
         blas_threads(1)                             # for the rest of this command
         analyze_run(args.run_dir, args.out, args.windows, args.seed, args.compare)

@@ -2,7 +2,6 @@
 
     layers.py        embedding, positions, linear, layernorm, GELU MLP, cross-entropy, classifier head
     heads.py         heads over the body's states: token logits (tied or not), the pooled classifier
-    mixture_init.py  k-means++ initialisation of GMA's mixtures from the first batch's keys
     model.py         ModelConfig, the one block function, the body, model_forward / model_backward, LanguageModel
 """
 

@@ -1,6 +1,6 @@
 """The small layers of a GMA language model, each a forward/backward pair over plain arrays.
 
-Dimension legend (the model's; gma_np.ops uses B, H, N, d, e, K the same way):
+Dimension legend (the model's; the mixers use B, H, N, d, e, K the same way):
     B batch        N tokens       D model width (d_model)     V vocabulary (256 bytes)
     F MLP hidden   C classes      M any number of leading axes, flattened
 

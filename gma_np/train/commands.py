@@ -139,7 +139,7 @@ def _load_model(run_dir):
 
 def cmd_eval(args):
     from gma_np.cli import CommandError
-    from gma_np.ops._threads import blas_threads
+    from gma_np._threads import blas_threads
     from gma_np.train.config import ConfigError, TrainConfig
     from gma_np.train.evaluate import evaluate_task
     from gma_np.train.loop import build_task
@@ -177,7 +177,7 @@ def cmd_sample(args):
 
     from gma_np.cli import CommandError
     from gma_np.train.evaluate import generate
-    from gma_np.ops._threads import blas_threads
+    from gma_np._threads import blas_threads
     try:
         blas_threads(1)                             # for the rest of this command
         cfg, model, _ = _load_model(args.run_dir)

@@ -53,7 +53,7 @@ import numpy as np
 
 from gma_np.nn.heads import add_head_grads
 from gma_np.nn.model import LanguageModel, body_backward, body_forward, parameter_shapes
-from gma_np.ops._threads import with_blas_threads
+from gma_np._threads import with_blas_threads
 from gma_np.optim import AdamW, clip_grad_norm, lr_at
 from gma_np.tasks import default_cache_dir, get_task
 from gma_np.train import checkpoint as ckpt

@@ -11,7 +11,7 @@ For one case (gma_np.vectors.cases) this computes, in float64:
     output         o (B, H, N, e)
     gradients      dq, dk, dv, dmeans, dlog_var, dlogits, dtemperature of sum(o * do)
 
-The intermediates come from gma_np.reference (the plain-NumPy definition),
+The intermediates come from gma_np.mixers.gma.reference (the plain-NumPy definition),
 the output and gradients from the public gma_forward / gma_backward, so the
 bundle is the library's own answer, checked against the references by the
 library's tests (dtemperature is the shifted form of docs/derivations.md,
@@ -55,9 +55,9 @@ import numpy as np
 from scipy.special import logsumexp
 
 from gma_np._numerics import LOG_2PI
-from gma_np.ops.mixing import gma_backward, gma_forward
-from gma_np.reference.recurrent import causal_mix_loop
-from gma_np.reference.routing import log_density_naive, responsibilities_naive
+from gma_np.mixers.gma.mixing import gma_backward, gma_forward
+from gma_np.mixers.gma.reference.recurrent import causal_mix_loop
+from gma_np.mixers.gma.reference.routing import log_density_naive, responsibilities_naive
 from gma_np.vectors.cases import draw_inputs
 
 # Unit roundoff of each dtype a port may compute in.

@@ -65,7 +65,7 @@ def test_the_chunked_causal_form_gives_the_same(monkeypatch):
     q, k, v, mask = make_inputs(np.random.default_rng(19), 2, 2, 300, 4, 3, masked=True)
     do = np.random.default_rng(20).standard_normal(v.shape)
     o_scan, c_scan = linear_attention_forward(q, k, v, causal=True, key_mask=mask)
-    monkeypatch.setattr("gma_np.ops.memory.causal_form", lambda F, e: "chunked")
+    monkeypatch.setattr("gma_np.memory.ops.causal_form", lambda F, e: "chunked")
     o, cache = linear_attention_forward(q, k, v, causal=True, key_mask=mask)
     assert not np.array_equal(o, o_scan), "the chunked form was not used (same rounding as the scan)"
     assert_close("o", o, linear_attention_dense(q, k, v, causal=True, key_mask=mask), 1e-12)

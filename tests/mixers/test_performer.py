@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import gma_np
+from gma_np.memory.ops import memory_forward
 from gma_np.mixers.linear import LinearAttentionState
 from gma_np.mixers.performer import (
     PerformerState,
@@ -31,7 +32,6 @@ from gma_np.mixers.performer.naive import (
     performer_attention_loop,
     positive_random_features,
 )
-from gma_np.ops.memory import memory_forward
 from tests.conftest import RTOL, assert_close
 
 # (B, H, N, d, e, m): m below, above and not a multiple of d (a partial last block)
@@ -88,7 +88,7 @@ def test_the_chunked_causal_form_gives_the_same(monkeypatch):
     q, k, v, W, mask = make_inputs(np.random.default_rng(19), 2, 2, 300, 4, 3, 9, masked=True)
     do = np.random.default_rng(20).standard_normal(v.shape)
     o_scan, c_scan = performer_attention_forward(q, k, v, W, causal=True, key_mask=mask)
-    monkeypatch.setattr("gma_np.ops.memory.causal_form", lambda F, e: "chunked")
+    monkeypatch.setattr("gma_np.memory.ops.causal_form", lambda F, e: "chunked")
     o, cache = performer_attention_forward(q, k, v, W, causal=True, key_mask=mask)
     assert not np.array_equal(o, o_scan), "the chunked form was not used (same rounding as the scan)"
     assert_close("o", o, performer_attention_dense(q, k, v, W, causal=True, key_mask=mask), 1e-12)

@@ -14,7 +14,7 @@ The mixing is gma_np.gma_forward / gma_backward; the only new gradient is the
 temperature's: gma_backward returns dL/dtau, and tau = exp(log_tau) gives
 dL/dlog_tau = dL/dtau * tau. Decoding is gma_np.gma_recurrent, whose state is the
 K-slot memory (K (e + 1) numbers per head). The mixture is fitted to the keys of the
-first batch by k-means++ (gma_np.nn.mixture_init) before training starts.
+first batch by k-means++ (gma_np.mixers.gma.init) before training starts.
 """
 
 import sys
@@ -22,10 +22,10 @@ import sys
 import numpy as np
 
 from gma_np.mixers.attention import attention_mixer
-from gma_np.nn.mixture_init import fit_mixture
-from gma_np.ops.mixing import gma_backward, gma_forward
-from gma_np.ops.recurrent import gma_recurrent
-from gma_np.reference.dense import gma_dense
+from gma_np.mixers.gma.init import fit_mixture
+from gma_np.mixers.gma.mixing import gma_backward, gma_forward
+from gma_np.mixers.gma.recurrent import gma_recurrent
+from gma_np.mixers.gma.reference.dense import gma_dense
 
 # The mixture is the parameters of a distribution, not weights that multiply
 # activations: decay would pull the means to the origin, the variances to 1 and the
@@ -92,7 +92,7 @@ def decode(q, k, v, p, cfg, state):
 
 
 def reference(q, k, v, p, cfg, *, causal, key_mask=None):
-    """The dense N x N form of the definition (gma_np.reference.dense)."""
+    """The dense N x N form of the definition (gma_np.mixers.gma.reference.dense)."""
     return gma_dense(q, k, v, p["means"], p["log_var"], p["logits"], causal=causal,
                      norm=cfg.norm, temperature=temperature_of(p), key_mask=key_mask)
 

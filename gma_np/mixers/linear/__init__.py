@@ -8,7 +8,7 @@ Dimension legend: B batch, H heads, N tokens, d query/key head size, e value hea
     o, state = linear_attention_recurrent(q, k, v, state=None, key_mask=None)  # decoding
 
     naive.py   the definition: the dense N x N form and the loop over t with its state
-    ops.py     the fast path: the feature map over gma_np.ops.memory, the memory GMA reads
+    ops.py     the fast path: the feature map over gma_np.memory, the memory GMA reads
     core.py    the adapter of the shared multi-head shell (gma_np.mixers.attention)
 
 docs/mixers/linear.md: the definition, the derivation of the backward, the numerics.

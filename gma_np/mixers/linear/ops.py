@@ -10,7 +10,7 @@ Per head, with the key mask m (N,) (1 a real key, 0 padding):
     S_i = sum_{j in R(i)} outer(rk_j, v_j) (d, e),  z_i = sum_{j in R(i)} rk_j (d,)
     o_i = (rq_i S_i) / (rq_i . z_i + eps)                     R(i): all j, or j <= i (causal)
 
-which is the feature memory of gma_np.ops.memory with F = d: bidirectional by products
+which is the feature memory of gma_np.memory with F = d: bidirectional by products
 through the (d, e) memory, causal through GMA's prefix scan (or its chunked form), and
 decoding from the state (S, z) of the prefix. No N x N array is formed; the dense form
 is naive.py.
@@ -32,7 +32,7 @@ import numpy as np
 
 from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
-from gma_np.ops.memory import (
+from gma_np.memory.ops import (
     MemoryState,
     check_output_finite,
     check_state,

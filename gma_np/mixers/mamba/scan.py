@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from gma_np import _validation as check
+from gma_np._threads import threads_for
 from gma_np.mixers.mamba.kernels import _selective_scan_backward, _selective_scan_forward
-from gma_np.ops._threads import threads_for
 
 # Tokens per checkpoint chunk. The checkpoints cost M S / SCAN_CHUNK float64 per token
 # and batch row (128 bytes at M = 256, S = 16: an eighth of float32 x), the backward's

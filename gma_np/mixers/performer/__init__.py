@@ -11,7 +11,7 @@ m random features per head.
 
     naive.py     the definition: the dense N x N form and the loop over t, unstabilised
     features.py  the orthogonal random projections and the stabilised positive features
-    ops.py       the fast path: the features over gma_np.ops.memory, the memory GMA reads
+    ops.py       the fast path: the features over gma_np.memory, the memory GMA reads
     core.py      the adapter of the shared multi-head shell, with the projections as a buffer
 
 docs/mixers/performer.md: the definition, the stabiliser and eps, the derivation of the

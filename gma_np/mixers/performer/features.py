@@ -49,7 +49,7 @@ from numba import njit, prange
 
 from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE
-from gma_np.ops._threads import threads_for
+from gma_np._threads import threads_for
 
 
 def draw_projections(H, m, d, rng):

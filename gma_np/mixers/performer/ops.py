@@ -20,7 +20,7 @@ c = max_{h, r} |w_hr|^2, a constant of the projections) and
     rq = phi^(q),   rk = mask * phi^(k)        (N, m)
     eps^ = eps * exp(-c)
 
-the feature memory of gma_np.ops.memory computes (rq_i S_i) / (rq_i . z_i + eps^), and
+the feature memory of gma_np.memory computes (rq_i S_i) / (rq_i . z_i + eps^), and
 since rq_i . rk_j = exp(-c) kappa_ij, numerator and denominator are the definition's
 times exp(-c): the stabiliser cancels exactly, eps included. (A per-query stabiliser
 would cancel too, but would need a per-query eps^; one per buffer keeps eps^ a scalar.)
@@ -46,13 +46,7 @@ import numpy as np
 
 from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
-from gma_np.mixers.performer.features import (
-    check_projections,
-    feature_shift,
-    positive_features,
-    positive_features_backward,
-)
-from gma_np.ops.memory import (
+from gma_np.memory.ops import (
     MemoryState,
     check_output_finite,
     check_state,
@@ -60,6 +54,12 @@ from gma_np.ops.memory import (
     memory_backward,
     memory_forward,
     memory_recurrent,
+)
+from gma_np.mixers.performer.features import (
+    check_projections,
+    feature_shift,
+    positive_features,
+    positive_features_backward,
 )
 
 NAME = "performer"

@@ -39,7 +39,7 @@ import numpy as np
 
 from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE
-from gma_np.ops._threads import blas_single_thread
+from gma_np._threads import blas_single_thread
 
 # --- constants ---------------------------------------------------------------------------
 

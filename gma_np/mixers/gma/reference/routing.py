@@ -2,7 +2,7 @@
 
 Dimension legend: H heads, N tokens, K components, d feature size.
 
-This is the reference the Numba kernels of gma_np.ops.routing are checked
+This is the reference the Numba kernels of gma_np.mixers.gma.routing are checked
 against. It materialises the (..., H, N, K, d) array of differences x - mu,
 so it is for small inputs only. float64 throughout.
 """

@@ -3,9 +3,9 @@
 Dimension legend: P = batch x heads (flattened), N tokens, K components, e value size,
 C tokens per chunk, G chunks per group, T = G*C tokens per group, e' = e + 1 (row) or e (slot).
 
-This is the second causal form beside the Numba token scan (gma_np.kernels.scan,
-wrapped by _causal_forward / _causal_backward in gma_np.ops.mixing), with the same
-contract, so that gma_np.ops.mixing can pick either:
+This is the second causal form beside the Numba token scan (gma_np.memory.scan,
+wrapped by _causal_forward / _causal_backward in gma_np.mixers.gma.mixing), with the same
+contract, so that gma_np.mixers.gma.mixing can pick either:
 
     causal_chunked_forward(rq, rk, v, slot, eps, chunk) -> out
     causal_chunked_backward(rq, rk, v, do, slot, eps, chunk, drq, drk) -> dv
@@ -13,7 +13,7 @@ contract, so that gma_np.ops.mixing can pick either:
 It computes the same numbers (to rounding) in a different order: the scan does
 O(K e) work per token in a sequential loop; the chunked form does O(C (K + e) + K e)
 per token, all of it in matrix products of a few dozen rows that NumPy hands to BLAS.
-gma_np.reference.dense holds the N x N definition both are tested against.
+gma_np.mixers.gma.reference.dense holds the N x N definition both are tested against.
 
 The linear core
 ---------------
@@ -133,7 +133,7 @@ import numba
 import numpy as np
 
 from gma_np._numerics import ACCUM_DTYPE, CHUNK_GROUP_TOKENS
-from gma_np.ops._threads import blas_single_thread, run_streams, threads_for
+from gma_np._threads import blas_single_thread, run_streams, threads_for
 
 def _groups(N, chunk):
     """(start, tokens, chunks) of each group of whole chunks; the last may be shorter."""
@@ -438,7 +438,7 @@ def _backward(rq, rk, v, do, slot, eps, chunk, drq, drk, dv):
 # Public wrappers: the sequences are independent, so P is cut into streams that run
 # concurrently on Python threads (NumPy's matmul releases the GIL) with BLAS on one
 # thread each: the products are small (C x K by K x e), where a multi-threaded BLAS
-# wakes its pool for every one of thousands of calls (gma_np.ops._threads). Every
+# wakes its pool for every one of thousands of calls (gma_np._threads). Every
 # sequence is computed by the same calls whatever the streams, so the results are bit
 # for bit the same for any thread count.
 # ---------------------------------------------------------------------------------------

@@ -8,14 +8,14 @@ Dimension legend: B batch, H heads, N tokens, K components, e value size.
         row:  O[t] = (R_Q[t] @ S) / (R_Q[t] . z + eps)                 (read)
         slot: O[t] = R_Q[t] @ (S / (z + eps)[:, None])
 
-This is what the Numba scan of gma_np.kernels.scan computes, in NumPy, one
+This is what the Numba scan of gma_np.memory.scan computes, in NumPy, one
 (batch, head) at a time, with no attempt at speed.
 """
 
 import numpy as np
 
 from gma_np._numerics import DEFAULT_EPS
-from gma_np.reference.routing import routed_keys_and_queries_naive
+from gma_np.mixers.gma.reference.routing import routed_keys_and_queries_naive
 
 
 def causal_mix_loop(rq, rk, v, slot, eps, S=None, z=None):

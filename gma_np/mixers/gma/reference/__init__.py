@@ -5,6 +5,6 @@ routing    responsibilities and log-likelihood by broadcasting over (N, K, d), w
 dense      GMA through the explicit N x N affinity A, forward and backward
 recurrent  causal GMA as a loop over t with an explicit state (S, z)
 
-Nothing here is fast and nothing here is used by gma_np.ops: the reference knows
+Nothing here is fast and nothing here is used by the fast paths: the reference knows
 nothing above it, and the tests compare the fast paths against it.
 """

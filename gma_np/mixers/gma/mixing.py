@@ -26,8 +26,8 @@ and every key j receives the sum of the dS_i, dz_i of the queries that read it
 Three forms of the same math live in the package; this module is the fast one:
 bidirectional by float64 GEMMs through the (K, e) memory, one block of tokens at a
 time (write all, then read; never an N x N matrix nor a float64 copy of an (N, K)
-array), causal through the Numba prefix scan of gma_np.kernels.scan (never an
-N x N nor an N x K x e array). gma_np.reference holds the dense N x N form and
+array), causal through the Numba prefix scan of gma_np.memory.scan (never an
+N x N nor an N x K x e array). gma_np.mixers.gma.reference holds the dense N x N form and
 the loop over t.
 """
 
@@ -45,13 +45,13 @@ from gma_np._numerics import (
     MIXING_BLOCK,
     ROUTING_BLOCK,
 )
-from gma_np.kernels.scan import (
+from gma_np._threads import blas_single_thread, run_streams, sum_in_order, threads_for
+from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
+from gma_np.memory.scan import (
     _causal_scan_backward,
     _causal_scan_forward,
 )
-from gma_np.ops._threads import blas_single_thread, run_streams, sum_in_order, threads_for
-from gma_np.ops.chunked import causal_chunked_backward, causal_chunked_forward
-from gma_np.ops.routing import check_gradients_finite, prepare_mixture, route_backward, route_forward
+from gma_np.mixers.gma.routing import check_gradients_finite, prepare_mixture, route_backward, route_forward
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _token_blocks(N):
 
 def _over_blocks(N, work, body):
     """[body(n0, n1) for each token block], in block order. The blocks are dealt to
-    BLOCK_STREAMS streams (Python threads, BLAS on one thread each: gma_np.ops._threads);
+    BLOCK_STREAMS streams (Python threads, BLAS on one thread each: gma_np._threads);
     the caller sums what they return in block order, so results do not depend on the
     thread count. work: multiply-adds of the whole loop, for threads_for (small work
     runs the streams one after the other)."""
@@ -201,8 +201,8 @@ def _bidirectional_backward(rq, rk, v, do, slot, eps, drq, drk):
 
 def causal_form(K, e):
     """Which causal form gma_forward / gma_backward use for K components and value size e:
-    "chunked" (gma_np.ops.chunked) where it measured faster than the token scan,
-    K e >= CHUNKED_MIN_KE, else "scan" (gma_np.kernels.scan). Both compute the same
+    "chunked" (gma_np.memory.chunked) where it measured faster than the token scan,
+    K e >= CHUNKED_MIN_KE, else "scan" (gma_np.memory.scan). Both compute the same
     numbers to rounding and are tested against the dense reference (docs/performance.md)."""
     return "chunked" if K * e >= CHUNKED_MIN_KE else "scan"
 

@@ -2,13 +2,13 @@
 
 Dimension legend: B batch, H heads, d query/key size, e value size, K components.
 
-gma_np.ops.recurrent.gma_step calls this for every generated token, so it is
+gma_np.mixers.gma.recurrent.gma_step calls this for every generated token, so it is
 written for latency, not throughput: serial loops (no prange: waking a
 thread pool costs more than the O(K (d + e)) work of a token), the direct
 form of the log-density (K*d terms, exact whatever the offset, no GEMM to
 amortise), and the write and read fused. Between the two kernels the wrapper
 takes the softmax with the routing's fused kernel
-(gma_np.kernels.routing._softmax_rows_forward). Per head it does exactly
+(gma_np.mixers.gma.kernels._softmax_rows_forward). Per head it does exactly
 what the long-sequence path does for token t: the same definition, checked
 against it in tests/test_recurrent.py and tests/test_fastpaths.py.
 

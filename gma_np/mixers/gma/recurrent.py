@@ -8,7 +8,7 @@ Causal GMA is a recurrence over a state of K*(e+1) numbers per head:
 
 `gma_recurrent` runs a chunk of N >= 1 tokens from a given state and returns
 the outputs and the state after the chunk; `gma_step` is the one-token case,
-through its own serial fused kernel (gma_np.kernels.step) because at one token
+through its own serial fused kernel (gma_np.memory.step) because at one token
 the cost is latency: Python overhead and thread-pool wake-ups, not flops.
 Running a sequence in chunks, or token by token, gives the same outputs as
 `gma(..., causal=True)` on the whole sequence (tests/test_recurrent.py). A step
@@ -25,12 +25,12 @@ import numpy as np
 
 from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
-from gma_np.kernels.scan import _causal_scan_forward
-from gma_np.kernels.routing import _softmax_rows_forward
-from gma_np.kernels.step import _step_log_densities, _step_write_read
-from gma_np.ops._threads import threads_for
-from gma_np.ops.mixing import _validate, _z_read, check_output_finite
-from gma_np.ops.routing import check_log_densities_finite, route_forward
+from gma_np._threads import threads_for
+from gma_np.memory.scan import _causal_scan_forward
+from gma_np.memory.step import _step_log_densities, _step_write_read
+from gma_np.mixers.gma.kernels import _softmax_rows_forward
+from gma_np.mixers.gma.mixing import _validate, _z_read, check_output_finite
+from gma_np.mixers.gma.routing import check_log_densities_finite, route_forward
 
 
 @dataclass
@@ -124,7 +124,7 @@ def gma_step(q_t, k_t, v_t, means, log_var, logits, state=None, *, norm="row",
             raise ValueError(f"key_mask_t: expected shape (B,), got {key_mask_t.shape}")
         mask = key_mask_t[:, None]
     # the same validation as gma_recurrent on the (B, H, 1, .) chunk, then one serial
-    # fused kernel (no thread pool, no (2B, H, 1, .) temporaries: see gma_np.kernels.step)
+    # fused kernel (no thread pool, no (2B, H, 1, .) temporaries: see gma_np.memory.step)
     (q, k, v, mix, tau, _, _, _, slot, eps, mask) = _validate(
         *arrays, means, log_var, logits, True, norm, temperature, eps, mask)
     B, H, _, d = q.shape

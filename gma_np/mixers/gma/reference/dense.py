@@ -21,7 +21,7 @@ Backward, from dO (N, e):
 import numpy as np
 
 from gma_np._numerics import DEFAULT_EPS
-from gma_np.reference.routing import (
+from gma_np.mixers.gma.reference.routing import (
     responsibilities_backward_naive,
     routed_keys_and_queries_naive,
 )

@@ -60,7 +60,8 @@ from gma_np._numerics import (
     LOG_2PI,
     ROUTING_BLOCK,
 )
-from gma_np.kernels.routing import (
+from gma_np._threads import blas_single_thread, run_streams, sum_in_order, threads_for
+from gma_np.mixers.gma.kernels import (
     _dx_from_gemm,
     _log_density_backward,
     _log_density_backward_rows,
@@ -71,7 +72,6 @@ from gma_np.kernels.routing import (
     _softmax_rows_backward,
     _softmax_rows_forward,
 )
-from gma_np.ops._threads import blas_single_thread, run_streams, sum_in_order, threads_for
 
 
 @dataclass
@@ -212,7 +212,7 @@ def _block_buffers(P, H, N, widths):
 def log_density_direct(x4, mix):
     """l (P, H, N, K) float64 of x4 (P, H, N, d) by the direct form, one (x - mu) at a time.
 
-    The plain loop of gma_np.kernels.routing._log_density_forward: the naive
+    The plain loop of gma_np.mixers.gma.kernels._log_density_forward: the naive
     kernel the fast path (log_density) is checked against in tests/test_fastpaths.py.
     """
     P, H, N, _ = x4.shape

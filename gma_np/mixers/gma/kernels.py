@@ -8,14 +8,14 @@ Dimension legend (used in every shape comment of gma_np):
 The kernels are plain Python loops: with NUMBA_DISABLE_JIT=1 they run (slowly)
 as ordinary Python, so a student can step through them in a debugger. They do
 no validation and allocate nothing of size N: the public wrappers in
-gma_np.ops.routing check the arguments and allocate the outputs.
+gma_np.mixers.gma.routing check the arguments and allocate the outputs.
 
 Form of the quadratic term. sum_j (x_j - mu_kj)^2 / sigma2_kj has two forms here.
 The *direct* form (_log_density_forward, _log_density_backward) takes one
 (x - mu) difference at a time, accumulated in float64: it is exact to a few ulps
 of its terms whatever the offset, and it is the naive path the fast one is
 checked against. The fast path (the second half of this file, driven by
-gma_np.ops.routing) uses the matmul expansion on points centred at the mean of
+gma_np.mixers.gma.routing) uses the matmul expansion on points centred at the mean of
 their head's means, x'^2 @ (1/sigma2) - 2 x' @ (mu'/sigma2) + mu'^2/sigma2, as
 float64 GEMMs. The expansion subtracts terms of size |x'|^2/sigma2 to get a
 result of size |x - mu|^2/sigma2, so where a point sits close to a mean far from
@@ -97,7 +97,7 @@ def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
 # ---------------------------------------------------------------------------------------
 # The fast path: quadratic term by a GEMM on centred points, finished by fused row loops.
 #
-# gma_np.ops.routing computes, per head h, with the centre c_h = mean_k mu_hk,
+# gma_np.mixers.gma.routing computes, per head h, with the centre c_h = mean_k mu_hk,
 # x' = x - c_h and mu' = mu - c_h (the quadratic term is unchanged by the shift),
 # the features F = [x', x'^2] (N, 2d) and one GEMM
 #     g = F @ [-2 (mu' inv_var)^T ; inv_var^T]   = x2 - 2 cross          (N, K)
@@ -110,7 +110,7 @@ def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
 # (hundreds of times per call) costs more than it gains (on a loaded 2-core machine,
 # causal fwd+bwd at N=8192: 11 s with 2 threads against 0.5 s with 1;
 # docs/performance.md). Their `prange` is then a plain range.
-# They release the GIL (nogil): gma_np.ops.routing runs two streams of blocks on two
+# They release the GIL (nogil): gma_np.mixers.gma.routing runs two streams of blocks on two
 # Python threads when Numba is given more than one thread.
 # ---------------------------------------------------------------------------------------
 
@@ -224,7 +224,7 @@ def _dx_from_gemm(g, feats, n0, direct_rows, dx):
 
     With g = dl @ [mu' inv_var | inv_var] this is
     sum_k dl_k (mu'_kj - x'_j) inv_var_kj, the gradient of
-    l = const - 1/2 sum_j (x'_j - mu'_kj)^2 inv_var_kj (gma_np.ops.routing.log_density_backward).
+    l = const - 1/2 sum_j (x'_j - mu'_kj)^2 inv_var_kj (gma_np.mixers.gma.routing.log_density_backward).
 
     g            (P, H, nb, 2d)  float64
     feats        (P, H, nb, 2d)  float64 [x', x'^2] of the block

@@ -31,10 +31,10 @@ O = (A V) / (A 1 + eps).
 
 The forms are GMA's, not copies of them: bidirectional by float64 GEMMs through the
 memory, block by block of tokens; causal by the Numba prefix scan
-(gma_np.kernels.scan) or, where F e is large enough for BLAS to win, by the chunked
-form (gma_np.ops.chunked), picked by gma_np.ops.mixing.causal_form as gma_forward
+(gma_np.memory.scan) or, where F e is large enough for BLAS to win, by the chunked
+form (gma_np.memory.chunked), picked by gma_np.mixers.gma.mixing.causal_form as gma_forward
 picks it; decoding by the same scan started from a state, and one token by the fused
-step kernel (gma_np.kernels.step). Their derivations are docs/derivations.md,
+step kernel (gma_np.memory.step). Their derivations are docs/derivations.md,
 sections 4 to 8 (with K read as F); the backward returns the gradients with respect
 to the features, and each mixer chains them through its own feature map.
 
@@ -51,11 +51,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from gma_np._numerics import ACCUM_DTYPE, CAUSAL_CHUNK, SUPPORTED_DTYPES
-from gma_np.kernels.scan import _causal_scan_forward
-from gma_np.kernels.step import _step_write_read
-from gma_np.ops._threads import threads_for
-from gma_np.ops.chunked import causal_chunked_backward, causal_chunked_forward
-from gma_np.ops.mixing import (
+from gma_np._threads import threads_for
+from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
+from gma_np.memory.scan import _causal_scan_forward
+from gma_np.memory.step import _step_write_read
+from gma_np.mixers.gma.mixing import (
     _bidirectional_backward,
     _bidirectional_forward,
     _causal_backward,
