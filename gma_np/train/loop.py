@@ -186,7 +186,7 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
     quiet : None = progress bar only on a terminal; True/False force it.
     on_step : called as on_step(step) after each step (tests use it to kill a run).
     blas_threads : BLAS threads for the run (None = leave as is); the caller's come back
-        when train returns or raises (gma_np.ops._threads.with_blas_threads).
+        when train returns or raises (gma_np._threads.with_blas_threads).
     cache_dir : where a task keeps generated splits (None: gma_np.tasks.default_cache_dir()).
     """
     if cfg is not None and not isinstance(cfg, TrainConfig):
