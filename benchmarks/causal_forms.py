@@ -5,7 +5,7 @@ Dimension legend: P = B*H sequences, N tokens, K components, e value size, C tok
 For P = 4, N in (1024, 8192), K = e in (16, 32, 64, 128), float32 and float64, this
 times the forward and the forward + backward of
 
-    scan      gma_np.mixers.gma.mixing._causal_forward / _causal_backward
+    scan      gma_np.memory.scan._causal_forward / _causal_backward
     chunk C   gma_np.memory.chunked.causal_chunked_forward / _backward, C in (16, 32, 64, 128)
 
 on random rq, rk that are softmax rows (as the routing makes them) and random v, do.
@@ -103,7 +103,7 @@ import time
 import numpy as np
 
 from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
-from gma_np.mixers.gma.mixing import _causal_backward, _causal_forward
+from gma_np.memory.scan import _causal_backward, _causal_forward
 
 
 def softmax_rows(x):

@@ -82,7 +82,7 @@ def float32_state_emulation(inputs, norm, eps=1e-6):
 
 def float32_gemm_routing_emulation(inputs, norm, eps=1e-6):
     """Causal GMA with the routing GEMM of gma_np taken in float32 (not what gma_np does)."""
-    from gma_np.mixers.gma.mixing import _causal_forward
+    from gma_np.memory.scan import _causal_forward
     from gma_np.mixers.gma.routing import prepare_mixture
     mix = prepare_mixture(inputs["means"], inputs["log_var"], inputs["logits"])
     B, H, N, _ = inputs["q"].shape

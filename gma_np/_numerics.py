@@ -103,7 +103,7 @@ ROUTING_BLOCK = 128
 # measured on have 2 cores.
 BLOCK_STREAMS = 2
 
-# Tokens per block of the bidirectional mixing GEMMs (gma_np.mixers.gma.mixing): rq, rk, v
+# Tokens per block of the bidirectional mixing GEMMs (gma_np.memory.bidirectional): rq, rk, v
 # and do are read one block at a time and widened to float64 there, so the float64
 # temporaries are O(P * block * (K + e)), never a float64 copy of an (N, K) or (N, e)
 # array. 256 rows keep each GEMM large enough for BLAS (1024 rows would raise the
@@ -112,7 +112,7 @@ BLOCK_STREAMS = 2
 # float64 block temporaries a small share of the memory there.
 MIXING_BLOCK = 256
 
-# Causal mixing has two forms (gma_np.mixers.gma.mixing.causal_form): the Numba token scan
+# Causal mixing has two forms (gma_np.memory.ops.causal_form): the Numba token scan
 # (gma_np.memory.scan) and the chunked BLAS form (gma_np.memory.chunked). The chunked
 # form does the scan's work plus C (4K + 3e) multiply-adds per token, in float64
 # matrix products of a few dozen rows; it wins only where K e is large enough for

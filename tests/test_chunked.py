@@ -7,8 +7,8 @@ import pytest
 
 from gma_np._numerics import DEFAULT_EPS
 from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
-from gma_np.mixers.gma.mixing import _causal_backward, _causal_forward
-from gma_np.mixers.gma.reference.dense import dense_mix_backward, dense_mix_forward
+from gma_np.memory.reference import dense_mix_backward, dense_mix_forward
+from gma_np.memory.scan import _causal_backward, _causal_forward
 from tests.conftest import RTOL, assert_close
 
 P, N, K, E = 4, 37, 5, 3

@@ -46,7 +46,7 @@ def test_fast_matches_dense_and_loop(point):
 
 def test_causal_form_is_chosen_by_k_times_e():
     from gma_np._numerics import CHUNKED_MIN_KE
-    from gma_np.mixers.gma.mixing import causal_form
+    from gma_np.memory.ops import causal_form
     assert causal_form(64, 64) == "scan"
     assert causal_form(256, 256) == "chunked"
     assert causal_form(1, CHUNKED_MIN_KE) == "chunked"
@@ -58,10 +58,10 @@ def test_causal_form_is_chosen_by_k_times_e():
 def test_chunked_form_through_the_public_api_matches_dense(norm, masked, monkeypatch):
     """gma_forward / gma_backward with the chunked causal form forced (CHUNKED_MIN_KE = 0):
     the same 1e-12 / 1e-11 against the dense reference as the token scan."""
-    from gma_np.memory import chunked
+    from gma_np.memory import chunked, ops
     from gma_np.mixers.gma import mixing
     calls = []
-    monkeypatch.setattr(mixing, "CHUNKED_MIN_KE", 0)
+    monkeypatch.setattr(ops, "CHUNKED_MIN_KE", 0)                   # read by causal_form
     monkeypatch.setattr(mixing, "CAUSAL_CHUNK", 16)                 # 37 tokens: 16, 16, 5
     for name in ("causal_chunked_forward", "causal_chunked_backward"):
         fn = getattr(chunked, name)

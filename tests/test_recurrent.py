@@ -5,7 +5,7 @@ import pytest
 
 import gma_np
 from gma_np._numerics import DEFAULT_EPS
-from gma_np.mixers.gma.reference.recurrent import causal_mix_loop
+from gma_np.memory.reference import causal_mix_loop
 from gma_np.mixers.gma.reference.routing import responsibilities_naive
 from tests.conftest import RTOL, assert_close, make_problem
 

@@ -18,7 +18,7 @@ import threadpoolctl
 
 import gma_np
 from gma_np import _threads
-from gma_np.mixers.gma import mixing as mixing_module
+from gma_np.memory import bidirectional as bidirectional_module
 from gma_np.mixers.gma import routing as routing_module
 from gma_np.train import TrainingDiverged, preset, train
 from gma_np.train import loop as loop_module
@@ -82,7 +82,7 @@ def test_an_op_runs_its_block_loops_on_one_blas_thread_and_restores(blas_on_two,
         pytest.skip("one Numba thread: the streams never run on worker threads")
     inputs, mask = problem if size == "small" else large_problem
     seen = []
-    for module in (routing_module, mixing_module):
+    for module in (routing_module, bidirectional_module):
         _recording_run_streams(monkeypatch, module, seen)
     o, cache = gma_np.gma_forward(**inputs, causal=causal, key_mask=mask)
     gma_np.gma_backward(np.ones_like(o), cache)

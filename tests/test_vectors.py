@@ -378,7 +378,7 @@ def test_temperature_gradient_trap_is_real_and_the_tolerance_makes_room_for_it(b
 @pytest.mark.parametrize("norm", ["row", "slot"])
 def test_routing_cotangents_of_the_rounding_bound_match_the_dense_reference(causal, norm):
     """The bound of the tolerances uses its own drq, drk; they must be the dense form's."""
-    from gma_np.mixers.gma.reference.dense import dense_mix_backward
+    from gma_np.memory.reference import dense_mix_backward
     from gma_np.vectors.golden import routing_cotangents
     case = Case("well", causal, norm, "diag", True, False, B=2, H=3, N=11, d=3, e=2, K=4)
     rng = np.random.default_rng(5)

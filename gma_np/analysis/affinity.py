@@ -3,7 +3,7 @@
 Dimension legend: N tokens of the window (N <= MAX_WINDOW), K components, d head size.
 
 GMA never forms its affinity; this module does, for one head and one window, through
-gma_np.mixers.gma.reference.dense.dense_affinity (docs/definition.md, section 2):
+gma_np.memory.reference.dense_affinity (docs/definition.md, section 2):
 
     bidirectional   A = R_Q R_K^T                       rank <= K, entries >= 0
     causal          A = (R_Q R_K^T) o L                 L lower-triangular ones
@@ -31,7 +31,7 @@ mask) row by row, is computed here from its q and k (`softmax_attention_map`).
 
 import numpy as np
 
-from gma_np.mixers.gma.reference.dense import dense_affinity
+from gma_np.memory.reference import dense_affinity
 
 # Largest window whose N x N affinity is formed: 512^2 float64 is 2 MiB per matrix,
 # and its SVD takes well under a second.

@@ -27,7 +27,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from gma_np import gma_backward, gma_forward, responsibilities
-from gma_np.mixers.gma.reference.dense import dense_mix_backward
+from gma_np.memory.reference import dense_mix_backward
 
 # Entropy bins of the binned medians: quantile bins, so each holds the same number of tokens.
 ENTROPY_BINS = 10

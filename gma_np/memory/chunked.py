@@ -4,8 +4,8 @@ Dimension legend: P = batch x heads (flattened), N tokens, K components, e value
 C tokens per chunk, G chunks per group, T = G*C tokens per group, e' = e + 1 (row) or e (slot).
 
 This is the second causal form beside the Numba token scan (gma_np.memory.scan,
-wrapped by _causal_forward / _causal_backward in gma_np.mixers.gma.mixing), with the same
-contract, so that gma_np.mixers.gma.mixing can pick either:
+wrapped there by _causal_forward / _causal_backward), with the same contract, so that
+causal_form (gma_np.memory.ops) can pick either:
 
     causal_chunked_forward(rq, rk, v, slot, eps, chunk) -> out
     causal_chunked_backward(rq, rk, v, do, slot, eps, chunk, drq, drk) -> dv
@@ -13,7 +13,7 @@ contract, so that gma_np.mixers.gma.mixing can pick either:
 It computes the same numbers (to rounding) in a different order: the scan does
 O(K e) work per token in a sequential loop; the chunked form does O(C (K + e) + K e)
 per token, all of it in matrix products of a few dozen rows that NumPy hands to BLAS.
-gma_np.mixers.gma.reference.dense holds the N x N definition both are tested against.
+gma_np.memory.reference holds the N x N definition both are tested against.
 
 The linear core
 ---------------

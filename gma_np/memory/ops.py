@@ -29,14 +29,15 @@ O = (A V) / (A 1 + eps).
     memory_recurrent(rq, rk, v, S, z, *, slot, eps)            -> (o, S, z)    causal, from a state
     memory_step(rq_t, rk_t, v_t, S, z, *, slot, eps)           -> (o_t, S, z)  one token
 
-The forms are GMA's, not copies of them: bidirectional by float64 GEMMs through the
-memory, block by block of tokens; causal by the Numba prefix scan
-(gma_np.memory.scan) or, where F e is large enough for BLAS to win, by the chunked
-form (gma_np.memory.chunked), picked by gma_np.mixers.gma.mixing.causal_form as gma_forward
-picks it; decoding by the same scan started from a state, and one token by the fused
-step kernel (gma_np.memory.step). Their derivations are docs/derivations.md,
-sections 4 to 8 (with K read as F); the backward returns the gradients with respect
-to the features, and each mixer chains them through its own feature map.
+The forms are the ones gma_forward runs, not copies of them: bidirectional by float64
+GEMMs through the memory, block by block of tokens (gma_np.memory.bidirectional);
+causal by the Numba prefix scan (gma_np.memory.scan) or, where F e is large enough for
+BLAS to win, by the chunked form (gma_np.memory.chunked), picked by causal_form
+(below), as gma_forward picks it; decoding by the same scan started from a state, and
+one token by the fused step kernel (gma_np.memory.step). Their derivations are
+docs/derivations.md, sections 4 to 8 (with K read as F); the backward returns the
+gradients with respect to the features, and each mixer chains them through its own
+feature map.
 
 Numerics: rq, rk, v (and do) share one dtype, float32 or float64, and the outputs
 come in it; S, z and every sum over tokens are float64 whatever that dtype. A caller
@@ -50,20 +51,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gma_np._numerics import ACCUM_DTYPE, CAUSAL_CHUNK, SUPPORTED_DTYPES
+from gma_np._numerics import ACCUM_DTYPE, CAUSAL_CHUNK, CHUNKED_MIN_KE, SUPPORTED_DTYPES
 from gma_np._threads import threads_for
+from gma_np.memory.bidirectional import _bidirectional_backward, _bidirectional_forward
 from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
-from gma_np.memory.scan import _causal_scan_forward
+from gma_np.memory.scan import _causal_backward, _causal_forward, _causal_scan_forward
 from gma_np.memory.step import _step_write_read
-from gma_np.mixers.gma.mixing import (
-    _bidirectional_backward,
-    _bidirectional_forward,
-    _causal_backward,
-    _causal_forward,
-    causal_form,
-)
 
 FORMS = ("scan", "chunked")
+
+
+def causal_form(K, e):
+    """Which causal form gma_forward / gma_backward use for K components and value size e:
+    "chunked" (gma_np.memory.chunked) where it measured faster than the token scan,
+    K e >= CHUNKED_MIN_KE, else "scan" (gma_np.memory.scan). Both compute the same
+    numbers to rounding and are tested against the dense reference (docs/performance.md)."""
+    return "chunked" if K * e >= CHUNKED_MIN_KE else "scan"
 
 
 def _check_arrays(names, arrays, ndims):

@@ -1,4 +1,5 @@
-"""Private Numba kernels of causal GMA: the prefix-scan forward and the reverse-scan backward.
+"""The causal feature memory by a Numba prefix scan: the forward, the reverse-scan backward
+and their wrappers (_causal_forward, _causal_backward: allocate, then run a kernel).
 
 Dimension legend: P = batch x heads (flattened), N tokens, K components, e value size.
 
@@ -26,13 +27,16 @@ Precision: the state S (K, e) and z (K,) are float64 accumulators whatever
 the dtype of the inputs, so the float32 error of causal GMA does not grow with
 N (docs/numerics.md). Nothing of size N x K x e is ever allocated; the only
 N-sized buffers (the per-token read coefficients of the backward) are
-allocated by the wrapper, so that Python's tracemalloc sees them.
+allocated by the wrappers, so that Python's tracemalloc sees them.
 
 Kernels are plain loops that also run with NUMBA_DISABLE_JIT=1.
 """
 
 import numpy as np
 from numba import njit, prange
+
+from gma_np._numerics import ACCUM_DTYPE
+from gma_np._threads import threads_for
 
 # reassociation (vectorised dot products) and FMA contraction; no assumptions on inf/NaN
 _FASTMATH = {"reassoc", "contract"}
@@ -197,3 +201,31 @@ def _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, d
                 drk[p, t, k] = _suffix_row(Sp[k], dot, a, np.float64(rk[p, t, k]), vt, acc) + zp[k]
             for c in range(e):
                 dv[p, t, c] = acc[c]
+
+
+def _causal_forward(rq, rk, v, slot, eps):
+    """O (P, N, e) in v's dtype, by the Numba prefix scan from a zero state."""
+    P, N, K = rq.shape
+    S = np.zeros((P, K, v.shape[2]), dtype=ACCUM_DTYPE)
+    z = np.zeros((P, K), dtype=ACCUM_DTYPE)
+    out = np.empty_like(v)
+    with threads_for(P * N * K * v.shape[2]):
+        _causal_scan_forward(rq, rk, v, slot, eps, S, z, out)
+    return out
+
+
+def _causal_backward(rq, rk, v, do, slot, eps, drq, drk):
+    """dv, and drq, drk written into the given (P, N, K) float64 buffers, by the causal
+    scan: pass 1 forward again, pass 2 in reverse."""
+    P, N, K = rq.shape
+    e = v.shape[2]
+    S = np.empty((P, K, e), dtype=ACCUM_DTYPE)
+    z = np.empty((P, K), dtype=ACCUM_DTYPE)
+    # per-token read coefficients: (P, N, 1) for row (1/den_t, dden_t), (P, N, K) for slot
+    width = K if slot else 1
+    coef = np.empty((P, N, width), dtype=ACCUM_DTYPE)
+    dzt = np.empty((P, N, width), dtype=ACCUM_DTYPE)
+    dv = np.empty_like(v)
+    with threads_for(P * N * K * e):
+        _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, dv)
+    return dv

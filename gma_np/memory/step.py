@@ -1,15 +1,15 @@
-"""Private Numba kernel of one decoding step of causal GMA: route, write and read one token.
+"""Private Numba kernel of one decoding token of the feature memory: write, then read.
 
-Dimension legend: B batch, H heads, d query/key size, e value size, K components.
+Dimension legend: B batch, H heads, K features per token (GMA's components), e value size.
 
-gma_np.mixers.gma.recurrent.gma_step calls this for every generated token, so it is
-written for latency, not throughput: serial loops (no prange: waking a
-thread pool costs more than the O(K (d + e)) work of a token), the direct
-form of the log-density (K*d terms, exact whatever the offset, no GEMM to
-amortise), and the write and read fused. Between the two kernels the wrapper
-takes the softmax with the routing's fused kernel
-(gma_np.mixers.gma.kernels._softmax_rows_forward). Per head it does exactly
-what the long-sequence path does for token t: the same definition, checked
+gma_np.mixers.gma.recurrent.gma_step calls this for every generated token (and
+gma_np.memory.ops.memory_recurrent for a one-token chunk), so it is written for
+latency, not throughput: serial loops (no prange: waking a thread pool costs more
+than the O(K e) work of a token), and the write and read fused. Before it, gma_step
+takes the token's log-densities in the direct form
+(gma_np.mixers.gma.kernels._step_log_densities) and their softmax with the routing's
+fused kernel (gma_np.mixers.gma.kernels._softmax_rows_forward). Per head it does
+exactly what the long-sequence path does for token t: the same definition, checked
 against it in tests/test_recurrent.py and tests/test_fastpaths.py.
 
 Plain loops: runs with NUMBA_DISABLE_JIT=1.
@@ -17,30 +17,6 @@ Plain loops: runs with NUMBA_DISABLE_JIT=1.
 
 import numpy as np
 from numba import njit
-
-
-@njit(cache=True)
-def _step_log_densities(x, means, inv_var, const, l):
-    """l[p,b,h,k] = l_k(x[p,b,h]) for the query (p = 0) and key (p = 1) of one token.
-
-    Direct form, float64 accumulation; the softmax over k (with the temperature)
-    is taken by the wrapper.
-
-    x        (2, B, H, d)  float32 or float64: q_t and k_t stacked
-    means, inv_var (H, K, d), const (H, K)   float64
-    l        (2, B, H, K)  float64, written
-    """
-    _, B, H, d = x.shape
-    K = means.shape[1]
-    for p in range(2):
-        for b in range(B):
-            for h in range(H):
-                for k in range(K):
-                    acc = 0.0
-                    for j in range(d):
-                        diff = x[p, b, h, j] - means[h, k, j]
-                        acc += diff * diff * inv_var[h, k, j]
-                    l[p, b, h, k] = const[h, k] - 0.5 * acc
 
 
 @njit(cache=True, error_model="numpy")  # x / 0 gives inf or nan, checked by the wrapper

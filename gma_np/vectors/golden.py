@@ -11,11 +11,11 @@ For one case (gma_np.vectors.cases) this computes, in float64:
     output         o (B, H, N, e)
     gradients      dq, dk, dv, dmeans, dlog_var, dlogits, dtemperature of sum(o * do)
 
-The intermediates come from gma_np.mixers.gma.reference (the plain-NumPy definition),
-the output and gradients from the public gma_forward / gma_backward, so the
-bundle is the library's own answer, checked against the references by the
-library's tests (dtemperature is the shifted form of docs/derivations.md,
-section 2).
+The intermediates come from gma_np.mixers.gma.reference and
+gma_np.memory.reference (the plain-NumPy definition), the output and gradients
+from the public gma_forward / gma_backward, so the bundle is the library's own
+answer, checked against the references by the library's tests (dtemperature is the
+shifted form of docs/derivations.md, section 2).
 
 Tolerances (docs/vectors.md, "Tolerances"): a port computing in unit
 roundoff u passes tensor T when
@@ -55,8 +55,8 @@ import numpy as np
 from scipy.special import logsumexp
 
 from gma_np._numerics import LOG_2PI
+from gma_np.memory.reference import causal_mix_loop
 from gma_np.mixers.gma.mixing import gma_backward, gma_forward
-from gma_np.mixers.gma.reference.recurrent import causal_mix_loop
 from gma_np.mixers.gma.reference.routing import log_density_naive, responsibilities_naive
 from gma_np.vectors.cases import draw_inputs
 

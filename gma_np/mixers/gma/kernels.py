@@ -11,17 +11,19 @@ no validation and allocate nothing of size N: the public wrappers in
 gma_np.mixers.gma.routing check the arguments and allocate the outputs.
 
 Form of the quadratic term. sum_j (x_j - mu_kj)^2 / sigma2_kj has two forms here.
-The *direct* form (_log_density_forward, _log_density_backward) takes one
-(x - mu) difference at a time, accumulated in float64: it is exact to a few ulps
-of its terms whatever the offset, and it is the naive path the fast one is
-checked against. The fast path (the second half of this file, driven by
-gma_np.mixers.gma.routing) uses the matmul expansion on points centred at the mean of
-their head's means, x'^2 @ (1/sigma2) - 2 x' @ (mu'/sigma2) + mu'^2/sigma2, as
-float64 GEMMs. The expansion subtracts terms of size |x'|^2/sigma2 to get a
-result of size |x - mu|^2/sigma2, so where a point sits close to a mean far from
-the centre (or variances are tiny) it cancels; the fast kernels bound that loss
-entry by entry and take the direct form wherever it would exceed one bit, for
-the log-densities and for the gradients alike (docs/numerics.md, section 2).
+The *direct* form (_log_density_forward, _log_density_backward) takes one (x - mu)
+difference at a time, accumulated in float64: it is exact to a few ulps of its terms
+whatever the offset, and it is the naive path the fast one is checked against.
+_step_log_densities is the same direct form for the one token of a decoding step
+(serial loops: at one token a thread pool costs more than the work). The fast path
+(the second half of this file, driven by gma_np.mixers.gma.routing) uses the matmul
+expansion on points centred at the mean of their head's means, x'^2 @ (1/sigma2) - 2
+x' @ (mu'/sigma2) + mu'^2/sigma2, as float64 GEMMs. The expansion subtracts terms of
+size |x'|^2/sigma2 to get a result of size |x - mu|^2/sigma2, so where a point sits
+close to a mean far from the centre (or variances are tiny) it cancels; the fast
+kernels bound that loss entry by entry and take the direct form wherever it would
+exceed one bit, for the log-densities and for the gradients alike (docs/numerics.md,
+section 2).
 """
 
 import numpy as np
@@ -92,6 +94,30 @@ def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
                     dmeans_part[p, h, k, j] += c * w
                     dquad_part[p, h, k, j] += 0.5 * c * diff * w
                 dx[p, h, n, j] = acc
+
+
+@njit(cache=True)
+def _step_log_densities(x, means, inv_var, const, l):
+    """l[p,b,h,k] = l_k(x[p,b,h]) for the query (p = 0) and key (p = 1) of one token.
+
+    Direct form, float64 accumulation; the softmax over k (with the temperature)
+    is taken by the wrapper.
+
+    x        (2, B, H, d)  float32 or float64: q_t and k_t stacked
+    means, inv_var (H, K, d), const (H, K)   float64
+    l        (2, B, H, K)  float64, written
+    """
+    _, B, H, d = x.shape
+    K = means.shape[1]
+    for p in range(2):
+        for b in range(B):
+            for h in range(H):
+                for k in range(K):
+                    acc = 0.0
+                    for j in range(d):
+                        diff = x[p, b, h, j] - means[h, k, j]
+                        acc += diff * diff * inv_var[h, k, j]
+                    l[p, b, h, k] = const[h, k] - 0.5 * acc
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,12 +23,13 @@ and every key j receives the sum of the dS_i, dz_i of the queries that read it
 
     dV[j] = R~_K[j] G_j,   dR~_K[j,k] = G_j[k] . V[j] + g_j[k],   dR_K = key_mask * dR~_K.
 
-Three forms of the same math live in the package; this module is the fast one:
+Three forms of the same math live in the package; this module is the fast one, the
+routing of gma_np.mixers.gma.routing followed by the feature memory of gma_np.memory:
 bidirectional by float64 GEMMs through the (K, e) memory, one block of tokens at a
 time (write all, then read; never an N x N matrix nor a float64 copy of an (N, K)
-array), causal through the Numba prefix scan of gma_np.memory.scan (never an
-N x N nor an N x K x e array). gma_np.mixers.gma.reference holds the dense N x N form and
-the loop over t.
+array), causal through the Numba prefix scan of gma_np.memory.scan or the chunked
+form of gma_np.memory.chunked (never an N x N nor an N x K x e array).
+gma_np.mixers.gma.reference holds the dense N x N form and the loop over t.
 """
 
 from dataclasses import dataclass
@@ -36,23 +37,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from gma_np import _validation as check
-from gma_np._numerics import (
-    ACCUM_DTYPE,
-    BLOCK_STREAMS,
-    CAUSAL_CHUNK,
-    CHUNKED_MIN_KE,
-    DEFAULT_EPS,
-    MIXING_BLOCK,
-    ROUTING_BLOCK,
-)
-from gma_np._threads import blas_single_thread, run_streams, sum_in_order, threads_for
+from gma_np._numerics import ACCUM_DTYPE, CAUSAL_CHUNK, DEFAULT_EPS
+from gma_np.memory.bidirectional import _bidirectional_backward, _bidirectional_forward
 from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
-from gma_np.memory.scan import (
-    _causal_scan_backward,
-    _causal_scan_forward,
-)
+from gma_np.memory.ops import causal_form
+from gma_np.memory.scan import _causal_backward, _causal_forward
 from gma_np.mixers.gma.routing import check_gradients_finite, prepare_mixture, route_backward, route_forward
-
 
 @dataclass
 class GMACache:
@@ -85,154 +75,6 @@ def _validate(q, k, v, means, log_var, logits, causal, norm, temperature, eps, k
     eps = check.eps_value(eps)
     mask = check.key_mask(key_mask, B, N)
     return q, k, v, mix, tau, per_head, tau_dtype, bool(causal), norm == "slot", eps, mask
-
-
-def _token_blocks(N):
-    """Token ranges [n0, n1) of the bidirectional GEMMs: MIXING_BLOCK tokens, or fewer so
-    that every stream gets four blocks (never below ROUTING_BLOCK / 2): at small N the
-    float64 block temporaries would otherwise be a large share of the memory."""
-    size = min(MIXING_BLOCK, max(ROUTING_BLOCK // 2, -(-N // (4 * BLOCK_STREAMS))))
-    return [(n0, min(N, n0 + size)) for n0 in range(0, N, size)]
-
-
-def _over_blocks(N, work, body):
-    """[body(n0, n1) for each token block], in block order. The blocks are dealt to
-    BLOCK_STREAMS streams (Python threads, BLAS on one thread each: gma_np._threads);
-    the caller sums what they return in block order, so results do not depend on the
-    thread count. work: multiply-adds of the whole loop, for threads_for (small work
-    runs the streams one after the other)."""
-    blocks = _token_blocks(N)
-
-    def stream(s):
-        # NaN and inf (eps = 0 on an empty memory, an overflowing v or do) are not answers:
-        # check_output_finite and check_gradients_finite report them, naming the cause
-        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            return [body(n0, n1) for n0, n1 in blocks[s::BLOCK_STREAMS]]
-
-    with threads_for(work), blas_single_thread():
-        parts = run_streams(stream, BLOCK_STREAMS)
-    return [parts[i % BLOCK_STREAMS][i // BLOCK_STREAMS] for i in range(len(blocks))]
-
-
-def _f64(a):
-    """a widened to float64 (no copy if it already is)."""
-    return a.astype(ACCUM_DTYPE, copy=False)
-
-
-def _bidirectional_write(rk, v):
-    """S = rk^T v (P, K, e) and z = rk^T 1 (P, K, 1), float64, by GEMMs block by block."""
-    def write(n0, n1):
-        rk_b = _f64(rk[:, n0:n1])                                  # (P, nb, K)
-        return (np.matmul(rk_b.transpose(0, 2, 1), _f64(v[:, n0:n1])),   # 'pnk,pne->pke'
-                rk_b.sum(axis=1)[:, :, None])
-    parts = _over_blocks(rk.shape[1], rk.size * v.shape[2], write)
-    return sum_in_order([S for S, _ in parts]), sum_in_order([z for _, z in parts])
-
-
-def _bidirectional_forward(rq, rk, v, slot, eps):
-    """O (P, N, e) in v's dtype from routed rq, rk (P, N, K) and v (P, N, e), by GEMMs
-    (docs/derivations.md, section 4): write S = rk^T v, z = rk^T 1 (float64), then read
-    block by block of queries. Never an N x N array."""
-    S, z = _bidirectional_write(rk, v)                             # (P, K, e), (P, K, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):           # eps = 0: check_output_finite
-        M = S / (z + eps) if slot else S                           # (P, K, e) read matrix
-    out = np.empty_like(v)
-
-    def read(n0, n1):
-        rq_b = _f64(rq[:, n0:n1])                                  # (P, nb, K)
-        num = np.matmul(rq_b, M)                                   # (P, nb, e)
-        if not slot:
-            num /= np.matmul(rq_b, z) + eps                        # den (P, nb, 1)
-        out[:, n0:n1] = num
-
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):   # check_output_finite
-        _over_blocks(rq.shape[1], rq.size * v.shape[2], read)
-    return out
-
-
-def _bidirectional_backward(rq, rk, v, do, slot, eps, drq, drk):
-    """dv, and drq, drk written into the given (P, N, K) buffers, for
-    O = _bidirectional_forward(...) (docs/derivations.md, section 4):
-
-        row:  dnum = dO / den, dden = -(dO . num) / den^2
-              dR_Q = dnum S^T + dden z^T,   G = R_Q^T dnum,   g = R_Q^T dden
-        slot: M = S / (z + eps),   dR_Q = dO M^T,   dM = R_Q^T dO,
-              G = dM / (z + eps),   g = -(dM . S) / (z + eps)^2   (row by row of K)
-        both: dV = R~_K G,   dR~_K = V G^T + 1 g^T
-    """
-    S, z = _bidirectional_write(rk, v)                             # (P, K, e), (P, K, 1)
-    u = 1.0 / (z + eps)                                            # (P, K, 1), slot only
-    M = S * u if slot else S                                       # (P, K, e)
-
-    def read_backward(n0, n1):                                     # dR_Q, and G, g of the block
-        rq_b = _f64(rq[:, n0:n1])                                  # (P, nb, K)
-        do_b = _f64(do[:, n0:n1])                                  # (P, nb, e)
-        if slot:
-            drq[:, n0:n1] = np.matmul(do_b, M.transpose(0, 2, 1))
-            return np.matmul(rq_b.transpose(0, 2, 1), do_b), None  # dM of the block
-        den = np.matmul(rq_b, z) + eps                             # (P, nb, 1)
-        # (P, nb, e); in place when do_b is a float64 copy, not a view of the caller's do
-        dnum = do_b / den if do.dtype == ACCUM_DTYPE else np.divide(do_b, den, out=do_b)
-        dnum_S = np.matmul(dnum, S.transpose(0, 2, 1))             # (P, nb, K)
-        # dnum . num = sum_k rq_k (S dnum)_k: num = rq S itself is never formed
-        dden = -np.einsum("pnk,pnk->pn", rq_b, dnum_S)[:, :, None] / den   # (P, nb, 1)
-        dnum_S += dden * z.transpose(0, 2, 1)
-        drq[:, n0:n1] = dnum_S
-        return (np.matmul(rq_b.transpose(0, 2, 1), dnum),         # 'pnk,pne->pke'
-                np.matmul(rq_b.transpose(0, 2, 1), dden))          # 'pnk,pn->pk'
-
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):   # check_gradients_finite
-        parts = _over_blocks(rq.shape[1], 2 * rq.size * v.shape[2], read_backward)
-        G = sum_in_order([a for a, _ in parts])                   # (P, K, e)
-        if slot:
-            g = -(G * S).sum(axis=2, keepdims=True) * u * u        # (P, K, 1)
-            G = G * u
-        else:
-            g = sum_in_order([b for _, b in parts])               # (P, K, 1)
-    dv = np.empty_like(v)
-
-    def write_backward(n0, n1):                                    # dV, dR~_K of the block
-        dv[:, n0:n1] = np.matmul(_f64(rk[:, n0:n1]), G)            # (P, nb, e)
-        drk[:, n0:n1] = np.matmul(_f64(v[:, n0:n1]), G.transpose(0, 2, 1)) + g.transpose(0, 2, 1)
-
-    _over_blocks(rq.shape[1], 2 * rq.size * v.shape[2], write_backward)
-    return dv
-
-
-def causal_form(K, e):
-    """Which causal form gma_forward / gma_backward use for K components and value size e:
-    "chunked" (gma_np.memory.chunked) where it measured faster than the token scan,
-    K e >= CHUNKED_MIN_KE, else "scan" (gma_np.memory.scan). Both compute the same
-    numbers to rounding and are tested against the dense reference (docs/performance.md)."""
-    return "chunked" if K * e >= CHUNKED_MIN_KE else "scan"
-
-
-def _causal_forward(rq, rk, v, slot, eps):
-    """O (P, N, e) in v's dtype, by the Numba prefix scan from a zero state."""
-    P, N, K = rq.shape
-    S = np.zeros((P, K, v.shape[2]), dtype=ACCUM_DTYPE)
-    z = np.zeros((P, K), dtype=ACCUM_DTYPE)
-    out = np.empty_like(v)
-    with threads_for(P * N * K * v.shape[2]):
-        _causal_scan_forward(rq, rk, v, slot, eps, S, z, out)
-    return out
-
-
-def _causal_backward(rq, rk, v, do, slot, eps, drq, drk):
-    """dv, and drq, drk written into the given (P, N, K) float64 buffers, by the causal
-    scan: pass 1 forward again, pass 2 in reverse."""
-    P, N, K = rq.shape
-    e = v.shape[2]
-    S = np.empty((P, K, e), dtype=ACCUM_DTYPE)
-    z = np.empty((P, K), dtype=ACCUM_DTYPE)
-    # per-token read coefficients: (P, N, 1) for row (1/den_t, dden_t), (P, N, K) for slot
-    width = K if slot else 1
-    coef = np.empty((P, N, width), dtype=ACCUM_DTYPE)
-    dzt = np.empty((P, N, width), dtype=ACCUM_DTYPE)
-    dv = np.empty_like(v)
-    with threads_for(P * N * K * e):
-        _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, dv)
-    return dv
 
 
 def check_output_finite(o, eps, rq, v, slot, z_read):

@@ -6,13 +6,14 @@ Causal GMA is a recurrence over a state of K*(e+1) numbers per head:
 
     S += outer(r(k_t), v_t);  z += r(k_t);  o_t = read(r(q_t), S, z)
 
-`gma_recurrent` runs a chunk of N >= 1 tokens from a given state and returns
-the outputs and the state after the chunk; `gma_step` is the one-token case,
-through its own serial fused kernel (gma_np.memory.step) because at one token
-the cost is latency: Python overhead and thread-pool wake-ups, not flops.
-Running a sequence in chunks, or token by token, gives the same outputs as
-`gma(..., causal=True)` on the whole sequence (tests/test_recurrent.py). A step
-costs O(K (d + e)) per head whatever the position: the state does not grow.
+`gma_recurrent` runs a chunk of N >= 1 tokens from a given state and returns the
+outputs and the state after the chunk; `gma_step` is the one-token case, through its
+own serial fused kernels (gma_np.mixers.gma.kernels._step_log_densities,
+gma_np.memory.step) because at one token the cost is latency: Python overhead and
+thread-pool wake-ups, not flops. Running a sequence in chunks, or token by token,
+gives the same outputs as `gma(..., causal=True)` on the whole sequence
+(tests/test_recurrent.py). A step costs O(K (d + e)) per head whatever the position:
+the state does not grow.
 
 The state is float64 whatever the dtype of q, k, v: it is the accumulator of
 the scan (gma_np._numerics.ACCUM_DTYPE), and keeping it in float64 is what
@@ -27,8 +28,8 @@ from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
 from gma_np._threads import threads_for
 from gma_np.memory.scan import _causal_scan_forward
-from gma_np.memory.step import _step_log_densities, _step_write_read
-from gma_np.mixers.gma.kernels import _softmax_rows_forward
+from gma_np.memory.step import _step_write_read
+from gma_np.mixers.gma.kernels import _softmax_rows_forward, _step_log_densities
 from gma_np.mixers.gma.mixing import _validate, _z_read, check_output_finite
 from gma_np.mixers.gma.routing import check_log_densities_finite, route_forward
 

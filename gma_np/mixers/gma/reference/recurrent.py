@@ -15,24 +15,8 @@ This is what the Numba scan of gma_np.memory.scan computes, in NumPy, one
 import numpy as np
 
 from gma_np._numerics import DEFAULT_EPS
+from gma_np.memory.reference import causal_mix_loop
 from gma_np.mixers.gma.reference.routing import routed_keys_and_queries_naive
-
-
-def causal_mix_loop(rq, rk, v, slot, eps, S=None, z=None):
-    """O (N, e) of one sequence and the final (S, z), from an optional initial state."""
-    N, K = rq.shape
-    e = v.shape[1]
-    S = np.zeros((K, e)) if S is None else S.copy()
-    z = np.zeros(K) if z is None else z.copy()
-    o = np.empty((N, e))
-    for t in range(N):
-        S += np.outer(rk[t], v[t])                                 # (K, e)
-        z += rk[t]                                                 # (K,)
-        if slot:
-            o[t] = rq[t] @ (S / (z + eps)[:, None])
-        else:
-            o[t] = (rq[t] @ S) / (rq[t] @ z + eps)
-    return o, S, z
 
 
 def gma_loop(q, k, v, means, log_var, logits, *, norm="row", temperature=1.0,
