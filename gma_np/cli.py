@@ -175,6 +175,8 @@ def build_parser():
     add_subcommands(sub)
     from gma_np.analysis.commands import add_subcommand as add_analyze
     add_analyze(sub)
+    from gma_np.sweep.commands import add_subcommand as add_compare
+    add_compare(sub)
     return parser
 
 
