@@ -20,6 +20,7 @@ TrainingDiverged, an --out that cannot be created) prints one line
 
 import argparse
 import sys
+import time
 
 from gma_np.cli import (fail, nonnegative_float, nonnegative_int, output_directory, positive_float,
                         positive_int)
@@ -186,12 +187,17 @@ def cmd_sample(args):
                     "its tokens are the task's symbols, not bytes of text")
             raise CommandError(f"{args.run_dir!r} is a {cfg.task!r} run, {what}; sampling writes "
                                f"text from a language model (task lm)")
+        generate(model, args.prompt.encode("utf-8"), 1, temperature=0)   # start-up: Numba loads its kernels
+        start = time.perf_counter()
         text = generate(model, args.prompt.encode("utf-8"), args.tokens,
                         temperature=args.temperature, top_k=args.top_k,
                         rng=np.random.default_rng(args.seed))
+        seconds = time.perf_counter() - start
     except _user_errors() + (CommandError,) as err:
         return fail("sample", err)
     print(text.decode("utf-8", errors="replace"))
+    print(f"{args.tokens} tokens in {seconds:.2f} s after start-up: {args.tokens / seconds:,.0f} tokens/s",
+          file=sys.stderr)
     return 0
 
 
