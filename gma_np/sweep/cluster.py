@@ -4,7 +4,7 @@
     with open_client(scheduler="tcp://host:8786") as (client, about)   # an existing cluster
 
 The embedded cluster is a LocalCluster of worker processes (default: one per core),
-one thread each, no dashboard. Each job runs on one core, so every thread pool under
+one thread each, listening on the loopback interface only. Each job runs on one core, so every thread pool under
 it is set to one thread in the worker:
 
 - BLAS (OpenBLAS, MKL): the nanny's pre-spawn environment sets OMP_NUM_THREADS,
@@ -113,8 +113,11 @@ def open_client(workers=None, scheduler=None):
         environ = {f"distributed.nanny.pre-spawn-environ.{k}": v
                    for k, v in WORKER_ENVIRONMENT.items()}
         with dask.config.set(environ):
+            # on the loopback interface only, the HTTP server (health routes, and the
+            # dashboard when bokeh is installed) on a free port: several sweeps may run
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=logging.ERROR)
+                                   host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                   silence_logs=logging.ERROR)
         client = Client(cluster)
         kind, path = numba_cache_location()
         about = (f"a local Dask cluster of {n} worker process{'es' if n > 1 else ''}, one "
