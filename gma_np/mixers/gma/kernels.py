@@ -14,8 +14,9 @@ Form of the quadratic term. sum_j (x_j - mu_kj)^2 / sigma2_kj has two forms here
 The *direct* form (_log_density_forward, _log_density_backward) takes one (x - mu)
 difference at a time, accumulated in float64: it is exact to a few ulps of its terms
 whatever the offset, and it is the naive path the fast one is checked against.
-_step_log_densities is the same direct form for the one token of a decoding step
-(serial loops: at one token a thread pool costs more than the work). The fast path
+_gma_step_fused takes the same direct form for the one token of a decoding step, fused
+with the softmax and the memory's write and read (serial loops: at one token a thread
+pool costs more than the work). The fast path
 (the second half of this file, driven by gma_np.mixers.gma.routing) uses the matmul
 expansion on points centred at the mean of their head's means, x'^2 @ (1/sigma2) - 2
 x' @ (mu'/sigma2) + mu'^2/sigma2, as float64 GEMMs. The expansion subtracts terms of
@@ -28,6 +29,8 @@ section 2).
 
 import numpy as np
 from numba import njit, prange
+
+from gma_np.memory.step import _write_read_head
 
 
 @njit(cache=True, parallel=True)
@@ -96,28 +99,126 @@ def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
                 dx[p, h, n, j] = acc
 
 
+# ---------------------------------------------------------------------------------------
+# The decoding step: one token, every kernel of GMA in one call.
+#
+# A generated token costs O(H K (d + e)) multiply-adds per layer, a few microseconds;
+# one kernel call per layer and token keeps Python's share of it to one dispatch.
+# Serial loops (a thread pool costs more than the work), the log-densities in the direct
+# form (the step has no block of tokens to share a GEMM over), float64 accumulation, each
+# sum over j in order: the same log-densities, bit for bit, as _log_density_forward.
+# ---------------------------------------------------------------------------------------
+
+# What _gma_step_fused returns.
+STEP_DONE = 0       # o, S_out, z_out written, all finite
+STEP_STALE = 1      # means, log_var or logits differ from the values the prepared arrays
+                    # were made from: nothing written; the wrapper prepares them again
+STEP_CHECK = 2      # a temperature, log-density, output or normaliser is not finite (or
+                    # q_t, k_t, v_t or the state is): the wrapper runs
+                    # the checked path, which names the cause or computes the rare case
+
+
 @njit(cache=True)
-def _step_log_densities(x, means, inv_var, const, l):
-    """l[p,b,h,k] = l_k(x[p,b,h]) for the query (p = 0) and key (p = 1) of one token.
+def _softmax_row(l, inv_tau, r):
+    """r = softmax_k(l / tau), as _softmax_rows_forward does one row: shift by max_k l,
+    exponentiate (l_k - m) / tau, multiply by 1 / sum. l (K,) finite; r (K,) written."""
+    K = l.shape[0]
+    m = l[0]
+    for k in range(1, K):
+        m = max(m, l[k])
+    total = 0.0
+    for k in range(K):
+        u = np.exp((l[k] - m) * inv_tau)
+        r[k] = u
+        total += u
+    inv_total = 1.0 / total
+    for k in range(K):
+        r[k] = r[k] * inv_total
 
-    Direct form, float64 accumulation; the softmax over k (with the temperature)
-    is taken by the wrapper.
 
-    x        (2, B, H, d)  float32 or float64: q_t and k_t stacked
-    means, inv_var (H, K, d), const (H, K)   float64
-    l        (2, B, H, K)  float64, written
+@njit(cache=True)
+def _same_values(a, b):
+    """True when a and b (n,) hold the same values (NaN equals nothing). No early exit:
+    the loop without a branch is the fast one, and a mismatch is the rare case."""
+    same = True
+    for i in range(a.shape[0]):
+        same &= a[i] == b[i]
+    return same
+
+
+@njit(cache=True, error_model="numpy")  # x / 0 gives inf or nan, reported as STEP_CHECK
+def _gma_step_fused(q, k, v, mask, parameters, prepared, means_t, inv_var_t, const, tau,
+                    slot, eps, S_in, z_in, S_out, z_out, o):
+    """One token of causal GMA for every (b, h): route q_t and k_t, write, read.
+
+    r(x)_k = softmax_k(l_k(x) / tau_h), l_k(x) = const_hk - 1/2 sum_j (x_j - mu_hkj)^2 iv_hkj,
+    then gma_np.memory.step._write_read_head. Returns STEP_DONE, STEP_STALE or STEP_CHECK.
+
+    q, k            (B, H, d)  float32 or float64;  v (B, H, e) the same dtype
+    mask            (B,)       float64 0/1
+    parameters      (means, log_var, logits) as passed, C-contiguous
+    prepared        copies of their values when means_t, inv_var_t and const were made
+    means_t         (H, d, K)  float64 means, j-major: the loop over k is innermost, so that
+                               the K sums of a point run side by side (each still adds its
+                               d terms in order j = 0 .. d-1, the direct form's order)
+    inv_var_t       (H, d, K)  float64 exp(-log_var), j-major
+    const           (H, K)     float64 log pi - 1/2 sum_j log_var - d/2 log 2 pi
+                               (gma_np.mixers.gma.routing.Mixture)
+    tau             (H,)       float64 temperature
+    slot, eps                  the read-out's norm ("slot" if True) and eps
+    S_in, z_in      (B, H, K, e), (B, H, K)  float64 state, read
+    S_out, z_out    the same shapes, written (the state after the token)
+    o               (B, H, e)  written
     """
-    _, B, H, d = x.shape
-    K = means.shape[1]
-    for p in range(2):
-        for b in range(B):
-            for h in range(H):
-                for k in range(K):
-                    acc = 0.0
-                    for j in range(d):
-                        diff = x[p, b, h, j] - means[h, k, j]
-                        acc += diff * diff * inv_var[h, k, j]
-                    l[p, b, h, k] = const[h, k] - 0.5 * acc
+    # 0. the prepared arrays are of these parameter values, or nothing is computed
+    for_means = _same_values(parameters[0].reshape(parameters[0].size),
+                             prepared[0].reshape(prepared[0].size))
+    for_log_var = _same_values(parameters[1].reshape(parameters[1].size),
+                               prepared[1].reshape(prepared[1].size))
+    for_logits = _same_values(parameters[2].reshape(parameters[2].size),
+                              prepared[2].reshape(prepared[2].size))
+    if not (for_means and for_log_var and for_logits):
+        return STEP_STALE
+    for h in range(tau.shape[0]):
+        if not (tau[h] > 0.0 and np.isfinite(tau[h]) and np.isfinite(1.0 / tau[h])):
+            return STEP_CHECK
+    B, H, d = q.shape
+    K = means_t.shape[2]
+    lq = np.empty(K)                     # log-densities, then responsibilities, of q_t
+    lk = np.empty(K)                     # and of k_t
+    rq = np.empty(K)
+    rk = np.empty(K)
+    num = np.empty(v.shape[2])
+    for b in range(B):
+        for h in range(H):
+            # 1. log-densities of q_t and k_t, every one finite
+            for kk in range(K):
+                lq[kk] = 0.0
+                lk[kk] = 0.0
+            for j in range(d):
+                xq = q[b, h, j]
+                xk = k[b, h, j]
+                for kk in range(K):
+                    dq = xq - means_t[h, j, kk]
+                    dk = xk - means_t[h, j, kk]
+                    lq[kk] += dq * dq * inv_var_t[h, j, kk]
+                    lk[kk] += dk * dk * inv_var_t[h, j, kk]
+            finite = True
+            for kk in range(K):
+                lq[kk] = const[h, kk] - 0.5 * lq[kk]
+                lk[kk] = const[h, kk] - 0.5 * lk[kk]
+                finite &= np.isfinite(lq[kk]) and np.isfinite(lk[kk])
+            if not finite:
+                return STEP_CHECK
+            # 2. responsibilities, with the temperature
+            inv_tau = 1.0 / tau[h]
+            _softmax_row(lq, inv_tau, rq)
+            _softmax_row(lk, inv_tau, rk)
+            # 3. write (r(k_t), v_t) into the memory, read it with r(q_t)
+            if not _write_read_head(rq, rk, v[b, h], mask[b], slot, eps, S_in[b, h], z_in[b, h],
+                                    S_out[b, h], z_out[b, h], o[b, h], num):
+                return STEP_CHECK
+    return STEP_DONE
 
 
 # ---------------------------------------------------------------------------------------

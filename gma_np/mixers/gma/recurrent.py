@@ -7,13 +7,24 @@ Causal GMA is a recurrence over a state of K*(e+1) numbers per head:
     S += outer(r(k_t), v_t);  z += r(k_t);  o_t = read(r(q_t), S, z)
 
 `gma_recurrent` runs a chunk of N >= 1 tokens from a given state and returns the
-outputs and the state after the chunk; `gma_step` is the one-token case, through its
-own serial fused kernels (gma_np.mixers.gma.kernels._step_log_densities,
-gma_np.memory.step) because at one token the cost is latency: Python overhead and
-thread-pool wake-ups, not flops. Running a sequence in chunks, or token by token,
-gives the same outputs as `gma(..., causal=True)` on the whole sequence
-(tests/test_recurrent.py). A step costs O(K (d + e)) per head whatever the position:
-the state does not grow.
+outputs and the state after the chunk; `gma_step` is the one-token case. Running a
+sequence in chunks, or token by token, gives the same outputs as `gma(..., causal=True)`
+on the whole sequence (tests/test_recurrent.py). A step costs O(K (d + e)) per head
+whatever the position: the state does not grow.
+
+One token (gma_step, and gma_recurrent with N = 1) is latency, not flops: a few
+microseconds of arithmetic per layer, against microseconds for each NumPy call or
+validation pass around it. So it goes through one fused serial kernel
+(gma_np.mixers.gma.kernels._gma_step_fused: routing of q_t and k_t, the memory's write
+and read) behind checks that cost a few attribute reads: the arguments' types, dtypes
+and shapes here; finiteness inside the kernel, which reports a non-finite temperature,
+log-density, output or normaliser (a NaN or inf among q_t, k_t, v_t or the state shows
+up there) instead of raising; and the mixture through _STEP_MIXTURES: its means and
+exp(-log_var) laid out for the kernel and its log-density constants, prepared (and
+validated) once, used while means, log_var and logits keep the values they were
+prepared from (the kernel compares them, one pass over 2 H K d numbers). Whenever the
+kernel reports something, or an argument is not of the plain kind, the step runs the
+chunk path instead, whose checks name the cause exactly as they do for any chunk.
 
 The state is float64 whatever the dtype of q, k, v: it is the accumulator of
 the scan (gma_np._numerics.ACCUM_DTYPE), and keeping it in float64 is what
@@ -25,13 +36,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from gma_np import _validation as check
-from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
+from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS, SUPPORTED_DTYPES
 from gma_np._threads import threads_for
 from gma_np.memory.scan import _causal_scan_forward
-from gma_np.memory.step import _step_write_read
-from gma_np.mixers.gma.kernels import _softmax_rows_forward, _step_log_densities
+from gma_np.mixers.gma.kernels import STEP_DONE, STEP_STALE, _gma_step_fused
 from gma_np.mixers.gma.mixing import _validate, _z_read, check_output_finite
-from gma_np.mixers.gma.routing import check_log_densities_finite, route_forward
+from gma_np.mixers.gma.routing import prepare_mixture, route_forward
 
 
 @dataclass
@@ -85,6 +95,23 @@ def gma_recurrent(q, k, v, means, log_var, logits, state=None, *, norm="row",
     o : array of shape (B, H, N, e), dtype of q
     state : GMAState after the chunk
     """
+    if (type(q) is np.ndarray and q.ndim == 4 and q.shape[2] == 1 and type(k) is np.ndarray
+            and k.ndim == 4 and type(v) is np.ndarray and v.ndim == 4):
+        mask_t = key_mask
+        if type(key_mask) is np.ndarray and key_mask.ndim == 2 and key_mask.shape[1] == 1:
+            mask_t = key_mask[:, 0]
+        if mask_t is None or mask_t is not key_mask:
+            fused = _fused_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], means, log_var, logits,
+                                state, norm, temperature, eps, mask_t)
+            if fused is not None:
+                o, state = fused
+                return o[:, :, None], state
+    return _chunk(q, k, v, means, log_var, logits, state, norm, temperature, eps, key_mask,
+                  ("q", "k"))
+
+
+def _chunk(q, k, v, means, log_var, logits, state, norm, temperature, eps, key_mask, names):
+    """gma_recurrent's checked path, for any N: validation, routing, the causal scan."""
     (q, k, v, mix, tau, per_head, tau_dtype,
      _, slot, eps, mask) = _validate(q, k, v, means, log_var, logits,
                                      True, norm, temperature, eps, key_mask)
@@ -92,7 +119,7 @@ def gma_recurrent(q, k, v, means, log_var, logits, state=None, *, norm="row",
     e = v.shape[3]
     K = mix.means.shape[1]
     state = _starting_state(state, B, H, K, e)
-    r, _ = route_forward((q, k), mix, tau, names=("q", "k"))      # (2B, H, N, K)
+    r, _ = route_forward((q, k), mix, tau, names=names)            # (2B, H, N, K)
     rq = r[:B].reshape(B * H, N, K)
     rk = (r[B:] * mask.astype(r.dtype)[:, None, :, None]).reshape(B * H, N, K)
     S = state.S.reshape(B * H, K, e).copy()                        # (P, K, e) in: initial, out: final
@@ -110,8 +137,13 @@ def gma_step(q_t, k_t, v_t, means, log_var, logits, state=None, *, norm="row",
              temperature=1.0, eps=DEFAULT_EPS, key_mask_t=None):
     """One token of causal GMA: q_t, k_t (B, H, d), v_t (B, H, e) -> (o_t (B, H, e), state).
 
-    key_mask_t is a bool array (B,) or None: a False token writes nothing.
+    key_mask_t is a bool array (B,) or None: a False token writes nothing. The state
+    passed is not modified.
     """
+    fused = _fused_step(q_t, k_t, v_t, means, log_var, logits, state, norm, temperature, eps,
+                        key_mask_t)
+    if fused is not None:
+        return fused
     arrays = []
     for name, a in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
         a = check.float_array(name, a, ndim=3)
@@ -124,27 +156,134 @@ def gma_step(q_t, k_t, v_t, means, log_var, logits, state=None, *, norm="row",
         if key_mask_t.ndim != 1:
             raise ValueError(f"key_mask_t: expected shape (B,), got {key_mask_t.shape}")
         mask = key_mask_t[:, None]
-    # the same validation as gma_recurrent on the (B, H, 1, .) chunk, then one serial
-    # fused kernel (no thread pool, no (2B, H, 1, .) temporaries: see gma_np.memory.step)
-    (q, k, v, mix, tau, _, _, _, slot, eps, mask) = _validate(
-        *arrays, means, log_var, logits, True, norm, temperature, eps, mask)
-    B, H, _, d = q.shape
-    e = v.shape[3]
-    K = mix.means.shape[1]
-    state = _starting_state(state, B, H, K, e)
-    S = state.S.copy()                                             # (B, H, K, e)
-    z = state.z.copy()                                             # (B, H, K)
+    o, state = _chunk(*arrays, means, log_var, logits, state, norm, temperature, eps, mask,
+                      ("q_t", "k_t"))
+    return o[:, :, 0], state
+
+
+# ---------------------------------------------------------------- the fused one-token path
+
+# Prepared mixtures of the one-token path, keyed by the ids of (means, log_var, logits):
+# a model decodes with one mixture per layer, passing the same arrays every token. The
+# id only finds an entry; what makes it valid is the kernel's comparison of the three
+# arrays with the values it was prepared from. Entries are
+# replaced whole (one atomic dict operation under the GIL), and the dict is emptied when
+# it holds STEP_MIXTURES_MAX of them.
+_STEP_MIXTURES = {}
+STEP_MIXTURES_MAX = 64
+
+
+@dataclass(frozen=True)
+class _StepMixture:
+    """What the fused step needs from a validated mixture, and the values it came from."""
+    shapes: tuple                   # shapes and dtypes of (means, log_var, logits) as passed
+    values: tuple                   # (means, log_var, logits) values prepared: copies
+    means_t: np.ndarray             # (H, d, K) float64 means, j-major (see _gma_step_fused)
+    inv_var_t: np.ndarray           # (H, d, K) float64 exp(-log_var), j-major
+    const: np.ndarray               # (H, K) float64 log pi - 1/2 sum_j log_var - d/2 log 2 pi
+
+
+def _signature(means, log_var, logits):
+    return (means.shape, means.dtype, log_var.shape, log_var.dtype, logits.shape, logits.dtype)
+
+
+def _prepare_step_mixture(means, log_var, logits):
+    """The _StepMixture of validated parameters, or None if they do not validate (the
+    checked path then raises its error, in its order of checks)."""
+    try:
+        mix = prepare_mixture(means, log_var, logits)
+    except (TypeError, ValueError, FloatingPointError):
+        return None
+    entry = _StepMixture(shapes=_signature(means, log_var, logits),
+                         values=(means.copy(), log_var.copy(), logits.copy()),
+                         means_t=np.ascontiguousarray(mix.means.transpose(0, 2, 1)),
+                         inv_var_t=np.ascontiguousarray(mix.inv_var.transpose(0, 2, 1)),
+                         const=mix.const)
+    if len(_STEP_MIXTURES) >= STEP_MIXTURES_MAX:
+        _STEP_MIXTURES.clear()
+    _STEP_MIXTURES[(id(means), id(log_var), id(logits))] = entry
+    return entry
+
+
+def _plain(a, ndim):
+    """a is an ndarray (not a subclass) of a supported dtype, ndim dimensions, C order."""
+    return (type(a) is np.ndarray and a.ndim == ndim and a.dtype in SUPPORTED_DTYPES
+            and a.flags.c_contiguous)
+
+
+def _constant(value, n):
+    """A read-only float64 array (n,) filled with value, made once per (value, n)."""
+    a = _CONSTANTS.get((value, n))
+    if a is None:
+        if len(_CONSTANTS) >= STEP_MIXTURES_MAX:
+            _CONSTANTS.clear()
+        a = np.full(n, value)
+        a.flags.writeable = False
+        _CONSTANTS[(value, n)] = a
+    return a
+
+
+_CONSTANTS = {}     # (value, n) -> _constant's array: the all-ones mask, a scalar temperature
+
+
+def _fused_step(q, k, v, means, log_var, logits, state, norm, temperature, eps, mask_t):
+    """(o (B, H, e), GMAState) of one token through _gma_step_fused, or None when an
+    argument is not of the plain kind or the kernel reports a non-finite value: then
+    the caller runs the checked path (module docstring)."""
+    if not (_plain(q, 3) and _plain(k, 3) and _plain(v, 3) and _plain(means, 3)
+            and type(log_var) is np.ndarray and log_var.flags.c_contiguous
+            and type(logits) is np.ndarray and logits.flags.c_contiguous
+            and k.dtype == q.dtype and v.dtype == q.dtype and k.shape == q.shape
+            and v.shape[:2] == q.shape[:2] and 0 not in q.shape and v.shape[2] > 0
+            and norm in check.NORMS):
+        return None
+    B, H, d = q.shape
+    e = v.shape[2]
+    K = means.shape[1]
+    if means.shape != (H, K, d) or K == 0:
+        return None
+    # eps, the temperature and the key mask, in plain forms the checked path accepts
+    if not (isinstance(eps, (float, int)) and not isinstance(eps, bool) and 0 <= eps < np.inf):
+        return None
+    if isinstance(temperature, (float, int)) and not isinstance(temperature, bool):
+        tau = _constant(float(temperature), H)          # not finite or <= 0: the kernel says
+    elif (type(temperature) is np.ndarray and temperature.dtype in SUPPORTED_DTYPES
+          and temperature.shape == (H,)):
+        tau = temperature.astype(ACCUM_DTYPE)
+    else:
+        return None
+    if mask_t is None:
+        mask = _constant(1.0, B)
+    elif type(mask_t) is np.ndarray and mask_t.dtype == np.bool_ and mask_t.shape == (B,):
+        mask = mask_t.astype(ACCUM_DTYPE)
+    else:
+        return None
+    if state is None:
+        S_in = np.zeros((B, H, K, e))
+        z_in = np.zeros((B, H, K))
+    elif (type(state) is GMAState and type(state.S) is np.ndarray and type(state.z) is np.ndarray
+          and state.S.shape == (B, H, K, e) and state.z.shape == (B, H, K)
+          and state.S.dtype == ACCUM_DTYPE and state.z.dtype == ACCUM_DTYPE
+          and state.S.flags.c_contiguous and state.z.flags.c_contiguous):
+        S_in, z_in = state.S, state.z
+    else:
+        return None
+    S_out = np.empty((B, H, K, e))
+    z_out = np.empty((B, H, K))
     o = np.empty((B, H, e), dtype=v.dtype)
-    l = np.empty((2 * B, H, 1, K))                                 # l of q_t (rows :B), k_t (B:)
-    _step_log_densities(np.stack([q[:, :, 0], k[:, :, 0]]), mix.means, mix.inv_var, mix.const,
-                        l.reshape(2, B, H, K))
-    r = np.empty_like(l)                                           # softmax_k(l / tau)
-    row_max = np.empty((2 * B, H, 1))                              # NaN where no l_k is finite
-    _softmax_rows_forward(l, 1.0 / tau, 0, r, row_max)
-    check_log_densities_finite(row_max, (q, k), ("q_t", "k_t"), mix)
-    r = r.reshape(2, B, H, K)
-    _step_write_read(r[0], r[1], v[:, :, 0], np.ascontiguousarray(mask[:, 0]), slot, eps, S, z, o)
-    z_after = z.reshape(B * H, K)
-    check_output_finite(o.reshape(B * H, 1, e), eps, r[0].reshape(B * H, 1, K),
-                        v.reshape(B * H, 1, e), slot, lambda p, n: z_after[p])
-    return o, GMAState(S, z)
+    parameters = (means, log_var, logits)
+    entry = _STEP_MIXTURES.get((id(means), id(log_var), id(logits)))
+    for _ in range(2):
+        if entry is None or entry.shapes != _signature(means, log_var, logits):
+            entry = _prepare_step_mixture(means, log_var, logits)
+            if entry is None:
+                return None
+        status = _gma_step_fused(q, k, v, mask, parameters, entry.values, entry.means_t,
+                                 entry.inv_var_t, entry.const, tau, norm == "slot", float(eps),
+                                 S_in, z_in, S_out, z_out, o)
+        if status != STEP_STALE:
+            break
+        entry = None                                               # values changed in place
+    if status != STEP_DONE:
+        return None
+    return o, GMAState(S_out, z_out)
