@@ -15,14 +15,14 @@ so a mixer of this kind is written as a per-head *core* (a module with the names
 below) and `attention_mixer(name, core)` turns it into a gma_np.mixers.contract.Mixer.
 The core module defines:
 
-    PARAMETER_SHAPES(cfg), init_parameters(cfg, rng)   its own trained parameters
-    BUFFER_SHAPES(cfg), init_buffers(cfg, rng)         its untrained arrays
     forward(q, k, v, p, cfg, *, causal, key_mask) -> (o, cache)
     backward(do, cache) -> (dq, dk, dv, {name: gradient of its parameters})
     decode_init(B, p, cfg) -> state;  decode(q, k, v, p, cfg, state) -> (o, state)
     reference(q, k, v, p, cfg, *, causal, key_mask) -> o     the naive form (dense or loop)
-    optional: redraw(buffers, cfg, rng), init_from_keys(k, p, cfg, rng), NO_DECAY,
-              CAUSAL_ONLY
+    optional: PARAMETER_SHAPES(cfg), init_parameters(cfg, rng)   its own trained parameters
+              BUFFER_SHAPES(cfg), init_buffers(cfg, rng)         its untrained arrays
+              (none of either when left out), redraw(buffers, cfg, rng),
+              init_from_keys(k, p, cfg, rng), NO_DECAY, CAUSAL_ONLY
 
 Parameters of the shell: Wq, Wk (D, H*d), bq, bk (H*d,), Wv (D, H*e), bv (H*e,),
 Wo (H*e, D), bo (D,). Initialisation: normal(0, INIT_STD) for Wq, Wk, Wv; the output
@@ -85,17 +85,25 @@ def _core_params(p, core_names):
     return {name: p[name] for name in core_names}
 
 
+def _none(*_):
+    return {}
+
+
 def attention_mixer(name, core):
     """The Mixer of an attention-style core module (module docstring)."""
+    core_shapes = getattr(core, "PARAMETER_SHAPES", _none)
+    core_init = getattr(core, "init_parameters", _none)
+    buffer_shapes = getattr(core, "BUFFER_SHAPES", _none)
+    init_buffers = getattr(core, "init_buffers", _none)
 
     def core_names(cfg):
-        return tuple(core.PARAMETER_SHAPES(cfg)) + tuple(core.BUFFER_SHAPES(cfg))
+        return tuple(core_shapes(cfg)) + tuple(buffer_shapes(cfg))
 
     def parameter_shapes(cfg):
-        return {**projection_shapes(cfg), **core.PARAMETER_SHAPES(cfg)}
+        return {**projection_shapes(cfg), **core_shapes(cfg)}
 
     def init_parameters(cfg, rng):
-        return {**init_projections(cfg, rng), **core.init_parameters(cfg, rng)}
+        return {**init_projections(cfg, rng), **core_init(cfg, rng)}
 
     def project(x, p, cfg):
         """Q, K (B, H, N, d) and V (B, H, N, e), and the caches of the three projections."""
@@ -159,7 +167,7 @@ def attention_mixer(name, core):
     return Mixer(name=name, parameter_shapes=parameter_shapes, init_parameters=init_parameters,
                  forward=forward, backward=backward, decode_init=decode_init, decode=decode,
                  reference=reference,
-                 buffer_shapes=core.BUFFER_SHAPES, init_buffers=core.init_buffers,
+                 buffer_shapes=buffer_shapes, init_buffers=init_buffers,
                  redraw=getattr(core, "redraw", None), init_from_data=init_from_data,
                  no_decay=frozenset(getattr(core, "NO_DECAY", ())),
                  causal_only=getattr(core, "CAUSAL_ONLY", False))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import gma_np
+from gma_np.mixers.attention import projection_shapes
 from gma_np.mixers.linear import (
     LinearAttentionState,
     linear_attention,
@@ -184,8 +185,9 @@ def test_core_adapter():
     cfg = cfg_of(H, d, e)
     rng = np.random.default_rng(9)
     q, k, v, mask = make_inputs(rng, B, H, N, d, e, masked=True)
-    assert core.PARAMETER_SHAPES(cfg) == {} and core.BUFFER_SHAPES(cfg) == {}
-    assert core.init_parameters(cfg, rng) == {} and core.init_buffers(cfg, rng) == {}
+    # no parameters of the core's own, no buffers: the mixer's are the shell's projections
+    assert core.MIXER.parameter_shapes(cfg) == projection_shapes(cfg)
+    assert core.MIXER.buffer_shapes(cfg) == {} and core.MIXER.init_buffers(cfg, rng) == {}
     assert core.CAUSAL_ONLY is False
     o, cache = core.forward(q, k, v, {}, cfg, causal=True, key_mask=mask)
     assert np.array_equal(o, linear_attention(q, k, v, causal=True, key_mask=mask))

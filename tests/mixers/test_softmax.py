@@ -16,6 +16,7 @@ import pytest
 from scipy.special import logsumexp, softmax
 
 import gma_np
+from gma_np.mixers.attention import projection_shapes
 from gma_np.mixers.softmax import (
     SOFTMAX_BLOCK,
     SoftmaxAttentionCache,
@@ -281,11 +282,12 @@ def test_states_are_values():
 
 
 def test_core_adapter():
-    cfg = SimpleNamespace(n_heads=2, head_dim=3, value_dim=2)
+    cfg = SimpleNamespace(n_heads=2, head_dim=3, value_dim=2, d_model=4, n_layers=1)
     q, k, v, mask = make_inputs(np.random.default_rng(12), 2, 2, 9, 3, 2, masked=True)
     rng = np.random.default_rng(0)
-    assert core.PARAMETER_SHAPES(cfg) == {} and core.init_parameters(cfg, rng) == {}
-    assert core.BUFFER_SHAPES(cfg) == {} and core.init_buffers(cfg, rng) == {}
+    # no parameters of the core's own, no buffers: the mixer's are the shell's projections
+    assert core.MIXER.parameter_shapes(cfg) == projection_shapes(cfg)
+    assert core.MIXER.buffer_shapes(cfg) == {} and core.MIXER.init_buffers(cfg, rng) == {}
     assert core.CAUSAL_ONLY is False
     assert core.MIXER.name == "softmax"
     o, cache = core.forward(q, k, v, {}, cfg, causal=True, key_mask=mask)

@@ -52,14 +52,6 @@ def init_parameters(cfg, rng):
     return p
 
 
-def BUFFER_SHAPES(cfg):
-    return {}
-
-
-def init_buffers(cfg, rng):
-    return {}
-
-
 def temperature_of(p):
     """The temperature gma_forward gets: exp(log_tau) (H,) if the layer learns it, else 1.0."""
     return np.exp(p["log_tau"]) if "log_tau" in p else 1.0

@@ -26,22 +26,6 @@ from gma_np.mixers.linear.naive import linear_attention_dense
 CAUSAL_ONLY = False
 
 
-def PARAMETER_SHAPES(cfg):
-    return {}
-
-
-def init_parameters(cfg, rng):
-    return {}
-
-
-def BUFFER_SHAPES(cfg):
-    return {}
-
-
-def init_buffers(cfg, rng):
-    return {}
-
-
 def forward(q, k, v, p, cfg, *, causal, key_mask=None):
     return linear_attention_forward(q, k, v, causal=causal, key_mask=key_mask)
 

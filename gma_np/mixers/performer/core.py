@@ -40,14 +40,6 @@ def n_features(cfg):
     return getattr(cfg, "n_features", DEFAULT_FEATURES)
 
 
-def PARAMETER_SHAPES(cfg):
-    return {}
-
-
-def init_parameters(cfg, rng):
-    return {}
-
-
 def BUFFER_SHAPES(cfg):
     return {"projections": (cfg.n_heads, n_features(cfg), cfg.head_dim)}
 

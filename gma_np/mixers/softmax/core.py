@@ -21,22 +21,6 @@ from gma_np.mixers.softmax.recurrent import SoftmaxAttentionState, softmax_atten
 CAUSAL_ONLY = False
 
 
-def PARAMETER_SHAPES(cfg):
-    return {}
-
-
-def init_parameters(cfg, rng):
-    return {}
-
-
-def BUFFER_SHAPES(cfg):
-    return {}
-
-
-def init_buffers(cfg, rng):
-    return {}
-
-
 def forward(q, k, v, p, cfg, *, causal, key_mask=None):
     return softmax_attention_forward(q, k, v, causal=causal, key_mask=key_mask)
 
