@@ -8,6 +8,8 @@ import pytest
 
 from gma_np.selfcheck import make_problem  # noqa: F401  (re-exported for the tests)
 
+collect_ignore = ["mutation"]      # tests/mutation/: the mutation check, a tool (docs/testing.md)
+
 # Tolerances per dtype for two exact forms of the same computation (fast vs reference).
 RTOL = {np.float64: 1e-12, np.float32: 2e-6}
 
