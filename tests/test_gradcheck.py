@@ -269,3 +269,22 @@ def test_report_columns_line_up_for_long_names_and_indices():
             cell = line[start:end] if column in ("worst at", "verdict") else line[end - 1]
             assert cell.strip(), f"column {column!r} misaligned:\n{report}"
     assert len({line.index(" ok") for line in lines[1:]}) == 1, str(report)
+
+
+# ---------------------------------------------------------------- a gradient of the wrong input
+
+@pytest.mark.parametrize("mode", ["full", "random"])
+@pytest.mark.parametrize("pair", [("q", "k"), ("means", "log_var")], ids=["q-k", "means-log_var"])
+def test_a_gradient_of_the_wrong_input_fails_both(tiny, mode, pair):
+    """Two inputs of one shape with their gradients exchanged (dk returned as dq and dq as dk):
+    the check of each of the two fails, and the others pass."""
+    inputs, dout, _, _ = tiny
+    a, b = pair
+
+    def exchanged(dout, **x):
+        g = grad(dout, **x)
+        g[a], g[b] = g[b], g[a]
+        return g
+    report = gma_np.gradcheck(fun, exchanged, inputs, dout=dout, mode=mode, n_directions=3)
+    assert not report[a].ok and not report[b].ok, str(report)
+    assert all(c.ok for c in report.inputs if c.name not in pair), str(report)

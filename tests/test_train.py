@@ -588,3 +588,92 @@ def test_each_task_preset_is_valid():
         cfg = preset(name)
         assert cfg.task == name.split("-")[0] and name in PRESETS
         assert cfg.model.max_len == cfg.task_spec().seq_len
+
+
+# =============================================================================================
+# The training step as a whole, and the checkpoint's own checks (added with the mutation
+# check, docs/testing.md). Clipping and AdamW are each tested alone in tests/test_optim.py,
+# and resume compares two runs of the same loop: here, what the optimizer receives from the
+# step before it, so that clipping in the wrong place or a shifted schedule cannot pass.
+# =============================================================================================
+
+import copy as _copy  # noqa: E402
+
+from gma_np.optim import AdamW, clip_grad_norm, global_norm, lr_at  # noqa: E402
+from gma_np.train.checkpoint import remove_stale_temporaries  # noqa: E402
+
+
+def _spy_on_steps(monkeypatch):
+    """Per step: the gradient loss_and_grads returned, the gradient and lr AdamW.step got, the
+    optimizer and parameters just before the step and the parameters after it (copies)."""
+    steps = []
+    real_grads, real_step = loop_module.loss_and_grads, AdamW.step
+
+    def loss_and_grads(model, task, batch):
+        loss, grads = real_grads(model, task, batch)
+        steps.append({"raw": {n: g.copy() for n, g in grads.items()}})
+        return loss, grads
+
+    def step(self, params, grads, lr):
+        steps[-1].update(given={n: np.array(g, copy=True) for n, g in grads.items()}, lr=lr,
+                         opt=_copy.deepcopy(self), before={n: p.copy() for n, p in params.items()})
+        real_step(self, params, grads, lr)
+        steps[-1]["after"] = {n: p.copy() for n, p in params.items()}
+
+    monkeypatch.setattr(loop_module, "loss_and_grads", loss_and_grads)
+    monkeypatch.setattr(AdamW, "step", step)
+    return steps, real_step
+
+
+def test_the_optimizer_gets_the_clipped_gradient_at_the_steps_learning_rate(tmp_path, monkeypatch):
+    """Clipping on (grad_clip far below the norm): every step hands AdamW the gradient clipped
+    to grad_clip, at lr_at(step), and the parameters become AdamW's update by that gradient."""
+    cfg = preset("test", steps=4, grad_clip=1e-3, warmup_steps=3)
+    steps, real_step = _spy_on_steps(monkeypatch)
+    _run(cfg, tmp_path)
+    assert len(steps) == 4
+    for s, rec in enumerate(steps):
+        assert global_norm(rec["raw"]) > 10 * cfg.grad_clip, "clipping was not active"
+        clipped = {n: g.copy() for n, g in rec["raw"].items()}
+        clip_grad_norm(clipped, cfg.grad_clip)
+        assert global_norm(rec["given"]) == pytest.approx(cfg.grad_clip, rel=1e-6), f"step {s}"
+        for name in clipped:
+            assert np.array_equal(rec["given"][name], clipped[name]), f"step {s}: d{name} not clipped"
+        assert rec["lr"] == lr_at(s, cfg.lr, cfg.warmup_steps, cfg.schedule_steps, cfg.min_lr_ratio)
+        params = {n: p.copy() for n, p in rec["before"].items()}
+        real_step(rec["opt"], params, clipped, rec["lr"])
+        for name in params:
+            assert np.array_equal(params[name], rec["after"][name]), f"step {s}: {name}"
+
+
+def test_a_step_with_clipping_differs_from_one_without(tmp_path, monkeypatch):
+    """The same 3 steps with clipping off (grad_clip = 0): AdamW gets the raw gradient and the
+    parameters end elsewhere than with clipping on."""
+    steps, _ = _spy_on_steps(monkeypatch)
+    _run(preset("test", steps=3, grad_clip=0.0), tmp_path / "off")
+    for rec in steps:
+        for name in rec["raw"]:
+            assert np.array_equal(rec["given"][name], rec["raw"][name]), name
+    off = steps[-1]["after"]
+    steps.clear()
+    _run(preset("test", steps=3, grad_clip=1e-3), tmp_path / "on")
+    on = steps[-1]["after"]
+    assert any(not np.array_equal(off[n], on[n]) for n in off)
+
+
+def test_a_checkpoint_holding_nan_is_refused(tmp_path):
+    params = {"w": np.array([1.0, np.nan]), "b": np.zeros(2)}
+    save_checkpoint(str(tmp_path), params, {"t": np.array(1)}, {"step": 1, "config": {}, "rng": {}})
+    with pytest.raises(CheckpointError, match="parameter 'w' holds NaN or inf"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_the_temporaries_of_a_killed_write_are_removed(tmp_path):
+    """What atomic_write leaves when killed mid-write, for each file it writes; nothing else."""
+    stale = ["checkpoint.npz.1a2b3c4d.tmp", "checkpoint.json.00ff00ff.tmp", "log.jsonl.deadbeef.tmp",
+             "config.json.0badf00d.tmp"]
+    kept = ["checkpoint.npz", "notes.tmp", "log.jsonl"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)

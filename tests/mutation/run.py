@@ -54,6 +54,7 @@ PYTEST = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
 # is counted as killed: a hang is a failure a user would see
 TIMEOUT_FACTOR = 3.0
 TIMEOUT_MARGIN_S = 180.0
+EXTRA_ARGS = []                                   # --pytest-args, for every run
 
 
 class MutantError(RuntimeError):
@@ -150,9 +151,12 @@ def _cache_files(copy, source):
 
 
 def first_failure(output):
-    """The first failing test of a pytest run ("FAILED x::y - why" or "ERROR x"), else a tail line."""
-    for line in output.splitlines():
-        if line.startswith(("FAILED ", "ERROR ")):
+    """The first failing test of a pytest run ("FAILED x::y - why" or "ERROR x" of the short
+    test summary; captured log lines also start with ERROR), else a tail line."""
+    lines = output.splitlines()
+    summary = [i for i, ln in enumerate(lines) if "short test summary info" in ln]
+    for line in lines[summary[-1] + 1:] if summary else lines:
+        if line.startswith(("FAILED ", "ERROR ")) and (summary or "::" in line):
             return line.split(" ", 1)[1][:160]
     lines = [ln for ln in output.splitlines() if ln.strip()]
     return (lines[-1] if lines else "(no output)")[:160]
@@ -161,7 +165,7 @@ def first_failure(output):
 def run_pytest(args, copy, env, timeout, log):
     start = time.perf_counter()
     try:
-        proc = subprocess.run(PYTEST + args, cwd=copy, env=env, capture_output=True, text=True,
+        proc = subprocess.run(PYTEST + EXTRA_ARGS + args, cwd=copy, env=env, capture_output=True, text=True,
                               timeout=timeout)
         output, code = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
@@ -172,7 +176,7 @@ def run_pytest(args, copy, env, timeout, log):
     return code, output, time.perf_counter() - start
 
 
-def run_mutant(mutant, pristine, work, files, env_of, timeout, full_only):
+def run_mutant(mutant, pristine, work, files, env_of, timeout, full_only, quick):
     """(status, first failing test, seconds, note) of one mutant in its own copy."""
     start = time.perf_counter()
     copy = os.path.join(work, mutant.name, "repo")
@@ -186,8 +190,9 @@ def run_mutant(mutant, pristine, work, files, env_of, timeout, full_only):
             os.unlink(path)
     env = env_of(copy)
     phases = [] if full_only else [[t for t in mutant.tests]]
-    phases.append([])                                     # the whole default suite
-    status, failing = "survived", ""
+    if not quick:
+        phases.append([])                                 # the whole default suite
+    status, failing = "not killed (own tests only)" if quick else "survived", ""
     for args in phases:
         code, output, _ = run_pytest(args, copy, env, timeout, log)
         if code == 0:
@@ -201,7 +206,7 @@ def run_mutant(mutant, pristine, work, files, env_of, timeout, full_only):
     if "@njit" in open(os.path.join(copy, mutant.file), encoding="utf-8").read():
         compiled = len([p for p in _cache_files(copy, mutant.file) if p.endswith(".nbi")])
         note = f"{compiled} kernel index(es) of {os.path.basename(mutant.file)} rebuilt"
-    if status == "survived" or not os.environ.get("MUTATION_KEEP"):
+    if not os.environ.get("MUTATION_KEEP"):
         shutil.rmtree(copy, ignore_errors=True)          # keep the log only
     return status, failing, time.perf_counter() - start, note
 
@@ -233,6 +238,11 @@ def main(argv=None):
     parser.add_argument("--rev", help="take the files of this commit (default: the work tree)")
     parser.add_argument("--full", action="store_true",
                         help="skip each mutant's own tests: run the whole suite only")
+    parser.add_argument("--quick", action="store_true",
+                        help="run each mutant's own tests only (a screen while writing tests: "
+                             "no verdict for those they do not kill)")
+    parser.add_argument("--pytest-args", default="",
+                        help="extra pytest arguments for every run, e.g. \"--ignore=tests/test_sweep.py\"")
     parser.add_argument("--workdir", help="where the copies go (default: a new temporary directory)")
     args = parser.parse_args(argv)
 
@@ -252,6 +262,7 @@ def main(argv=None):
             print(f"{'':<34} {m.why}")
         print(f"{len(MUTANTS)} mutants")
         return 0
+    EXTRA_ARGS[:] = args.pytest_args.split()
     if args.jobs < 1:
         sys.exit("mutation: --jobs expects an integer >= 1")
 
@@ -271,7 +282,9 @@ def main(argv=None):
 
     print(f"mutation check: {len(selected)} mutants, copies in {work}", flush=True)
     print(f"imports {check_import(pristine, env_of(pristine))}", flush=True)
-    code, output, baseline = run_pytest([], pristine, env_of(pristine), None,
+    # the quick screen needs no baseline verdict, only the warm cache of the files it runs
+    baseline_tests = sorted({t for m in selected for t in m.tests}) if args.quick else []
+    code, output, baseline = run_pytest(baseline_tests, pristine, env_of(pristine), None,
                                         os.path.join(work, "baseline.log"))
     if code != 0:
         sys.exit(f"mutation: the unmutated suite fails ({first_failure(output)}); "
@@ -285,7 +298,8 @@ def main(argv=None):
     t0 = time.perf_counter()
 
     def one(m):
-        status, failing, seconds, note = run_mutant(m, pristine, work, files, env_of, timeout, args.full)
+        status, failing, seconds, note = run_mutant(m, pristine, work, files, env_of, timeout,
+                                                    args.full, args.quick)
         with lock:
             results[m.name] = (status, failing, seconds)
             print(f"{status:<16} {m.name:<34} {seconds:6.0f} s  {failing}"
@@ -296,10 +310,10 @@ def main(argv=None):
             future.result()
     total = time.perf_counter() - t0
     killed = [n for n, r in results.items() if r[0].startswith("killed")]
-    survived = [n for n, r in results.items() if r[0] == "survived"]
+    survived = [n for n, r in results.items() if r[0] == "survived" or r[0].startswith("not killed")]
     errors = [n for n, r in results.items() if r[0].startswith("error")]
     kinds = sorted({m.kind for m in selected})
-    print(f"\n{len(killed)} killed, {len(survived)} survived, {len(errors)} errors of {len(selected)} "
+    print(f"\n{len(killed)} killed, {len(survived)} {'not killed' if args.quick else 'survived'}, {len(errors)} errors of {len(selected)} "
           f"mutants in {total / 60:.1f} min (baseline {baseline:.0f} s); kinds: {', '.join(kinds)}")
     if survived:
         print("survived: " + ", ".join(survived))
