@@ -154,7 +154,10 @@ def attention_mixer(name, core):
 
     def decode(x, p, cfg, state):
         check_input(x, cfg)
-        q, k, v, _ = project(x, p, cfg)
+        # the products of project() without linear_forward's caches and checks: a decoding
+        # chunk is often one token, where those cost more than the products
+        H = cfg.n_heads
+        q, k, v = (split_heads(x @ p[W] + p[b], H) for W, b in (("Wq", "bq"), ("Wk", "bk"), ("Wv", "bv")))
         o, state = core.decode(q, k, v, _core_params(p, core_names(cfg)), cfg, state)
         return merge_heads(o) @ p["Wo"] + p["bo"], state
 
