@@ -131,7 +131,8 @@ def test_grid_file_toml_equals_json(tmp_path):
                               "grid": [{"mixer": ["gma", "linear"], "seed": [0, 1],
                                         "task_params.dataset": ["embedded"]}]}))
     from gma_np.sweep import load_sweep
-    a, b = load_sweep(grid_file=str(toml), out=tmp_path), load_sweep(grid_file=str(js), out=tmp_path)
+    a = load_sweep(grid_file=str(toml), out=tmp_path)
+    b = load_sweep(grid_file=str(js), out=tmp_path)
     assert [(j.name, j.config) for j in a.jobs] == [(j.name, j.config) for j in b.jobs]
     assert a.jobs[0].name == "lm-gma-dataset=embedded-seed0"
 

@@ -4,8 +4,8 @@
     with open_client(scheduler="tcp://host:8786") as (client, about)   # an existing cluster
 
 The embedded cluster is a LocalCluster of worker processes (default: one per core),
-one thread each, listening on the loopback interface only. Each job runs on one core, so every thread pool under
-it is set to one thread in the worker:
+one thread each, listening on the loopback interface only. Each job runs on one core,
+so every thread pool under it is set to one thread in the worker:
 
 - BLAS (OpenBLAS, MKL): the nanny's pre-spawn environment sets OMP_NUM_THREADS,
   MKL_NUM_THREADS and OPENBLAS_NUM_THREADS to 1 (Dask's defaults), and each job

@@ -138,9 +138,10 @@ PRESETS = {
                   "seed": [0, 1, 2], "exclude": [{"mixer": "mamba", "task": "listops"}]},
                  {"mixer": ["gma"], "task": ["lm", "listops", "recall", "copying"],
                   "model.n_components": [4, 8, 16, 32, 64], "seed": [0, 1, 2]}],
-        "scaling": {"mixers": _ALL_MIXERS, "lengths": [256, 512, 1024, 2048, 4096, 8192, 16384],
-                    "steps": 5, "fit_from": 1024, "model": {"d_model": 128, "n_heads": 4, "head_dim": 32,
-                                          "value_dim": 32, "n_components": 16}},
+        "scaling": {"mixers": _ALL_MIXERS,
+                    "lengths": [256, 512, 1024, 2048, 4096, 8192, 16384], "steps": 5,
+                    "fit_from": 1024, "model": {"d_model": 128, "n_heads": 4, "head_dim": 32,
+                                                "value_dim": 32, "n_components": 16}},
     },
 }
 
@@ -185,7 +186,8 @@ def _canonical_field(name, where):
           or (head == "model" and rest in model) or (head == "task_params" and rest))
     if not ok:
         import difflib
-        known = [n for n in top if n not in ("model", "task_params")] + [f"model.{n}" for n in model]
+        known = ([n for n in top if n not in ("model", "task_params")]
+                 + [f"model.{n}" for n in model])
         close = difflib.get_close_matches(name, known + ["mixer"], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise GridError(f"{where}: unknown field {name!r}{hint}; a field is a TrainConfig field, "
@@ -208,7 +210,7 @@ def _flatten(d, where):
 
 
 def _nest(flat):
-    """{"model.d_model": 64, "task_params.x": 1, "steps": 10} -> the nested overrides of preset()."""
+    """{"model.d_model": 64, "task_params.x": 1, "steps": 10} -> preset()'s nested overrides."""
     out = {}
     for key, value in flat.items():
         head, _, rest = key.partition(".")

@@ -51,7 +51,8 @@ def learning_curves(job_rows, rows, axes, out, plt):
             steps = sorted(set.intersection(*(set(s for s, _ in j["curve"]) for j in runs)))
             if not steps:
                 continue
-            values = np.array([[dict(j["curve"])[s] for s in steps] for j in runs])   # (seeds, points)
+            values = np.array([[dict(j["curve"])[s] for s in steps]
+                               for j in runs])                                # (seeds, points)
             color = f"C{i % 10}"
             ax.plot(steps, values.mean(axis=0), "o-", ms=3, color=color,
                     label=f"{_label(row['settings'], varying)} ({len(runs)} seeds)")

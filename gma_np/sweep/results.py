@@ -30,8 +30,8 @@ import os
 import platform
 import statistics
 
-from gma_np.sweep.runner import (DONE_NAME, FAILED_NAME, SCALING_DIR, checkpoint_step, job_state,
-                                 read_json, scaling_units)
+from gma_np.sweep.runner import (DONE_NAME, FAILED_NAME, checkpoint_step, job_state, read_json,
+                                 scaling_units)
 
 # The metrics for which lower is better.
 LOWER_IS_BETTER = ("val_bpb",)
@@ -156,7 +156,8 @@ def group_rows(job_rows, axes):
                     "ms_per_step": _mean([r["ms_per_step"] for r in done]),
                     "tokens_per_s": _mean([r["tokens_per_s"] for r in done]),
                     "peak_rss_mib": max(peaks) if peaks else None,
-                    "peak_scope": "worker" if any(r["peak_scope"] == "worker" for r in done) else "job",
+                    "peak_scope": ("worker" if any(r["peak_scope"] == "worker" for r in done)
+                                   else "job"),
                     "status": "ok" if len(done) == len(rows) else "; ".join(notes),
                     "seeds": [r["seed"] for r in rows]})
     return out
@@ -233,7 +234,7 @@ def markdown_table(rows, axes):
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if any(r["peak_scope"] == "worker" for r in rows):
-        lines.append("\\* the worker's peak since it started (its peak could not be reset per job)\n")
+        lines.append("\\* the worker's peak since it started (it could not be reset per job)\n")
     return "\n".join(lines)
 
 
@@ -364,9 +365,10 @@ def write_results(sweep, collected=None, *, command="", machine="", wall_s=None,
                         "memory_slope"])
             for mixer, rec in scaling.items():
                 s = slopes(rec, fit_from)
-                for n, t, med, m in zip(rec["lengths"], rec["time_s"], rec.get("median_s", rec["time_s"]),
-                                        rec["memory_b"]):
-                    w.writerow([mixer, n, repr(t), repr(med), m, repr(s["time"]), repr(s["memory"])])
+                medians = rec.get("median_s", rec["time_s"])
+                for n, t, med, m in zip(rec["lengths"], rec["time_s"], medians, rec["memory_b"]):
+                    w.writerow([mixer, n, repr(t), repr(med), m, repr(s["time"]),
+                                repr(s["memory"])])
     md = [f"# Results: {sweep.name}\n"]
     if command:
         md.append(f"Command: `{command}`\n")
@@ -396,8 +398,9 @@ def write_results(sweep, collected=None, *, command="", machine="", wall_s=None,
         md.append("")
     if plots:
         md.append("## Plots\n")
-        md.extend(f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.relpath(p, sweep.out)})\n"
-                  for p in plots)
+        for p in plots:
+            title = os.path.splitext(os.path.basename(p))[0]
+            md.append(f"![{title}]({os.path.relpath(p, sweep.out)})\n")
     path = os.path.join(sweep.out, "results.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(md))

@@ -472,10 +472,12 @@ def run_sweep(sweep, client, *, retry_failed=False, on_step=None, on_result=None
     say = print_fn if bar.disable else bar.write
     token = uuid.uuid4().hex[:8]
     futures = {}
-    for name, unit, fn in todo:
+    for i, (name, unit, fn) in enumerate(todo):
         kwargs = {"on_step": on_step} if fn is run_job and on_step is not None else {}
+        # in the grid's order (Dask's own order among tasks submitted together is not it),
+        # the scaling measurements first
         future = client.submit(fn, unit, key=f"gma-np-{name}-{token}", pure=False,
-                               priority=1 if fn is run_scaling else 0, **kwargs)
+                               priority=len(todo) - i, **kwargs)
         futures[future] = (name, unit)
     index = before
     try:
