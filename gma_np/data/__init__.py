@@ -12,10 +12,10 @@ loads one by its registry name; `resolve(spec)` turns the trainer's `--data` str
 ("" or a path) into the right one.
 """
 
-import importlib
 import inspect
 import os
 
+from gma_np._registry import registered_module
 from gma_np.data.corpus import BYTE_VOCAB, ByteCorpus, DataError
 
 # name -> module with NAME and load(**params). Imported on first use.
@@ -31,9 +31,7 @@ DATASET_NAMES = tuple(DATASETS)
 
 def dataset_module(name):
     """The module of the registered dataset `name`; ValueError naming the known ones otherwise."""
-    if name not in DATASETS:
-        raise ValueError(f"dataset: expected one of {DATASET_NAMES}, got {name!r}")
-    return importlib.import_module(DATASETS[name])
+    return registered_module(DATASETS, "dataset", name)
 
 
 def get_dataset(name, **params):

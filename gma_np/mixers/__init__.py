@@ -14,7 +14,7 @@ REGISTRY below (docs/mixers/contract.md). tests/test_mixer_contract.py is parame
 over REGISTRY, so a registered mixer is proven the day it is added.
 """
 
-import importlib
+from gma_np._registry import registered_module
 
 # name -> the module whose `MIXER` attribute is the gma_np.mixers.contract.Mixer.
 # Modules are imported on first use: a mixer costs nothing until it is asked for.
@@ -31,6 +31,4 @@ MIXER_NAMES = tuple(REGISTRY)
 
 def get_mixer(name):
     """The registered Mixer called `name`; ValueError naming the known ones otherwise."""
-    if name not in REGISTRY:
-        raise ValueError(f"mixer: expected one of {MIXER_NAMES}, got {name!r}")
-    return importlib.import_module(REGISTRY[name]).MIXER
+    return registered_module(REGISTRY, "mixer", name).MIXER

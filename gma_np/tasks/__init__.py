@@ -11,7 +11,7 @@ checked, before any data exists), `build(seed=0, cache_dir=None, **params) -> Ta
 its Task class. The training loop knows only the Task contract (docs/tasks.md).
 """
 
-import importlib
+from gma_np._registry import registered_module
 
 from gma_np.tasks.base import Batch, Task, TaskSpec, add_head_grads, default_cache_dir
 
@@ -28,9 +28,7 @@ TASK_NAMES = tuple(TASKS)
 
 def task_module(name):
     """The module of the registered task `name`; ValueError naming the known ones otherwise."""
-    if name not in TASKS:
-        raise ValueError(f"task: expected one of {TASK_NAMES}, got {name!r}")
-    return importlib.import_module(TASKS[name])
+    return registered_module(TASKS, "task", name)
 
 
 def task_spec(name, *, seed=0, **params):
