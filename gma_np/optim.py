@@ -20,11 +20,17 @@ decay to min_ratio * lr at step `total`:
 
 Clipping: when the global norm ||g|| = sqrt(sum over every parameter of sum g^2)
 exceeds max_norm, every gradient is scaled by max_norm / ||g||.
+
+The update of a parameter is one pass over its elements (gma_np.nn._kernels._adamw_update),
+every operation that of the NumPy form `adamw_update_naive` in its order and dtype,
+so the same bits; the sums of squares of the norm are one float64 pass per gradient.
 """
 
 import math
 
 import numpy as np
+
+from gma_np.nn import _kernels as K
 
 
 def lr_at(step, base_lr, warmup, total, min_ratio=0.1):
@@ -36,8 +42,31 @@ def lr_at(step, base_lr, warmup, total, min_ratio=0.1):
 
 
 def global_norm(grads):
-    """sqrt(sum of squares of every gradient), accumulated in float64."""
+    """sqrt(sum of squares of every gradient), accumulated in float64 (element by element,
+    parameters in order)."""
+    return math.sqrt(sum(K._sum_squares(np.ascontiguousarray(g).reshape(-1))
+                         for g in grads.values()))
+
+
+def global_norm_naive(grads):
+    """The reference of global_norm: NumPy's float64 sums."""
     return math.sqrt(sum(float(np.square(g, dtype=np.float64).sum()) for g in grads.values()))
+
+
+def adamw_update_naive(p, g, m, v, lr, t, beta1, beta2, eps, weight_decay, decay):
+    """The reference of one AdamW update of p, m, v in place (step t >= 1), in NumPy passes."""
+    bc1 = 1.0 - beta1 ** t
+    bc2 = 1.0 - beta2 ** t
+    g = g.astype(p.dtype, copy=False)
+    if decay and weight_decay > 0:
+        p *= p.dtype.type(1.0 - lr * weight_decay)
+    m *= p.dtype.type(beta1)
+    m += p.dtype.type(1.0 - beta1) * g
+    v *= p.dtype.type(beta2)
+    v += p.dtype.type(1.0 - beta2) * (g * g)
+    denom = np.sqrt(v / p.dtype.type(bc2))
+    denom += p.dtype.type(eps)
+    p -= p.dtype.type(lr / bc1) * m / denom
 
 
 def clip_grad_norm(grads, max_norm):
@@ -78,17 +107,19 @@ class AdamW:
         bc1 = 1.0 - self.beta1 ** self.t
         bc2 = 1.0 - self.beta2 ** self.t
         for name, p in params.items():
-            g = grads[name].astype(p.dtype, copy=False)
             m, v = self.m[name], self.v[name]
-            if self.decay[name] and self.weight_decay > 0:
-                p *= p.dtype.type(1.0 - lr * self.weight_decay)
-            m *= p.dtype.type(self.beta1)
-            m += p.dtype.type(1.0 - self.beta1) * g
-            v *= p.dtype.type(self.beta2)
-            v += p.dtype.type(1.0 - self.beta2) * (g * g)
-            denom = np.sqrt(v / p.dtype.type(bc2))
-            denom += p.dtype.type(self.eps)
-            p -= p.dtype.type(lr / bc1) * m / denom
+            if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+                # a strided view is updated in place too, by the NumPy form
+                adamw_update_naive(p, grads[name], m, v, lr, self.t, self.beta1, self.beta2,
+                                   self.eps, self.weight_decay, self.decay[name])
+                continue
+            one = p.dtype.type
+            g = np.ascontiguousarray(grads[name], dtype=p.dtype)
+            keep = one(1.0 - lr * self.weight_decay) if (self.decay[name] and self.weight_decay > 0) \
+                else one(1.0)
+            K._adamw_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), keep, one(self.beta1),
+                            one(1.0 - self.beta1), one(self.beta2), one(1.0 - self.beta2),
+                            one(bc2), one(self.eps), one(lr / bc1))
 
     def state_arrays(self):
         """The state as a flat dict of arrays (for a checkpoint): "m/<name>", "v/<name>", "t"."""

@@ -14,12 +14,26 @@ what is recomputed. Gradients are named d<name> and have the shape and dtype of
 what they differentiate. Nothing here holds state: gma_np.nn.model is the shell
 that owns the parameters. Each pair is checked against central finite
 differences in float64 by tests/test_nn.py (gma_np.gradcheck).
+
+Fast paths and their references: the layers that NumPy would run in several
+passes over an (M, D) or (M, V) array (GELU, layer norm, softmax cross-entropy, the
+embedding scatter, the convolution) run private Numba loops (gma_np.nn._kernels);
+the plain NumPy form of each stays here as `<layer>_forward_naive` /
+`<layer>_backward_naive`, the reference tests/test_layers_fast.py holds the fast
+path to (the same bits for GELU, the embedding and the convolution's forward;
+within a few float32 roundings, or 1e-12 in float64, for the others, which
+accumulate in float64). Large matrix products are split in BLOCK_STREAMS pieces
+that run on the cores at once (`_matmul`), the same pieces whatever the thread count.
 """
 
 import math
 
 import numpy as np
 from scipy.special import logsumexp
+
+from gma_np._numerics import BLOCK_STREAMS
+from gma_np._threads import run_streams
+from gma_np.nn import _kernels as K
 
 # Standard deviation of the initial weight matrices and embeddings (GPT-2's 0.02).
 INIT_STD = 0.02
@@ -33,6 +47,20 @@ LAYERNORM_EPS = 1e-5
 # (Hendrycks and Gimpel 2016), the form GPT-2 uses.
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
+
+# Matrix products of at least this many multiply-adds are split in BLOCK_STREAMS
+# pieces that run at once on Python threads (gma_np._threads.run_streams), each with
+# BLAS on one thread; smaller ones run whole. A piece costs ~50 us of thread hand-off,
+# 2^21 multiply-adds are ~0.1 ms of one core: below that the split cannot pay.
+MATMUL_SPLIT_MIN_WORK = 2 ** 21
+
+# Elements per pass of the GELU and rows per pass of the softmax cross-entropy: the
+# wrappers run kernel, NumPy's tanh or exp, kernel on one block at a time, so the
+# three passes read a block that is still in L2 (64 Ki float32 elements: 256 KiB;
+# 128 rows of V = 256 float64: 256 KiB), not the whole (M, F) or (M, V) array
+# from memory three times.
+GELU_BLOCK = 2 ** 16
+SOFTMAX_BLOCK_ROWS = 128
 
 
 def _expect(name, ok, expected, got):
@@ -55,9 +83,19 @@ def embedding_forward(idx, W):
 
 
 def embedding_backward(dout, cache):
-    """dW (V, D): every row of dout is added to the row of the token that read it."""
+    """dW (V, D): every row of dout is added to the row of the token that read it,
+    tokens in order (np.add.at's order, so the same bits as embedding_backward_naive)."""
     idx, shape, dtype = cache
     # in the forward pass this was: out[b, n] = W[idx[b, n]]
+    dW = np.zeros(shape, dtype=dtype)
+    K._embedding_backward(np.ascontiguousarray(idx.ravel()),
+                          np.ascontiguousarray(dout, dtype=dtype).reshape(-1, shape[1]), dW)
+    return dW
+
+
+def embedding_backward_naive(dout, cache):
+    """The reference of embedding_backward: np.add.at."""
+    idx, shape, dtype = cache
     dW = np.zeros(shape, dtype=dtype)
     np.add.at(dW, idx.ravel(), dout.reshape(-1, shape[1]))
     return dW
@@ -85,15 +123,56 @@ def position_backward(dout, cache):
 
 # ---------------------------------------------------------------- linear
 
+def _pieces(n, parts):
+    """`parts` slices that cut range(n) into nearly equal consecutive pieces."""
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def _matmul(a, b, bias=None, *, split="rows", column_sums=None):
+    """a @ b (+ bias): a (M, Kc), b (Kc, Nc) -> (M, Nc) in the result dtype of a @ b.
+
+    Large products (MATMUL_SPLIT_MIN_WORK) are cut in BLOCK_STREAMS pieces, by rows of
+    the result (split="rows") or by its columns ("cols", for a^T b whose rows are few),
+    computed by run_streams: at once when Numba has more than one thread, one after
+    the other otherwise. The pieces are the same whatever the thread count, so are the
+    bits. column_sums (Nc,), with split="cols": filled with b.sum(axis=0) by the same
+    pieces (a linear layer's bias gradient beside its weight gradient)."""
+    M, Nc = a.shape[0], b.shape[1]
+    out = np.empty((M, Nc), dtype=np.result_type(a, b))
+    pieces = (_pieces(M if split == "rows" else Nc, BLOCK_STREAMS)
+              if M * a.shape[1] * Nc >= MATMUL_SPLIT_MIN_WORK else [slice(None)])
+
+    def piece(i):
+        s = pieces[i]
+        if split == "rows":
+            np.matmul(a[s], b, out=out[s])
+            if bias is not None:
+                out[s] += bias
+        else:
+            np.matmul(a, b[:, s], out=out[:, s])
+            if bias is not None:
+                out[:, s] += bias[s]
+            if column_sums is not None:
+                np.sum(b[:, s], axis=0, out=column_sums[s])
+    if len(pieces) == 1:
+        piece(0)
+    else:
+        run_streams(piece, len(pieces))
+    return out
+
+
 def linear_forward(x, W, b):
-    """out = x W + b: x (M..., Din), W (Din, Dout), b (Dout,) or None -> (M..., Dout). Cache: x, W."""
+    """out = x W + b: x (M..., Din), W (Din, Dout), b (Dout,) or None -> (M..., Dout). Cache: x, W.
+
+    The leading axes are flattened first: one (M, Din) x (Din, Dout) product, not one
+    per leading index (NumPy's matmul of a 3-D x loops over B products of N rows)."""
     _expect("W", W.ndim == 2 and W.shape[0] == x.shape[-1], f"shape ({x.shape[-1]}, Dout) for x "
             f"of shape {x.shape}", f"shape {W.shape}")
     _expect("b", b is None or b.shape == (W.shape[1],), f"shape ({W.shape[1]},) or None",
             None if b is None else f"shape {b.shape}")
-    out = x @ W
-    if b is not None:
-        out += b
+    x2 = x.reshape(-1, x.shape[-1])                                 # (M, Din)
+    out = _matmul(x2, W, b).reshape(x.shape[:-1] + (W.shape[1],))   # (M..., Dout)
     return out, (x, W, b is not None)
 
 
@@ -103,21 +182,73 @@ def linear_backward(dout, cache):
     x2 = x.reshape(-1, x.shape[-1])                                 # (M, Din)
     d2 = dout.reshape(-1, dout.shape[-1])                           # (M, Dout)
     # in the forward pass this was: out = x @ W + b
-    dx = dout @ W.T                                                 # (M..., Din)
-    dW = x2.T @ d2                                                  # (Din, Dout)
-    db = d2.sum(axis=0) if has_bias else None                       # (Dout,)
+    dx = _matmul(d2, W.T).reshape(x.shape[:-1] + (W.shape[0],))     # (M..., Din)
+    db = np.empty(d2.shape[1], dtype=d2.dtype) if has_bias else None
+    dW = _matmul(x2.T, d2, split="cols", column_sums=db)            # (Din, Dout), db (Dout,)
     return dx, dW, db
+
+
+def linear_forward_naive(x, W, b):
+    """The reference of linear_forward: x @ W + b in one NumPy expression."""
+    out = x @ W
+    if b is not None:
+        out = out + b
+    return out, (x, W, b is not None)
+
+
+def linear_backward_naive(dout, cache):
+    """The reference of linear_backward."""
+    x, W, has_bias = cache
+    x2 = x.reshape(-1, x.shape[-1])
+    d2 = dout.reshape(-1, dout.shape[-1])
+    return dout @ W.T, x2.T @ d2, (d2.sum(axis=0) if has_bias else None)
 
 
 # ---------------------------------------------------------------- layer norm
 
+def _rows(a):
+    """a as a C-contiguous (M, D) array (a view when it is contiguous already)."""
+    return np.ascontiguousarray(a).reshape(-1, a.shape[-1])
+
+
 def layernorm_forward(x, g, b):
     """y = g * (x - mean) / sqrt(var + eps) + b over the last axis: x (M..., D), g, b (D,).
 
-    Cache: xhat (the normalised x), rstd = 1/sqrt(var + eps) (M..., 1) and g."""
+    Cache: xhat (the normalised x), rstd = 1/sqrt(var + eps) (M..., 1) and g.
+    One pass per row (gma_np.nn._kernels._layernorm_forward); the row statistics are
+    accumulated in float64 (layernorm_forward_naive: NumPy's, in x's dtype)."""
     D = x.shape[-1]
     _expect("g, b", g.shape == (D,) and b.shape == (D,), f"shapes ({D},) like x's last axis",
             f"{g.shape} and {b.shape}")
+    x2 = _rows(x)                                                   # (M, D)
+    y = np.empty(x.shape, dtype=np.result_type(x, g, b))
+    xhat = np.empty(x.shape, dtype=x.dtype)
+    rstd = np.empty(x.shape[:-1] + (1,), dtype=x.dtype)             # (M..., 1)
+    K._layernorm_forward(x2, g, b, LAYERNORM_EPS, y.reshape(-1, D), xhat.reshape(-1, D),
+                         rstd.reshape(-1))
+    return y, (xhat, rstd, g)
+
+
+def layernorm_backward(dy, cache):
+    """(dx, dg, db) of layernorm_forward.
+
+    With xhat = (x - mean) rstd and dxhat = dy g, the Jacobian of the
+    normalisation gives (docs/tutorial.md, step 3)
+        dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
+    One pass per row; the row means and dg, db are accumulated in float64."""
+    xhat, rstd, g = cache
+    D = xhat.shape[-1]
+    dx = np.empty(xhat.shape, dtype=np.result_type(dy, g, xhat))
+    dg = np.zeros(D)                                                # float64 accumulators
+    db = np.zeros(D)
+    # in the forward pass this was: y = xhat * g + b, xhat = (x - mean(x)) * rstd
+    K._layernorm_backward(_rows(dy), _rows(xhat), rstd.reshape(-1), g, dx.reshape(-1, D), dg, db)
+    dtype = np.result_type(dy, xhat)
+    return dx, dg.astype(dtype), db.astype(dy.dtype)
+
+
+def layernorm_forward_naive(x, g, b):
+    """The reference of layernorm_forward, in NumPy passes."""
     mean = x.mean(axis=-1, keepdims=True)                           # (M..., 1)
     xc = x - mean
     var = (xc * xc).mean(axis=-1, keepdims=True)                    # (M..., 1) biased, as in the definition of LayerNorm
@@ -126,12 +257,8 @@ def layernorm_forward(x, g, b):
     return xhat * g + b, (xhat, rstd, g)
 
 
-def layernorm_backward(dy, cache):
-    """(dx, dg, db) of layernorm_forward.
-
-    With xhat = (x - mean) rstd and dxhat = dy g, the Jacobian of the
-    normalisation gives (docs/tutorial.md, step 3)
-        dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))."""
+def layernorm_backward_naive(dy, cache):
+    """The reference of layernorm_backward, in NumPy passes."""
     xhat, rstd, g = cache
     D = xhat.shape[-1]
     # in the forward pass this was: y = xhat * g + b
@@ -147,15 +274,48 @@ def layernorm_backward(dy, cache):
 # ---------------------------------------------------------------- GELU and the MLP
 
 def gelu_forward(x):
-    """y = 1/2 x (1 + tanh(c (x + a x^3))), the tanh form of GELU. Cache: x and the tanh."""
+    """y = 1/2 x (1 + tanh(c (x + a x^3))), the tanh form of GELU. Cache: x and the tanh.
+
+    Per block of GELU_BLOCK elements: a kernel writes u = c (x + a x^3) into the
+    cache's t, NumPy's vectorised tanh takes it in place, a kernel writes y. Every
+    operation is gelu_forward_naive's, in its order and dtype: the same bits."""
+    x = np.ascontiguousarray(x)
+    _expect("x", x.dtype in (np.float32, np.float64), "a float32 or float64 array",
+            f"dtype {x.dtype}")
+    one = x.dtype.type
+    t = np.empty_like(x)
+    y = np.empty_like(x)
+    xf, tf, yf = x.reshape(-1), t.reshape(-1), y.reshape(-1)
+    for s in range(0, xf.size, GELU_BLOCK):
+        blk = slice(s, s + GELU_BLOCK)
+        K._gelu_inner(xf[blk], tf[blk], one(GELU_C), one(GELU_A))
+        np.tanh(tf[blk], out=tf[blk])
+        K._gelu_outer(xf[blk], tf[blk], yf[blk], one(0.5), one(1.0))
+    return y, (x, t)
+
+
+def gelu_backward(dy, cache):
+    """dx = dy [1/2 (1 + t) + 1/2 x (1 - t^2) c (1 + 3 a x^2)], one pass (the same bits as
+    gelu_backward_naive)."""
+    x, t = cache
+    one = x.dtype.type
+    dy = np.ascontiguousarray(dy, dtype=x.dtype)
+    dx = np.empty_like(x)
+    # in the forward pass this was: y = 0.5 x (1 + t), t = tanh(c (x + a x^3))
+    K._gelu_backward(dy.reshape(-1), x.reshape(-1), t.reshape(-1), dx.reshape(-1),
+                     one(0.5), one(1.0), one(GELU_C), one(3.0 * GELU_A))
+    return dx
+
+
+def gelu_forward_naive(x):
+    """The reference of gelu_forward, in NumPy passes."""
     t = np.tanh(GELU_C * (x + GELU_A * x * x * x))
     return 0.5 * x * (1.0 + t), (x, t)
 
 
-def gelu_backward(dy, cache):
-    """dx = dy [1/2 (1 + t) + 1/2 x (1 - t^2) c (1 + 3 a x^2)]."""
+def gelu_backward_naive(dy, cache):
+    """The reference of gelu_backward."""
     x, t = cache
-    # in the forward pass this was: y = 0.5 x (1 + t), t = tanh(c (x + a x^3))
     dt = 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * x * x)
     return dy * (0.5 * (1.0 + t) + dt)
 
@@ -197,15 +357,38 @@ def causal_conv_forward(x, c, history=None):
             f"shape {(B, w - 1, D)} or None", None if history is None else f"shape {history.shape}")
     pad = np.zeros((B, w - 1, D), dtype=x.dtype) if history is None else history
     xp = np.concatenate([pad, x], axis=1)                           # (B, w-1+N, D)
-    out = np.zeros_like(x)
-    for s in range(w):
-        # tap s reads token t - s, which sits at t + (w - 1 - s) in the padded input
-        out += c[s] * xp[:, w - 1 - s:w - 1 - s + N]
+    out = np.empty(x.shape, dtype=np.result_type(x, c))
+    # tap s reads token t - s, which sits at t + (w - 1 - s) in the padded input;
+    # one pass, the taps added in order (the same bits as causal_conv_forward_naive)
+    K._causal_conv_forward(xp, np.ascontiguousarray(c), out)
     return out, (xp, c)
 
 
 def causal_conv_backward(dout, cache):
-    """(dx, dc) of causal_conv_forward (the gradient of the history is not needed)."""
+    """(dx, dc) of causal_conv_forward (the gradient of the history is not needed).
+    One pass; dc accumulated in float64."""
+    xp, c = cache
+    dx = np.empty(dout.shape, dtype=np.result_type(dout, c))
+    dc = np.zeros(c.shape)                                          # float64 accumulator
+    # in the forward pass this was: out[b, t] = sum_s c[s] xp[b, t + w - 1 - s]
+    K._causal_conv_backward(xp, np.ascontiguousarray(c), np.ascontiguousarray(dout), dx, dc)
+    return dx, dc.astype(c.dtype)
+
+
+def causal_conv_forward_naive(x, c, history=None):
+    """The reference of causal_conv_forward: one NumPy pass per tap."""
+    B, N, D = x.shape
+    w = c.shape[0]
+    pad = np.zeros((B, w - 1, D), dtype=x.dtype) if history is None else history
+    xp = np.concatenate([pad, x], axis=1)                           # (B, w-1+N, D)
+    out = np.zeros_like(x)
+    for s in range(w):
+        out += c[s] * xp[:, w - 1 - s:w - 1 - s + N]
+    return out, (xp, c)
+
+
+def causal_conv_backward_naive(dout, cache):
+    """The reference of causal_conv_backward."""
     xp, c = cache
     w = c.shape[0]
     N = dout.shape[1]
@@ -221,14 +404,8 @@ def causal_conv_backward(dout, cache):
 
 # ---------------------------------------------------------------- losses and heads
 
-def cross_entropy_forward(logits, targets, mask=None):
-    """Mean negative log-likelihood of the targets, in nats.
-
-    logits (M..., V) float, targets (M...) int in [0, V), mask (M...) bool or
-    None (False positions do not count). loss = -sum_m mask_m log softmax(logits_m)[t_m] / sum_m mask_m.
-
-    Cache: the softmax probabilities (M, V), the targets and the mask weights.
-    """
+def _cross_entropy_check(logits, targets, mask):
+    """(flat logits (M, V), targets (M,), mask weights w (M,) in the logits' dtype, count)."""
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)                                    # (M, V)
     _expect("targets", np.shape(targets) == logits.shape[:-1], f"shape {logits.shape[:-1]}",
@@ -242,6 +419,67 @@ def cross_entropy_forward(logits, targets, mask=None):
     count = w.sum()
     if count == 0:
         raise ValueError("mask: every position is masked out, the mean loss is undefined")
+    return flat, t, w, count
+
+
+def log_softmax_rows(flat):
+    """(lse (M,) float64, probs (M, V) in the dtype of flat) of the rows of flat (M, V):
+    lse = logsumexp(flat, axis=-1) by SciPy's algorithm, probs = softmax(flat, axis=-1).
+
+    Per block of SOFTMAX_BLOCK_ROWS rows: a kernel finds each row's maximum and writes
+    flat - max in float64, NumPy's vectorised exp takes it in place, a kernel sums it
+    (gma_np.nn._kernels._softmax_finish) and writes the probabilities. Everything is
+    accumulated in float64; tests/test_layers_fast.py holds it to
+    scipy.special.logsumexp and scipy.special.softmax, infinite and NaN rows included."""
+    flat = np.ascontiguousarray(flat)
+    M, V = flat.shape
+    probs = np.empty((M, V), dtype=flat.dtype)
+    lse = np.empty(M)
+    rows = min(M, SOFTMAX_BLOCK_ROWS)
+    row_max = np.empty(rows)
+    n_max = np.empty(rows, dtype=np.int64)
+    scratch = np.empty((rows, V))                                   # float64, one block
+    for s in range(0, M, SOFTMAX_BLOCK_ROWS):
+        blk = slice(s, min(M, s + SOFTMAX_BLOCK_ROWS))
+        r = blk.stop - s
+        K._softmax_shift(flat[blk], scratch[:r], row_max[:r], n_max[:r])
+        np.exp(scratch[:r], out=scratch[:r])
+        K._softmax_finish(flat[blk], scratch[:r], row_max[:r], n_max[:r], probs[blk], lse[blk])
+    return lse, probs
+
+
+def cross_entropy_forward(logits, targets, mask=None):
+    """Mean negative log-likelihood of the targets, in nats.
+
+    logits (M..., V) float, targets (M...) int in [0, V), mask (M...) bool or
+    None (False positions do not count). loss = -sum_m mask_m log softmax(logits_m)[t_m] / sum_m mask_m.
+
+    Cache: the softmax probabilities (M, V), the targets and the mask weights.
+    The log-sum-exp and the softmax are log_softmax_rows' (fused, float64 sums); the
+    loss is summed in float64 (cross_entropy_forward_naive: scipy's logsumexp in the
+    logits' dtype, then NumPy passes).
+    """
+    flat, t, w, count = _cross_entropy_check(logits, targets, mask)
+    lse, probs = log_softmax_rows(flat)                             # (M,) float64, (M, V)
+    logp_t = flat[np.arange(t.size), t] - lse                       # (M,) float64
+    loss = -float((w.astype(np.float64) * logp_t).sum() / float(count))
+    return loss, (probs, t, w / count, logits.shape)
+
+
+def cross_entropy_backward(dloss, cache):
+    """dlogits = dloss * w_m (softmax_m - onehot(t_m)), w_m = mask_m / sum(mask). One pass."""
+    probs, t, w, shape = cache
+    # in the forward pass this was: loss = -sum_m w_m (logits[m, t_m] - logsumexp(logits[m]))
+    scale = np.ascontiguousarray(dloss * w, dtype=probs.dtype)      # (M,)
+    dlogits = np.empty_like(probs)
+    K._cross_entropy_backward(probs, np.ascontiguousarray(t, dtype=np.int64), scale, dlogits,
+                              probs.dtype.type(1.0))
+    return dlogits.reshape(shape)
+
+
+def cross_entropy_forward_naive(logits, targets, mask=None):
+    """The reference of cross_entropy_forward: scipy's logsumexp, then NumPy passes."""
+    flat, t, w, count = _cross_entropy_check(logits, targets, mask)
     lse = logsumexp(flat, axis=-1)                                  # (M,)
     logp_t = flat[np.arange(t.size), t] - lse                       # (M,) log-probability of the target
     loss = -float((w * logp_t).sum() / count)
@@ -249,10 +487,9 @@ def cross_entropy_forward(logits, targets, mask=None):
     return loss, (probs, t, w / count, logits.shape)
 
 
-def cross_entropy_backward(dloss, cache):
-    """dlogits = dloss * w_m (softmax_m - onehot(t_m)), w_m = mask_m / sum(mask)."""
+def cross_entropy_backward_naive(dloss, cache):
+    """The reference of cross_entropy_backward."""
     probs, t, w, shape = cache
-    # in the forward pass this was: loss = -sum_m w_m (logits[m, t_m] - logsumexp(logits[m]))
     dlogits = probs.copy()
     dlogits[np.arange(t.size), t] -= 1.0
     dlogits *= (dloss * w)[:, None]
