@@ -677,3 +677,29 @@ def test_the_temporaries_of_a_killed_write_are_removed(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     remove_stale_temporaries(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted(kept)
+
+
+# ---------------------------------------------------------------- routing usage in the run log
+
+def test_gma_runs_log_routing_usage_at_every_evaluation(straight):
+    """Every validation line of a GMA run carries the routing usage, equal to the summary
+    recomputed from the final checkpoint on the same windows; another mixer's has none."""
+    from gma_np.analysis.collect import usage_summary
+    from gma_np.train.loop import USAGE_WINDOWS, build_task, restore
+    run_dir, _ = straight
+    lines = [json.loads(l) for l in open(os.path.join(run_dir, "log.jsonl"))]
+    evals = [l for l in lines if "val_bpb" in l]
+    assert evals and all("eff_components" in l and "dead_k" in l for l in evals)
+    cfg, model, _, _, _, _ = restore(str(run_dir))
+    final = evals[-1]
+    task = build_task(cfg)
+    batch = next(iter(task.eval_batches("val", USAGE_WINDOWS, USAGE_WINDOWS)))
+    expected = usage_summary(model, batch.tokens)
+    assert {k: final[k] for k in expected} == expected
+    assert 1.0 <= final["eff_components"] <= cfg.model.n_components
+
+
+def test_other_mixers_log_no_routing_usage(tmp_path):
+    _run(preset("test", steps=4, eval_interval=2, mixer="linear"), tmp_path)
+    evals = [json.loads(l) for l in open(tmp_path / "log.jsonl") if "val_bpb" in l]
+    assert evals and not any("eff_components" in l for l in evals)

@@ -303,6 +303,7 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
                 record = {"step": step, key: round(val, 6)}
                 if task.name != "lm":              # the language model's lines stay as they were
                     record["val_loss"] = round(result["loss"], 6)
+                record.update(_routing_usage(model, task))
                 log.write({**record, "elapsed_s": round(time.perf_counter() - t_start, 3)})
                 train_text = (f"{loss / math.log(2):.3f} bits/byte" if task.name == "lm"
                               else f"loss {loss:.3f} nats")
@@ -344,6 +345,26 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
                  f"validation {shown(val)}); resume with a larger --steps to extend it")
     return TrainResult(step=step, val_metric=val, metric=task.metric_name, tokens_per_s=rate,
                        elapsed_s=elapsed, model=model, stopped=stopped)
+
+
+# Validation windows the routing usage of the run log is measured on (a fixed sample:
+# the same windows at every evaluation, so the curve shows the model change, not the data).
+USAGE_WINDOWS = 8
+
+
+def _routing_usage(model, task):
+    """GMA's routing usage on the first USAGE_WINDOWS validation windows (effective number
+    of components, token entropy, dead components: gma_np.analysis.usage_summary), for the
+    run log at every evaluation, so a collapse to few components shows as it happens.
+    {} for another mixer, and for a task with padding or a bidirectional body, which the
+    summary does not model. It only reads the model: the run's numbers do not change."""
+    if model.cfg.mixer != "gma" or not task.causal:
+        return {}
+    batch = next(iter(task.eval_batches("val", USAGE_WINDOWS, USAGE_WINDOWS)))
+    if batch.key_mask is not None:
+        return {}
+    from gma_np.analysis.collect import usage_summary    # the analysis loads only when used
+    return usage_summary(model, batch.tokens)
 
 
 def _write_config(run_dir, cfg):
