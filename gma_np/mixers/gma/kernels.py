@@ -164,7 +164,7 @@ def _gma_step_fused(q, k, v, mask, parameters, prepared, means_t, inv_var_t, con
     inv_var_t       (H, d, K)  float64 exp(-log_var), j-major
     const           (H, K)     float64 log pi - 1/2 sum_j log_var - d/2 log 2 pi
                                (gma_np.mixers.gma.routing.Mixture)
-    tau             (H,)       float64 temperature
+    tau             (H,)       float32 or float64 temperature, taken in float64
     slot, eps                  the read-out's norm ("slot" if True) and eps
     S_in, z_in      (B, H, K, e), (B, H, K)  float64 state, read
     S_out, z_out    the same shapes, written (the state after the token)
@@ -180,7 +180,8 @@ def _gma_step_fused(q, k, v, mask, parameters, prepared, means_t, inv_var_t, con
     if not (for_means and for_log_var and for_logits):
         return STEP_STALE
     for h in range(tau.shape[0]):
-        if not (tau[h] > 0.0 and np.isfinite(tau[h]) and np.isfinite(1.0 / tau[h])):
+        t = float(tau[h])
+        if not (t > 0.0 and np.isfinite(t) and np.isfinite(1.0 / t)):
             return STEP_CHECK
     B, H, d = q.shape
     K = means_t.shape[2]
@@ -211,7 +212,7 @@ def _gma_step_fused(q, k, v, mask, parameters, prepared, means_t, inv_var_t, con
             if not finite:
                 return STEP_CHECK
             # 2. responsibilities, with the temperature
-            inv_tau = 1.0 / tau[h]
+            inv_tau = 1.0 / float(tau[h])
             _softmax_row(lq, inv_tau, rq)
             _softmax_row(lk, inv_tau, rk)
             # 3. write (r(k_t), v_t) into the memory, read it with r(q_t)

@@ -205,12 +205,6 @@ def _prepare_step_mixture(means, log_var, logits):
     return entry
 
 
-def _plain(a, ndim):
-    """a is an ndarray (not a subclass) of a supported dtype, ndim dimensions, C order."""
-    return (type(a) is np.ndarray and a.ndim == ndim and a.dtype in SUPPORTED_DTYPES
-            and a.flags.c_contiguous)
-
-
 def _constant(value, n):
     """A read-only float64 array (n,) filled with value, made once per (value, n)."""
     a = _CONSTANTS.get((value, n))
@@ -230,11 +224,15 @@ def _fused_step(q, k, v, means, log_var, logits, state, norm, temperature, eps, 
     """(o (B, H, e), GMAState) of one token through _gma_step_fused, or None when an
     argument is not of the plain kind or the kernel reports a non-finite value: then
     the caller runs the checked path (module docstring)."""
-    if not (_plain(q, 3) and _plain(k, 3) and _plain(v, 3) and _plain(means, 3)
-            and type(log_var) is np.ndarray and log_var.flags.c_contiguous
-            and type(logits) is np.ndarray and logits.flags.c_contiguous
-            and k.dtype == q.dtype and v.dtype == q.dtype and k.shape == q.shape
-            and v.shape[:2] == q.shape[:2] and 0 not in q.shape and v.shape[2] > 0
+    # plain C-ordered ndarrays (not subclasses) of one supported dtype, matching shapes
+    if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray
+            and type(means) is np.ndarray and type(log_var) is np.ndarray
+            and type(logits) is np.ndarray and q.ndim == 3 and means.ndim == 3
+            and q.dtype in SUPPORTED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.shape == q.shape and v.ndim == 3 and v.shape[:2] == q.shape[:2]
+            and 0 not in q.shape and v.shape[2] > 0 and q.flags.c_contiguous
+            and k.flags.c_contiguous and v.flags.c_contiguous and means.flags.c_contiguous
+            and log_var.flags.c_contiguous and logits.flags.c_contiguous
             and norm in check.NORMS):
         return None
     B, H, d = q.shape
@@ -249,7 +247,7 @@ def _fused_step(q, k, v, means, log_var, logits, state, norm, temperature, eps, 
         tau = _constant(float(temperature), H)          # not finite or <= 0: the kernel says
     elif (type(temperature) is np.ndarray and temperature.dtype in SUPPORTED_DTYPES
           and temperature.shape == (H,)):
-        tau = temperature.astype(ACCUM_DTYPE)
+        tau = temperature                               # the kernel reads it as float64
     else:
         return None
     if mask_t is None:
