@@ -166,11 +166,12 @@ def gma_step(q_t, k_t, v_t, means, log_var, logits, state=None, *, norm="row",
 # Prepared mixtures of the one-token path, keyed by the ids of (means, log_var, logits):
 # a model decodes with one mixture per layer, passing the same arrays every token. The
 # id only finds an entry; what makes it valid is the kernel's comparison of the three
-# arrays with the values it was prepared from. Entries are
-# replaced whole (one atomic dict operation under the GIL), and the dict is emptied when
-# it holds STEP_MIXTURES_MAX of them.
+# arrays with the values it was prepared from. Entries are replaced whole (one atomic
+# dict operation under the GIL). The dict is emptied when it holds STEP_MIXTURES_MAX
+# entries: more layers than any model here has, and at most 32 x 5 H K d float64 (20 MB
+# at H = 4, K = d = 64) held for mixtures that may be gone.
 _STEP_MIXTURES = {}
-STEP_MIXTURES_MAX = 64
+STEP_MIXTURES_MAX = 32
 
 
 @dataclass(frozen=True)
