@@ -168,7 +168,7 @@ def test_fit_slope_of_a_power_law():
 def test_scaling_measures_every_length():
     spec = ScalingSpec.from_dict(PRESETS["test"]["scaling"])
     rec = measure_mixer(spec, "linear")
-    assert rec["lengths"] == [16, 32, 64] and all(t > 0 for t in rec["time_s"])
+    assert rec["lengths"] == [16, 32, 64] and all(t > 0 for t in rec["time_s"] + rec["cpu_s"])
     # linear attention keeps O(N) activations: the memory of a step grows with N
     assert rec["memory_b"][0] < rec["memory_b"][1] < rec["memory_b"][2]
     assert math.isfinite(slopes(rec)["memory"])

@@ -2,7 +2,7 @@
 
     curves_<task>.png   the validation metric against the step, one line per table row
                         (the mean over its seeds, the band their min..max)
-    scaling.png         time and memory per step against N per mixer, log-log, with
+    scaling.png         CPU time and memory per step against N per mixer, log-log, with
                         the fitted slope in the legend (gma_np.sweep.scaling)
     gma_k.png           GMA's metric against K (model.n_components), per task, mean
                         and standard deviation over seeds, when K is swept
@@ -78,7 +78,7 @@ def scaling_plot(scaling, fit_from, out, plt):
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.5))
     for i, (mixer, rec) in enumerate(scaling.items()):
         n = np.array(rec["lengths"], dtype=float)
-        for ax, values, scale in ((ax_t, rec["time_s"], 1e3), (ax_m, rec["memory_b"], 2.0 ** -20)):
+        for ax, values, scale in ((ax_t, rec["cpu_s"], 1e3), (ax_m, rec["memory_b"], 2.0 ** -20)):
             v = np.array(values, dtype=float) * scale
             slope, intercept = fit_slope(rec["lengths"], values, fit_from)
             ax.loglog(n, v, "o-", color=f"C{i}", label=f"{mixer}: slope {slope:.2f}")
@@ -86,7 +86,7 @@ def scaling_plot(scaling, fit_from, out, plt):
                 fitted = np.exp(intercept) * n ** slope * scale
                 keep = n >= fit_from
                 ax.loglog(n[keep], fitted[keep], ":", color=f"C{i}", lw=1)
-    for ax, what in ((ax_t, "time per forward + backward step (ms)"),
+    for ax, what in ((ax_t, "CPU time of a forward + backward step (ms)"),
                      (ax_m, "peak memory of a step (MiB, tracemalloc)")):
         ax.set_xlabel("sequence length N")
         ax.set_ylabel(what)

@@ -11,6 +11,9 @@ Per job (jobs.csv):
                   between consecutive lines of one invocation with no validation between
                   them: the step itself, the occasional checkpoint included
     tokens_per_s  the median of the log's tokens_per_s (the trainer's own, per step)
+    cpu_s         the worker process's CPU time over the job's attempts (attempts.jsonl):
+                  its cost whatever the machine's load (the two columns above are wall
+                  clock, and grow with the other processes' load)
     peak_rss_mib  peak resident memory of the worker during the job (done.json,
                   gma_np.sweep.runner: how it is measured), max over its attempts
 
@@ -31,7 +34,7 @@ import platform
 import statistics
 
 from gma_np.sweep.runner import (DONE_NAME, FAILED_NAME, checkpoint_step, job_state, read_json,
-                                 scaling_units)
+                                 scaling_state, scaling_units)
 
 # The metrics for which lower is better.
 LOWER_IS_BETTER = ("val_bpb",)
@@ -116,6 +119,7 @@ def job_row(job):
             "tokens_per_s": statistics.median(rates) if rates and state == "done" else None,
             "peak_rss_mib": None if peak is None else peak / MIB,
             "peak_scope": done.get("peak_scope", ""),
+            "cpu_s": done.get("cpu_s") if state == "done" else None,
             "attempts": done.get("attempts", failed.get("attempts")),
             "curve": curve(records, key) if key else [],
             "settings": dict(job.settings)}
@@ -155,6 +159,7 @@ def group_rows(job_rows, axes):
                     "steps": rows[0]["steps"],
                     "ms_per_step": _mean([r["ms_per_step"] for r in done]),
                     "tokens_per_s": _mean([r["tokens_per_s"] for r in done]),
+                    "cpu_s": _mean([r["cpu_s"] for r in done]),
                     "peak_rss_mib": max(peaks) if peaks else None,
                     "peak_scope": ("worker" if any(r["peak_scope"] == "worker" for r in done)
                                    else "job"),
@@ -167,9 +172,8 @@ def scaling_results(sweep):
     """{mixer: measurement dict} of the finished scaling measurements."""
     out = {}
     for unit in scaling_units(sweep):
-        rec = read_json(unit.path)
-        if rec is not None and json.dumps(rec.get("spec"), sort_keys=True) == json.dumps(
-                unit.spec, sort_keys=True):
+        state, rec = scaling_state(unit)
+        if state == "done":
             out[unit.mixer] = rec
     return out
 
@@ -221,14 +225,15 @@ def markdown_table(rows, axes):
         names = [c.rpartition(".")[2] for c in cols]
         lines.append(f"**{task}** ({_metric_title(key)}, mean ± std over seeds)\n")
         lines.append("| " + " | ".join(names + ["seeds", "metric", "± std", "params", "steps",
-                                                  "ms/step", "tokens/s", "peak MiB", "status"])
-                     + " |")
-        lines.append("| " + " | ".join(["---"] * len(names) + ["---:"] * 8 + ["---"]) + " |")
+                                                  "ms/step", "tokens/s", "CPU s", "peak MiB",
+                                                  "status"]) + " |")
+        lines.append("| " + " | ".join(["---"] * len(names) + ["---:"] * 9 + ["---"]) + " |")
         for r in mine:
             cells = [str(r["settings"].get(c)) for c in cols]
             cells += [f"{r['n_done']}/{r['n_seeds']}", _fmt(r["mean"]), _fmt(r["std"]),
                       f"{r['params']:,}" if isinstance(r["params"], int) else _fmt(r["params"]),
                       str(r["steps"]), _fmt(r["ms_per_step"], 1), _fmt(r["tokens_per_s"], 0),
+                      _fmt(r["cpu_s"], 0),
                       _fmt(r["peak_rss_mib"], 0) + ("*" if r["peak_scope"] == "worker" else ""),
                       r["status"]]
             lines.append("| " + " | ".join(cells) + " |")
@@ -239,9 +244,9 @@ def markdown_table(rows, axes):
 
 
 TABLE_FIELDS = ("group", "metric_key", "n_seeds", "n_done", "mean", "std", "params", "steps",
-                "ms_per_step", "tokens_per_s", "peak_rss_mib", "status")
+                "ms_per_step", "tokens_per_s", "cpu_s", "peak_rss_mib", "status")
 JOB_FIELDS = ("name", "group", "status", "reason", "metric_key", "metric", "params",
-              "steps", "ms_per_step", "tokens_per_s", "peak_rss_mib", "attempts")
+              "steps", "ms_per_step", "tokens_per_s", "cpu_s", "peak_rss_mib", "attempts")
 
 
 def csv_text(rows, axes, kind="table"):
@@ -265,11 +270,11 @@ def scaling_table(scaling, fit_from=0):
     if not scaling:
         return ""
     lengths = sorted({n for rec in scaling.values() for n in rec["lengths"]})
-    head = (["mixer"] + [f"N={n} ms" for n in lengths] + ["time slope"]
+    head = (["mixer"] + [f"N={n} CPU ms" for n in lengths] + ["time slope"]
             + [f"N={lengths[-1]} MiB", "memory slope"])
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for mixer, rec in scaling.items():
-        t = dict(zip(rec["lengths"], rec["time_s"]))
+        t = dict(zip(rec["lengths"], rec["cpu_s"]))
         m = dict(zip(rec["lengths"], rec["memory_b"]))
         s = slopes(rec, fit_from)
         lines.append("| " + " | ".join([mixer] + [_fmt(1e3 * t[n], 1) if n in t else ""
@@ -361,13 +366,14 @@ def write_results(sweep, collected=None, *, command="", machine="", wall_s=None,
         from gma_np.sweep.scaling import slopes
         with open(os.path.join(sweep.out, "scaling.csv"), "w", encoding="utf-8") as f:
             w = csv.writer(f, lineterminator="\n")
-            w.writerow(["mixer", "N", "time_s", "median_s", "memory_b", "time_slope",
+            w.writerow(["mixer", "N", "cpu_s", "time_s", "median_s", "memory_b", "time_slope",
                         "memory_slope"])
             for mixer, rec in scaling.items():
                 s = slopes(rec, fit_from)
                 medians = rec.get("median_s", rec["time_s"])
-                for n, t, med, m in zip(rec["lengths"], rec["time_s"], medians, rec["memory_b"]):
-                    w.writerow([mixer, n, repr(t), repr(med), m, repr(s["time"]),
+                for n, c, t, med, m in zip(rec["lengths"], rec["cpu_s"], rec["time_s"], medians,
+                                           rec["memory_b"]):
+                    w.writerow([mixer, n, repr(c), repr(t), repr(med), m, repr(s["time"]),
                                 repr(s["memory"])])
     md = [f"# Results: {sweep.name}\n"]
     if command:
@@ -387,9 +393,10 @@ def write_results(sweep, collected=None, *, command="", machine="", wall_s=None,
         spec = sweep.scaling
         md.append("## Time and memory per step against N\n")
         md.append(f"One layer, forward + backward, B = {spec.batch_size}, model fields "
-                  f"{json.dumps(spec.model)}, causal; time: the fastest of at least {spec.steps} "
-                  f"steps; memory: tracemalloc's peak of one step; slopes fitted on log-log "
-                  f"axes over N >= {max(fit_from, spec.lengths[0])}.\n")
+                  f"{json.dumps(spec.model)}, causal; time: the process's CPU time of the "
+                  f"fastest of at least {spec.steps} steps (wall times in scaling.csv); memory: "
+                  f"tracemalloc's peak of one step; slopes fitted on log-log axes over "
+                  f"N >= {max(fit_from, spec.lengths[0])}.\n")
         md.append(scaling_table(scaling, fit_from))
     failures = [r for r in jobs if r["status"] == "failed"]
     if failures:

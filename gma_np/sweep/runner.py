@@ -16,7 +16,9 @@ sweep's own:
                     and not re-run by the same command (it would fail the same way);
                     `--retry-failed` runs it again.
     attempts.jsonl  one line per attempt (start, and the end when it got there): host,
-                    process, the step it started from, peak memory.
+                    process, the step it started from, peak memory, wall and CPU time
+                    (the worker process's, time.process_time: what the job cost,
+                    whatever else the machine was doing).
     job.lock        held while an attempt trains the run: a second attempt of the same
                     job (Dask running a task again after losing contact with a worker)
                     reports "busy" instead of writing into the same run. A lock whose
@@ -289,7 +291,7 @@ def _train_job(job, lock, on_step):
     _append_attempt(job.run_dir, {"event": "start", "attempt": n_attempt, "time": time.time(),
                                   "host": socket.gethostname(), "pid": os.getpid(),
                                   "from_step": start_step})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     base = {"name": job.name, "config": job.config, "skipped": False}
 
     def step_hook(step):
@@ -317,10 +319,10 @@ def _train_job(job, lock, on_step):
     except Exception as err:       # any failure of the job itself is its result, not the sweep's
         status, extra = "failed", {"reason": _reason(err), "step": checkpoint_step(job.run_dir)}
     peak = peak_memory_bytes()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     _append_attempt(job.run_dir, {"event": "end", "attempt": n_attempt, "time": time.time(),
                                   "status": status, "peak_rss_b": peak, "peak_scope": scope,
-                                  "wall_s": round(wall, 3)})
+                                  "wall_s": round(wall, 3), "cpu_s": round(cpu, 3)})
     history = attempts(job.run_dir)
     peaks = [a["peak_rss_b"] for a in history if a.get("event") == "end" and a.get("peak_rss_b")]
     scopes = {a.get("peak_scope") for a in history if a.get("event") == "end"}
@@ -328,7 +330,9 @@ def _train_job(job, lock, on_step):
               "peak_rss_b": max(peaks) if peaks else None,
               "peak_scope": "worker" if "worker" in scopes else "job",
               "wall_s": round(sum(a.get("wall_s", 0.0) for a in history
-                                  if a.get("event") == "end"), 3)}
+                                  if a.get("event") == "end"), 3),
+              "cpu_s": round(sum(a.get("cpu_s", 0.0) for a in history
+                                 if a.get("event") == "end"), 3)}
     if status == "done":
         atomic_write_json(os.path.join(job.run_dir, DONE_NAME), record)
         failed = os.path.join(job.run_dir, FAILED_NAME)
@@ -358,8 +362,9 @@ class ScalingUnit:
 
 
 def scaling_state(unit):
+    from gma_np.sweep.scaling import FORMAT
     rec = read_json(unit.path)
-    if rec is not None and _same(rec.get("spec"), unit.spec):
+    if rec is not None and _same(rec.get("spec"), unit.spec) and rec.get("format") == FORMAT:
         return "done", rec
     failed = read_json(unit.path + ".failed")
     if failed is not None and _same(failed.get("spec"), unit.spec):

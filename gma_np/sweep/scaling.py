@@ -8,18 +8,22 @@ forward + backward on x (B, N, D) ~ normal(0, 1) in the model's dtype, causal, w
 the parameters of its own initialisation (and, for GMA, the mixture fitted to those
 keys, as training starts). Per N:
 
-    time_s     the fastest of the timed forward + backward steps (at least `steps` of them,
-               and more until MIN_TIMED_S is spent), after one untimed warm-up step
-               (Numba's first call loads or compiles its kernels). The fastest, not the
-               median: on a shared machine the other processes only ever add time, and the
-               slope is a property of the code (the median is kept too, as median_s)
+    cpu_s      the CPU time of the process (time.process_time) of the fastest timed
+               forward + backward step (at least `steps` of them, and more until
+               MIN_TIMED_S of CPU time is spent), after one untimed warm-up step (Numba's
+               first call loads or compiles its kernels). CPU time, not wall time: on a
+               shared machine the wall time of a single-threaded step grows with the
+               other processes' load (4x at a load average of 8 on 2 cores, measured),
+               its CPU time barely; the fastest, because interference only ever adds
+    time_s     the wall time (time.perf_counter) of the fastest step, and median_s the
+               median wall time, for the record
     memory_b   the peak of the bytes allocated during one more forward + backward step
                (cache and gradients included), above what was allocated before it,
                measured with tracemalloc in a step of its own, so the tracing does not
                slow the timed ones. NumPy reports its array buffers to tracemalloc; the
                Numba kernels' own scratch arrays (a few rows each) are not seen.
 
-The slope of log(time) and log(memory) against log(N) is fitted by least squares
+The slope of log(cpu_s) and log(memory) against log(N) is fitted by least squares
 (`fit_slope`): about 1 for a linear-time mixer (GMA, linear, performer, mamba), about
 2 for softmax attention's time once N dominates its constant costs.
 """
@@ -32,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+# The layout of a measurement's record; a record of another format is measured again.
+FORMAT = 2
 # Seconds of timed steps at least per N: at small N one step takes ~2 ms, and a handful of
 # them is one scheduler slice of a loaded machine.
 MIN_TIMED_S = 0.25
@@ -117,9 +123,11 @@ def _step(mixer, x, p, cfg, dy):
 
 
 def measure_mixer(spec, mixer_name, seed=0):
-    """{"mixer", "lengths", "time_s", "median_s", "memory_b", "dtype", "threads"} of one mixer."""
+    """{"format", "mixer", "lengths", "cpu_s", "time_s", "median_s", "memory_b", "dtype",
+    "threads"} of one mixer (module docstring)."""
     import numba
-    out = {"mixer": mixer_name, "lengths": [], "time_s": [], "median_s": [], "memory_b": []}
+    out = {"format": FORMAT, "mixer": mixer_name, "lengths": [], "cpu_s": [], "time_s": [],
+           "median_s": [], "memory_b": []}
     for n in spec.lengths:
         cfg = spec.model_config(mixer_name, n)
         rng = np.random.default_rng(seed)
@@ -128,10 +136,11 @@ def measure_mixer(spec, mixer_name, seed=0):
         dy = rng.standard_normal(x.shape).astype(dtype)                              # (B, N, D)
         mixer, p = _layer(mixer_name, cfg, x, rng)
         _step(mixer, x, p, cfg, dy)                                   # warm-up: kernels loaded
-        times = []
-        while len(times) < spec.steps or sum(times) < MIN_TIMED_S:
-            t0 = time.perf_counter()
+        times, cpu = [], []
+        while len(times) < spec.steps or sum(cpu) < MIN_TIMED_S:
+            t0, c0 = time.perf_counter(), time.process_time()
             _step(mixer, x, p, cfg, dy)
+            cpu.append(time.process_time() - c0)
             times.append(time.perf_counter() - t0)
         was_tracing = tracemalloc.is_tracing()
         if not was_tracing:
@@ -146,6 +155,7 @@ def measure_mixer(spec, mixer_name, seed=0):
             if not was_tracing:
                 tracemalloc.stop()
         out["lengths"].append(n)
+        out["cpu_s"].append(min(cpu))
         out["time_s"].append(min(times))
         out["median_s"].append(statistics.median(times))
         out["memory_b"].append(int(peak))
@@ -167,6 +177,6 @@ def fit_slope(lengths, values, fit_from=0):
 
 
 def slopes(result, fit_from=0):
-    """{"time": slope, "memory": slope} of one mixer's measurement."""
-    return {"time": fit_slope(result["lengths"], result["time_s"], fit_from)[0],
+    """{"time": slope of the CPU time, "memory": slope} of one mixer's measurement."""
+    return {"time": fit_slope(result["lengths"], result["cpu_s"], fit_from)[0],
             "memory": fit_slope(result["lengths"], result["memory_b"], fit_from)[0]}
