@@ -288,3 +288,23 @@ def test_a_gradient_of_the_wrong_input_fails_both(tiny, mode, pair):
     report = gma_np.gradcheck(fun, exchanged, inputs, dout=dout, mode=mode, n_directions=3)
     assert not report[a].ok and not report[b].ok, str(report)
     assert all(c.ok for c in report.inputs if c.name not in pair), str(report)
+
+
+def test_the_verdict_is_on_the_worst_relative_error(problem):
+    """The largest element of dv off by 9e-7 (within rtol = 1e-6) and one a hundred times
+    smaller off by 3e-5 (beyond it, with a smaller absolute error than the first): the input
+    fails, and the element named is the small one, not the one with the largest difference."""
+    g = np.asarray(grad(np.random.default_rng(0).standard_normal(fun(**problem).shape), **problem)["v"])
+    mags = np.abs(g).ravel()
+    big = np.unravel_index(np.argmax(mags), g.shape)
+    small = np.unravel_index(np.argmin(np.abs(mags - mags.max() / 100)), g.shape)
+
+    def two_wrong(dout, **a):
+        out = grad(dout, **a)
+        out["v"] = np.array(out["v"], dtype=np.float64)
+        out["v"][big] *= 1 + 9e-7
+        out["v"][small] *= 1 + 3e-5
+        return out
+    report = gma_np.gradcheck(fun, two_wrong, problem, mode="full", wrt=["v"])
+    assert not report["v"].ok, str(report)
+    assert report["v"].worst_index == tuple(int(i) for i in small), str(report)
