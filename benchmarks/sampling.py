@@ -17,9 +17,10 @@
    learned position, and with the trained preset's 128 rows, past which positions are
    clamped to the last row (docs/training.md).
 
-Every figure is given twice: wall time, and the CPU time of the process (time.process_time).
-On a shared machine the wall time also counts the waits for a core that other processes
-hold; the CPU time is what the code costs. The script prints the load average it ran under.
+Every figure is given as wall time and as the CPU time of the process (time.process_time);
+where tokens are timed one by one, also as the median token's wall time. On a shared
+machine the wall time of a window also counts the waits for a core that other processes
+hold, which the median token mostly escapes; the CPU time is what the code costs. The script prints the load average it ran under.
 BLAS runs on one thread, as in `gma-np sample`.
 """
 
@@ -44,26 +45,30 @@ def _clocks():
 
 
 def gma_step_windows(positions, window, dtype, rng):
-    """(wall, cpu) seconds per token over `window` tokens from each position: (P, 2)."""
+    """Seconds per token over `window` tokens from each position, (P, 3): the median
+    of the tokens' wall times, their mean wall time, their mean CPU time."""
     last = max(positions) + window
     q, k = (rng.standard_normal((last, B, H, D)).astype(dtype) for _ in range(2))
     v = rng.standard_normal((last, B, H, E)).astype(dtype)
     mix = dict(means=rng.standard_normal((H, K, D)), log_var=0.3 * rng.standard_normal((H, K, D)),
                logits=0.5 * rng.standard_normal((H, K)))
-    starts = {p: i for i, p in enumerate(positions)}
-    ends = {p + window: i for i, p in enumerate(positions)}
     gma_np.gma_step(q[0], k[0], v[0], **mix)        # the mixture's one-time preparation
-    began = np.zeros((len(positions), 2))
-    spent = np.zeros((len(positions), 2))
+    wall = np.empty(last)
+    cpu = np.zeros(len(positions))
+    windows = [(p, p + window) for p in positions]
     state = None
-    for t in range(last + 1):
-        if t in ends:
-            spent[ends[t]] = _clocks() - began[ends[t]]
-        if t in starts:
-            began[starts[t]] = _clocks()
-        if t < last:
-            _, state = gma_np.gma_step(q[t], k[t], v[t], **mix, state=state)
-    return spent / window
+    for t in range(last):
+        for i, (lo, hi) in enumerate(windows):
+            if t == lo:
+                cpu[i] -= time.process_time()
+        t0 = time.perf_counter()
+        _, state = gma_np.gma_step(q[t], k[t], v[t], **mix, state=state)
+        wall[t] = time.perf_counter() - t0
+        for i, (lo, hi) in enumerate(windows):
+            if t == hi - 1:
+                cpu[i] += time.process_time()
+    return np.array([[np.median(wall[lo:hi]), wall[lo:hi].mean(), cpu[i] / window]
+                     for i, (lo, hi) in enumerate(windows)])
 
 
 def sample_rate(model, n_tokens, seed):
@@ -110,16 +115,17 @@ def main():
     gma_step_windows([0], 2, args.dtype, np.random.default_rng(0))        # compile or load
     per_token = np.median([gma_step_windows(args.positions, args.window, args.dtype,
                                             np.random.default_rng(r))
-                           for r in range(args.repeats)], axis=0)         # (P, 2) seconds
+                           for r in range(args.repeats)], axis=0)         # (P, 3) seconds
     print(f"\ngma_step, B={B} H={H} d=e=K={D}, {args.dtype}: tokens/s from position "
-          f"(median of {args.repeats}, {args.window} tokens each)")
-    print(header)
-    for p, (wall, cpu) in zip(args.positions, per_token):
-        print(_row(f"{p}", 1 / wall, 1 / cpu, f"tokens/s  ({1e6 * wall:.1f} us wall, "
-                                              f"{1e6 * cpu:.1f} us cpu per token)"))
+          f"(median of {args.repeats}, {args.window} tokens each; 'token' is the median "
+          f"token's wall time, 'wall' and 'cpu' the window's)")
+    print(f"  {'':>10}  {'token':>12}  {'wall':>12}  {'cpu':>12}")
+    for p, times in zip(args.positions, per_token):
+        print(f"  {p:>10}  " + "  ".join(f"{1 / t:>12,.0f}" for t in times)
+              + "  tokens/s  (" + ", ".join(f"{1e6 * t:.1f}" for t in times) + " us)")
     ratio = per_token[-1] / per_token[0]
     print(f"  time per token at position {args.positions[-1]} / at {args.positions[0]}: "
-          f"{ratio[0]:.3f} wall, {ratio[1]:.3f} cpu")
+          + ", ".join(f"{r:.3f} {n}" for r, n in zip(ratio, ("token", "wall", "cpu"))))
 
     # 2. sampling on the tiny model
     model = LanguageModel(preset("tiny").model_config(), seed=0)
