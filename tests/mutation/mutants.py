@@ -218,16 +218,12 @@ MUTANTS = [
        "typo",
        "beta1 for beta2 in the second moment's bias correction",
        ["tests/test_optim.py"]),
-    Mutant("adamw-decay-after-update", "gma_np/optim.py", (
-        ("            if self.decay[name] and self.weight_decay > 0:\n"
-         "                p *= p.dtype.type(1.0 - lr * self.weight_decay)\n", ""),
-        ("            p -= p.dtype.type(lr / bc1) * m / denom\n",
-         "            p -= p.dtype.type(lr / bc1) * m / denom\n"
-         "            if self.decay[name] and self.weight_decay > 0:\n"
-         "                p *= p.dtype.type(1.0 - lr * self.weight_decay)\n")),
+    _m("adamw-decay-after-update", "gma_np/nn/_kernels.py",
+       "        p[i] = p[i] * keep - step * mi / (math.sqrt(vi / bc2) + eps)\n",
+       "        p[i] = (p[i] - step * mi / (math.sqrt(vi / bc2) + eps)) * keep\n",
        "order of operations",
        "decoupled decay applied after the Adam step decays the update too",
-       ("tests/test_optim.py",)),
+       ["tests/test_optim.py"]),
     _m("clip-always-rescales", "gma_np/optim.py",
        "    if max_norm > 0 and norm > max_norm:\n",
        "    if max_norm > 0:\n",
