@@ -159,7 +159,9 @@ def group_rows(job_rows, axes):
                     "steps": rows[0]["steps"],
                     "ms_per_step": _mean([r["ms_per_step"] for r in done]),
                     "tokens_per_s": _mean([r["tokens_per_s"] for r in done]),
-                    "cpu_s": _mean([r["cpu_s"] for r in done]),
+                    # blank unless every seed has it (runs of an older sweep do not)
+                    "cpu_s": (_mean([r["cpu_s"] for r in done])
+                              if all(r["cpu_s"] is not None for r in done) else None),
                     "peak_rss_mib": max(peaks) if peaks else None,
                     "peak_scope": ("worker" if any(r["peak_scope"] == "worker" for r in done)
                                    else "job"),
