@@ -197,9 +197,12 @@ def run_mutant(mutant, pristine, work, files, env_of, timeout, full_only, quick)
         code, output, _ = run_pytest(args, copy, env, timeout, log)
         if code == 0:
             continue
-        status = "killed" if code in (1, 2, "timeout") else f"error (pytest exit {code})"
         if code == "timeout":
-            status = "killed (timeout)"
+            status = "killed (timeout)"         # a hang is a failure a user would see
+        elif isinstance(code, int) and code < 0:
+            status = "killed (crash)"           # so is a segmentation fault (signal -code)
+        else:
+            status = "killed" if code in (1, 2) else f"error (pytest exit {code})"
         failing = first_failure(output)
         break
     note = ""
