@@ -3,6 +3,7 @@
     python benchmarks/train_speed.py                       # tiny and small (GMA), then every mixer at tiny
     python benchmarks/train_speed.py --presets tiny --blas-threads 1 2 --no-mixers
     python benchmarks/train_speed.py --no-torch            # gma_np alone
+    python benchmarks/train_speed.py --compare ../before   # and the gma_np of another checkout
 
 One step is the trainer's (gma_np.train.loop): the task's batch, `loss_and_grads`
 (the body, the token head, the cross-entropy and back), `clip_grad_norm`, `lr_at` and
@@ -11,14 +12,16 @@ it. The PyTorch twin (benchmarks/torch_model.py: the same parameters copied from
 gma_np model, autograd, torch.optim.AdamW, clip_grad_norm_, float32) runs in a
 subprocess of its own with `--torch-threads` threads, so that neither library's thread
 pools (Numba's OpenMP, torch's OpenMP and MKL) share a process with the other's; the
-parent hands it the same batches and learning rates and waits while it steps.
+parent hands it the same batches and learning rates and waits while it steps. The
+gma_np of another checkout (`--compare DIR`: before and after a change) runs the same
+way, in a subprocess with DIR first on its path.
 
 Timing: every implementation (gma_np at each of `--blas-threads`, torch) steps its own
 copy of the model through the same batches. Within each of `--repeats` rounds each
 takes an untimed step, then a timed one, in turn, so all see the same machine load
 and each timed step starts from its own steady state (as in bench_gma.py). The table
 gives the median time per step, tokens/s (B x N tokens per step) and the ratio of
-gma_np's tokens/s to torch's (above 1: gma_np is faster).
+gma_np's tokens/s to the fastest twin's (above 1: gma_np is faster).
 
 Where the time goes: `--profile-steps` more gma_np steps run with the layers'
 functions wrapped by a timer (gma_np.nn.layers, the attention shell, the mixer's op and
@@ -31,8 +34,9 @@ reshapes). The wrappers cost a few microseconds per call, a fraction of a percen
 import argparse
 import contextlib
 import inspect
-import multiprocessing
 import os
+import pickle
+import subprocess
 import sys
 import time
 from collections import OrderedDict
@@ -57,7 +61,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def parse_args(argv=None):
     default_blas = inspect.signature(loop.train).parameters["blas_threads"].default
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--presets", nargs="+", default=["tiny", "small"], help="GMA presets to race")
+    p.add_argument("--presets", nargs="*", default=["tiny", "small"], help="GMA presets to race")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per implementation (median)")
     p.add_argument("--small-repeats", type=int, default=None,
                    help="timed steps for presets other than tiny (default: --repeats)")
@@ -65,80 +69,124 @@ def parse_args(argv=None):
     p.add_argument("--blas-threads", type=int, nargs="+", default=[default_blas],
                    help=f"BLAS threads of gma_np's step, one column each (default: the trainer's, "
                         f"{default_blas})")
-    p.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads of the twin")
+    p.add_argument("--torch-threads", type=int, nargs="+", default=[2],
+                   help="torch.set_num_threads of the twin, one twin (a subprocess) each")
     p.add_argument("--no-torch", action="store_true", help="gma_np alone")
     p.add_argument("--no-mixers", action="store_true", help="skip every mixer at the tiny preset")
     p.add_argument("--mixers", nargs="+", default=list(MIXER_NAMES), help="mixers timed at tiny")
     p.add_argument("--profile-steps", type=int, default=2, help="profiled gma_np steps (0 = none)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="CHECKOUT",
+                   help="also time the gma_np of these checkouts (directories holding gma_np/), "
+                        "each in a subprocess: before/after a change, in one run")
+    p.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- the torch twin
 
-class TorchWorker:
-    """The PyTorch twin in a subprocess (module docstring); None if torch is missing."""
+class Worker:
+    """A timed implementation in a subprocess of its own: "torch" (the twin) or "gma_np"
+    (the gma_np of another checkout, --compare). Messages are pickled over its stdin and
+    stdout; the subprocess prints to stderr."""
 
-    def __init__(self, threads):
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_torch_serve, args=(child, threads), daemon=True)
-        self.proc.start()
-        ok, info = self.conn.recv()
+    def __init__(self, kind, arg):
+        env = dict(os.environ)
+        if kind == "gma_np":                          # that checkout's gma_np first on the path
+            env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(arg)] +
+                                                 env.get("PYTHONPATH", "").split(os.pathsep))
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", kind,
+                                      str(arg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env)
+        ok, info = self._recv()
         if not ok:
-            self.proc.join()
+            self.proc.wait()
             raise ImportError(info)
         self.info = info
 
+    def _recv(self):
+        try:
+            return pickle.load(self.proc.stdout)
+        except EOFError:
+            return False, "the subprocess ended"
+
     def call(self, *msg):
-        self.conn.send(msg)
-        ok, value = self.conn.recv()
+        pickle.dump(msg, self.proc.stdin)
+        self.proc.stdin.flush()
+        ok, value = self._recv()
         if not ok:
-            raise RuntimeError(f"torch twin: {value}")
+            raise RuntimeError(f"{self.info}: {value}")
         return value
 
     def close(self):
-        self.conn.send(("quit",))
-        self.proc.join(timeout=10)
+        try:
+            self.call("quit")
+        except (RuntimeError, BrokenPipeError):
+            pass
+        self.proc.wait(timeout=30)
 
 
-def _torch_serve(conn, threads):
-    """The subprocess: build twins from gma_np models, step them, time the steps."""
+def _serve(kind, arg):
+    """The subprocess's loop (Worker): build, step and time one implementation."""
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr
+
+    def send(ok, value):
+        pickle.dump((ok, value), out)
+        out.flush()
+    runs = {}
     try:
-        sys.path.insert(0, HERE)
-        import torch
-        from torch_model import TorchTwin
-        torch.set_num_threads(threads)
+        if kind == "torch":
+            sys.path.insert(0, HERE)
+            import torch
+            from torch_model import TorchTwin
+            torch.set_num_threads(int(arg))
+            send(True, f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        else:
+            import gma_np as other
+            send(True, f"gma_np {os.path.dirname(os.path.dirname(other.__file__))}")
     except ImportError as err:
-        conn.send((False, str(err)))
+        send(False, str(err))
         return
-    conn.send((True, f"torch {torch.__version__}, {torch.get_num_threads()} threads"))
-    twins = {}
     from gma_np.nn import LanguageModel
     while True:
-        msg = conn.recv()
+        msg = pickle.load(sys.stdin.buffer)
         try:
             if msg[0] == "quit":
+                send(True, None)
                 return
-            if msg[0] == "init":                    # (key, ModelConfig, params, TrainConfig)
+            if msg[0] == "init" and kind == "torch":      # (key, ModelConfig, params, TrainConfig)
                 _, key, mcfg, params, tcfg = msg
-                model = LanguageModel(mcfg, params=params)
-                twins[key] = TorchTwin(model, torch.float32)
-                twins[key].optimizer(tcfg)
-                conn.send((True, None))
-            elif msg[0] == "loss":                  # (key, params, ModelConfig, idx, targets, dtype)
+                runs[key] = TorchTwin(LanguageModel(mcfg, params=params), torch.float32)
+                runs[key].optimizer(tcfg)
+                send(True, None)
+            elif msg[0] == "init":                        # (key, TrainConfig dict, blas threads)
+                _, key, cfg_dict, blas = msg
+                from gma_np.train.config import TrainConfig
+                cfg = TrainConfig.from_dict(cfg_dict)
+                runs[key] = (cfg, blas) + build_run(cfg)
+                send(True, None)
+            elif msg[0] == "loss":                        # (ModelConfig, params, idx, targets, dtype)
                 _, mcfg, params, idx, targets, dtype = msg
                 twin = TorchTwin(LanguageModel(mcfg, params=params), getattr(torch, dtype))
                 with torch.no_grad():
-                    conn.send((True, float(twin.loss(idx, targets))))
-            elif msg[0] == "step":                  # (key, idx, targets, lr, max_norm)
-                _, key, idx, targets, lr, max_norm = msg
-                t0 = time.perf_counter()
-                loss = twins[key].step(idx, targets, lr, max_norm)
-                conn.send((True, (loss, time.perf_counter() - t0)))
+                    send(True, float(twin.loss(idx, targets)))
+            elif msg[0] == "step":                        # (key, batch, lr, max_norm, step)
+                _, key, batch, lr, max_norm, i = msg
+                if kind == "torch":
+                    t0 = time.perf_counter()
+                    runs[key].step(batch.tokens, batch.targets, lr, max_norm)
+                    send(True, time.perf_counter() - t0)
+                else:
+                    cfg, blas, task, model, opt, _ = runs[key]
+                    with blas_threads(blas):
+                        t0 = time.perf_counter()
+                        gma_np_step(cfg, task, model, opt, batch, i)
+                        dt = time.perf_counter() - t0
+                    send(True, dt)
             else:
-                conn.send((False, f"unknown message {msg[0]!r}"))
-        except Exception as err:                    # report, keep serving
-            conn.send((False, f"{type(err).__name__}: {err}"))
+                send(False, f"unknown message {msg[0]!r}")
+        except Exception as err:                          # report, keep serving
+            send(False, f"{type(err).__name__}: {err}")
 
 
 # ----------------------------------------------------------------------------- gma_np's step
@@ -289,8 +337,9 @@ class Profiler:
 
 # ----------------------------------------------------------------------------- one preset
 
-def race(cfg, args, worker, repeats, label):
-    """Time gma_np (at each BLAS thread count) and the torch twin, interleaved; print the table."""
+def race(cfg, args, workers, repeats, label):
+    """Time gma_np (at each BLAS thread count, and the --compare checkouts) and the torch
+    twin, interleaved; print the table and the profile."""
     task, model, opt, rng = build_run(cfg)
     n_steps = args.warmup + 2 * repeats + args.profile_steps + 1
     batches = [task.sample_batch("train", cfg.batch_size, rng) for _ in range(n_steps)]
@@ -298,17 +347,23 @@ def race(cfg, args, worker, repeats, label):
     impls = OrderedDict()
     for b in args.blas_threads:
         m, o = copy_run(cfg, model)
-        impls[f"gma_np blas={b}"] = ("gma_np", b, m, o)
-    use_torch = worker is not None and _has_twin(cfg.model.mixer)
-    if use_torch:
-        worker.call("init", label, model.cfg, model.params, cfg)
-        impls[f"torch ({worker.info.split(',')[1].strip()})"] = ("torch", None, None, None)
-        # the same initial loss: gma_np's on the first timed batch against the twin's
+        impls[f"gma_np blas={b}"] = ("local", b, m, o)
+    for path, w in workers.get("gma_np", []):
+        for b in args.blas_threads:
+            w.call("init", (label, b), cfg.to_dict(), b)
+            impls[f"gma_np {os.path.basename(os.path.normpath(path))} blas={b}"] = ("worker", b, w, None)
+    twins = workers["torch"] if _has_twin(cfg.model.mixer) else []
+    for twin in twins:
+        twin.call("init", label, model.cfg, model.params, cfg)
+        impls[f"torch ({twin.info.split(',')[1].strip()})"] = ("torch", None, twin, None)
+    if twins:
+        # the same initial loss: gma_np's on the first batch against the twin's
+        twin = twins[0]
         b0 = batches[0]
         with blas_threads(args.blas_threads[0]):
             ref = model.loss(b0.tokens, b0.targets)
-        l32 = worker.call("loss", model.cfg, model.params, b0.tokens, b0.targets, "float32")
-        l64 = worker.call("loss", model.cfg, model.params, b0.tokens, b0.targets, "float64")
+        l32 = twin.call("loss", model.cfg, model.params, b0.tokens, b0.targets, "float32")
+        l64 = twin.call("loss", model.cfg, model.params, b0.tokens, b0.targets, "float64")
         print(f"  initial loss: gma_np {ref:.9f}, torch float32 {l32:.9f} (diff {ref - l32:+.1e}), "
               f"float64 {l64:.9f} (diff {ref - l64:+.1e})")
     counters = {name: 0 for name in impls}
@@ -318,9 +373,11 @@ def race(cfg, args, worker, repeats, label):
         i = counters[name]
         counters[name] += 1
         batch = batches[i]
+        lr = lr_at(i, cfg.lr, cfg.warmup_steps, cfg.schedule_steps, cfg.min_lr_ratio)
         if kind == "torch":
-            lr = lr_at(i, cfg.lr, cfg.warmup_steps, cfg.schedule_steps, cfg.min_lr_ratio)
-            return worker.call("step", label, batch.tokens, batch.targets, lr, cfg.grad_clip)[1]
+            return m.call("step", label, batch, lr, cfg.grad_clip, i)
+        if kind == "worker":
+            return m.call("step", (label, b), batch, lr, cfg.grad_clip, i)
         with blas_threads(b):
             t0 = time.perf_counter()
             gma_np_step(cfg, task, m, o, batch, i)
@@ -335,13 +392,15 @@ def race(cfg, args, worker, repeats, label):
             run(name)                              # untimed: this implementation's steady state
             times[name].append(run(name))
     med = {name: float(np.median(t)) for name, t in times.items()}
-    torch_name = next((n for n in impls if n.startswith("torch")), None)
-    print(f"  {'implementation':<28} {'ms/step':>9} {'min':>9} {'max':>9} {'tokens/s':>10} "
+    torch_names = [n for n in impls if n.startswith("torch")]
+    # the ratio is against the fastest twin (the one a PyTorch user would keep)
+    torch_name = min(torch_names, key=med.get) if torch_names else None
+    print(f"  {'implementation':<34} {'ms/step':>9} {'min':>9} {'max':>9} {'tokens/s':>10} "
           f"{'vs torch':>9}")
     for name in impls:
         tps = tokens / med[name]
         ratio = "" if torch_name is None else f"{med[torch_name] / med[name]:8.2f}x"
-        print(f"  {name:<28} {med[name] * 1e3:9.1f} {min(times[name]) * 1e3:9.1f} "
+        print(f"  {name:<34} {med[name] * 1e3:9.1f} {min(times[name]) * 1e3:9.1f} "
               f"{max(times[name]) * 1e3:9.1f} {tps:10,.0f} {ratio:>9}")
     result = {"tokens": tokens, "median_s": med}
 
@@ -386,32 +445,39 @@ def _describe(cfg):
 
 def main(argv=None):
     args = parse_args(argv)
-    worker = None
-    if not args.no_torch:
-        try:
-            worker = TorchWorker(args.torch_threads)
-            print(f"PyTorch twin: {worker.info} (a subprocess)")
-        except ImportError as err:
-            print(f"PyTorch twin: not available ({err}); gma_np alone")
-    import numba
-    print(f"gma_np: Numba {numba.get_num_threads()} threads; BLAS threads per column; "
-          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
+    if args.serve:
+        return _serve(*args.serve)
+    workers = {"gma_np": [], "torch": []}
     try:
+        for threads in ([] if args.no_torch else args.torch_threads):
+            try:
+                workers["torch"].append(Worker("torch", threads))
+                print(f"PyTorch twin: {workers['torch'][-1].info} (a subprocess)")
+            except ImportError as err:
+                print(f"PyTorch twin: not available ({err}); gma_np alone")
+                break
+        for path in args.compare:
+            w = Worker("gma_np", path)
+            workers["gma_np"].append((path, w))
+            print(f"compared: {w.info} (a subprocess)")
+        import numba
+        print(f"gma_np: Numba {numba.get_num_threads()} threads; BLAS threads per row; "
+              f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
         for name in args.presets:
             cfg = preset(name)
             repeats = args.repeats if name == "tiny" else (args.small_repeats or args.repeats)
             print(f"\npreset {name}: {_describe(cfg)}, median of {repeats}")
-            race(cfg, args, worker, repeats, name)
+            race(cfg, args, workers, repeats, name)
         if not args.no_mixers:
             for mixer in args.mixers:
                 if mixer == "gma" and "tiny" in args.presets:
                     continue                            # timed above
                 cfg = preset("tiny", mixer=mixer)
                 print(f"\npreset tiny, mixer {mixer}: {_describe(cfg)}, median of {args.repeats}")
-                race(cfg, args, worker, args.repeats, f"tiny-{mixer}")
+                race(cfg, args, workers, args.repeats, f"tiny-{mixer}")
     finally:
-        if worker is not None:
-            worker.close()
+        for w in [w for _, w in workers["gma_np"]] + workers["torch"]:
+            w.close()
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
