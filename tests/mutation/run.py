@@ -246,7 +246,8 @@ def main(argv=None):
                         help="run each mutant's own tests only (a screen while writing tests: "
                              "no verdict for those they do not kill)")
     parser.add_argument("--pytest-args", default="",
-                        help="extra pytest arguments for every run, e.g. \"--ignore=tests/test_sweep.py\"")
+                        help="extra pytest arguments for every run, after an =: "
+                             "--pytest-args=--ignore=tests/test_sweep.py")
     parser.add_argument("--workdir", help="where the copies go (default: a new temporary directory)")
     args = parser.parse_args(argv)
 
