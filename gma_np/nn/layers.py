@@ -22,11 +22,13 @@ the plain NumPy form of each stays here as `<layer>_forward_naive` /
 `<layer>_backward_naive`, the reference tests/test_layers_fast.py holds the fast
 path to (the same bits for GELU, the embedding and the convolution's forward;
 within a few float32 roundings, or 1e-12 in float64, for the others, which
-accumulate in float64). Large matrix products are split in BLOCK_STREAMS pieces
-that run on the cores at once (`_matmul`), the same pieces whatever the thread count.
+accumulate in float64). Large matrix products are cut in pieces that the
+BLOCK_STREAMS streams take as they are free (`_matmuls`), the same pieces
+whatever the thread count.
 """
 
 import math
+import threading
 
 import numpy as np
 from scipy.special import logsumexp
@@ -48,11 +50,18 @@ LAYERNORM_EPS = 1e-5
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
 
-# Matrix products of at least this many multiply-adds are split in BLOCK_STREAMS
-# pieces that run at once on Python threads (gma_np._threads.run_streams), each with
-# BLAS on one thread; smaller ones run whole. A piece costs ~50 us of thread hand-off,
-# 2^21 multiply-adds are ~0.1 ms of one core: below that the split cannot pay.
-MATMUL_SPLIT_MIN_WORK = 2 ** 21
+# Matrix products of at least this many multiply-adds are cut in MATMUL_PIECES pieces
+# that BLOCK_STREAMS Python threads take in turn (gma_np._threads.run_streams), each
+# with BLAS on one thread; smaller ones run whole. Handing work to the streams costs
+# 50-75 us (run_streams of nothing, loaded 2-core machine), what a float32 product of
+# 2^22 multiply-adds takes on one core (2^21: 24 us): from 2^24 (~0.2 ms) the second
+# core pays for it. Four pieces for two streams: a stream held up by another process
+# leaves its next piece to the other (docs/performance.md, "The training step").
+MATMUL_SPLIT_MIN_WORK = 2 ** 24
+MATMUL_PIECES = 4
+# The names of run_streams' worker threads start so (gma_np._threads): a product
+# computed inside a stream runs its pieces there, one after the other.
+STREAM_THREAD_PREFIX = "gma_np"
 
 # Elements per pass of the GELU and rows per pass of the softmax cross-entropy: the
 # wrappers run kernel, NumPy's tanh or exp, kernel on one block at a time, so the
@@ -129,23 +138,19 @@ def _pieces(n, parts):
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def _matmul(a, b, bias=None, *, split="rows", column_sums=None):
-    """a @ b (+ bias): a (M, Kc), b (Kc, Nc) -> (M, Nc) in the result dtype of a @ b.
+class _Product:
+    """One matrix product a @ b (+ bias) of _matmuls, and its pieces (see there)."""
 
-    Large products (MATMUL_SPLIT_MIN_WORK) are cut in BLOCK_STREAMS pieces, by rows of
-    the result (split="rows") or by its columns ("cols", for a^T b whose rows are few),
-    computed by run_streams: at once when Numba has more than one thread, one after
-    the other otherwise. The pieces are the same whatever the thread count, so are the
-    bits. column_sums (Nc,), with split="cols": filled with b.sum(axis=0) by the same
-    pieces (a linear layer's bias gradient beside its weight gradient)."""
-    M, Nc = a.shape[0], b.shape[1]
-    out = np.empty((M, Nc), dtype=np.result_type(a, b))
-    pieces = (_pieces(M if split == "rows" else Nc, BLOCK_STREAMS)
-              if M * a.shape[1] * Nc >= MATMUL_SPLIT_MIN_WORK else [slice(None)])
+    def __init__(self, a, b, bias=None, split="rows", column_sums=None):
+        self.a, self.b, self.bias, self.split, self.column_sums = a, b, bias, split, column_sums
+        M, Nc = a.shape[0], b.shape[1]
+        self.out = np.empty((M, Nc), dtype=np.result_type(a, b))
+        self.pieces = (_pieces(M if split == "rows" else Nc, MATMUL_PIECES)
+                       if M * a.shape[1] * Nc >= MATMUL_SPLIT_MIN_WORK else [slice(None)])
 
-    def piece(i):
-        s = pieces[i]
-        if split == "rows":
+    def piece(self, s):
+        a, b, out, bias = self.a, self.b, self.out, self.bias
+        if self.split == "rows":
             np.matmul(a[s], b, out=out[s])
             if bias is not None:
                 out[s] += bias
@@ -153,13 +158,39 @@ def _matmul(a, b, bias=None, *, split="rows", column_sums=None):
             np.matmul(a, b[:, s], out=out[:, s])
             if bias is not None:
                 out[:, s] += bias[s]
-            if column_sums is not None:
-                np.sum(b[:, s], axis=0, out=column_sums[s])
-    if len(pieces) == 1:
-        piece(0)
+            if self.column_sums is not None:
+                np.sum(b[:, s], axis=0, out=self.column_sums[s])
+
+
+def _matmuls(*products):
+    """Compute every _Product, its pieces on BLOCK_STREAMS streams; returns their outputs.
+
+    A product a (M, Kc) @ b (Kc, Nc) (+ bias) of at least MATMUL_SPLIT_MIN_WORK
+    multiply-adds is cut in MATMUL_PIECES pieces, by rows of the result (split="rows")
+    or by its columns ("cols", for a^T b, whose rows are few; column_sums (Nc,) is then
+    filled with b.sum(axis=0) by the same pieces: a linear layer's bias gradient beside
+    its weight gradient). Each free stream takes the next piece of any product (run_streams:
+    at once when Numba has more than one thread, one after the other otherwise), so the
+    stream that has a core on a loaded machine does more of them. The pieces are fixed by
+    the sizes, not by the threads, and each element of a result is one BLAS product over
+    the whole of Kc: the bits are the same whatever the thread count."""
+    work = [(p, s) for p in products for s in p.pieces]
+    if len(work) == 1 or threading.current_thread().name.startswith(STREAM_THREAD_PREFIX):
+        for p, s in work:                           # one piece, or already inside a stream
+            p.piece(s)
     else:
-        run_streams(piece, len(pieces))
-    return out
+        todo = iter(work)
+        lock = threading.Lock()
+
+        def stream(_):
+            while True:
+                with lock:
+                    item = next(todo, None)
+                if item is None:
+                    return
+                item[0].piece(item[1])
+        run_streams(stream, BLOCK_STREAMS)
+    return [p.out for p in products]
 
 
 def linear_forward(x, W, b):
@@ -172,7 +203,8 @@ def linear_forward(x, W, b):
     _expect("b", b is None or b.shape == (W.shape[1],), f"shape ({W.shape[1]},) or None",
             None if b is None else f"shape {b.shape}")
     x2 = x.reshape(-1, x.shape[-1])                                 # (M, Din)
-    out = _matmul(x2, W, b).reshape(x.shape[:-1] + (W.shape[1],))   # (M..., Dout)
+    (out,) = _matmuls(_Product(x2, W, b))                           # (M, Dout)
+    out = out.reshape(x.shape[:-1] + (W.shape[1],))                 # (M..., Dout)
     return out, (x, W, b is not None)
 
 
@@ -182,10 +214,10 @@ def linear_backward(dout, cache):
     x2 = x.reshape(-1, x.shape[-1])                                 # (M, Din)
     d2 = dout.reshape(-1, dout.shape[-1])                           # (M, Dout)
     # in the forward pass this was: out = x @ W + b
-    dx = _matmul(d2, W.T).reshape(x.shape[:-1] + (W.shape[0],))     # (M..., Din)
-    db = np.empty(d2.shape[1], dtype=d2.dtype) if has_bias else None
-    dW = _matmul(x2.T, d2, split="cols", column_sums=db)            # (Din, Dout), db (Dout,)
-    return dx, dW, db
+    db = np.empty(d2.shape[1], dtype=d2.dtype) if has_bias else None   # (Dout,)
+    dx, dW = _matmuls(_Product(d2, W.T),                            # (M, Din)
+                      _Product(x2.T, d2, split="cols", column_sums=db))   # (Din, Dout)
+    return dx.reshape(x.shape[:-1] + (W.shape[0],)), dW, db
 
 
 def linear_forward_naive(x, W, b):
