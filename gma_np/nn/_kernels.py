@@ -62,20 +62,51 @@ def _gelu_backward(dy, x, t, dx, half, one, c, a3):
 # ---------------------------------------------------------------- layer norm
 
 @njit(cache=True)
+def _row_sum(a, m, shift):
+    """sum_j (a[m, j] - shift) in float64, four running sums (j mod 4) added pairwise:
+    independent additions, a fixed order. a (M, D)."""
+    D = a.shape[1]
+    D4 = D - D % 4
+    s0 = s1 = s2 = s3 = 0.0
+    for j in range(0, D4, 4):
+        s0 += a[m, j] - shift
+        s1 += a[m, j + 1] - shift
+        s2 += a[m, j + 2] - shift
+        s3 += a[m, j + 3] - shift
+    for j in range(D4, D):
+        s0 += a[m, j] - shift
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True)
+def _row_sum_squares(a, m, shift):
+    """sum_j (a[m, j] - shift)^2 in float64, as _row_sum."""
+    D = a.shape[1]
+    D4 = D - D % 4
+    s0 = s1 = s2 = s3 = 0.0
+    for j in range(0, D4, 4):
+        c0 = a[m, j] - shift
+        c1 = a[m, j + 1] - shift
+        c2 = a[m, j + 2] - shift
+        c3 = a[m, j + 3] - shift
+        s0 += c0 * c0
+        s1 += c1 * c1
+        s2 += c2 * c2
+        s3 += c3 * c3
+    for j in range(D4, D):
+        c0 = a[m, j] - shift
+        s0 += c0 * c0
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True)
 def _layernorm_forward(x, g, b, eps, y, xhat, rstd):
     """Per row of x (M, D): mean, biased variance (two passes, float64), rstd = (var + eps)^-1/2,
     xhat = (x - mean) rstd, y = xhat g + b. Writes y, xhat (M, D) and rstd (M,)."""
     M, D = x.shape
     for m in range(M):
-        s = 0.0
-        for j in range(D):
-            s += x[m, j]
-        mean = s / D
-        ss = 0.0
-        for j in range(D):
-            c = x[m, j] - mean
-            ss += c * c
-        r = 1.0 / math.sqrt(ss / D + eps)
+        mean = _row_sum(x, m, 0.0) / D
+        r = 1.0 / math.sqrt(_row_sum_squares(x, m, mean) / D + eps)
         rstd[m] = r
         for j in range(D):
             xh = (x[m, j] - mean) * r
@@ -88,20 +119,35 @@ def _layernorm_backward(dy, xhat, rstd, g, dx, dg, db):
     """dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy g, per row;
     dg = sum_m dy xhat, db = sum_m dy (float64 accumulators dg, db (D,), rows in order)."""
     M, D = dy.shape
+    D4 = D - D % 4
     for m in range(M):
-        s1 = 0.0
-        s2 = 0.0
-        for j in range(D):
-            dxh = dy[m, j] * g[j]
-            s1 += dxh
-            s2 += dxh * xhat[m, j]
-            dg[j] += dy[m, j] * xhat[m, j]
-            db[j] += dy[m, j]
-        m1 = s1 / D
-        m2 = s2 / D
+        # the row means of dxhat and dxhat xhat, four running sums each (as _row_sum)
+        a0 = a1 = a2 = a3 = 0.0
+        b0 = b1 = b2 = b3 = 0.0
+        for j in range(0, D4, 4):
+            d0 = np.float64(dy[m, j]) * g[j]
+            d1 = np.float64(dy[m, j + 1]) * g[j + 1]
+            d2 = np.float64(dy[m, j + 2]) * g[j + 2]
+            d3 = np.float64(dy[m, j + 3]) * g[j + 3]
+            a0 += d0
+            a1 += d1
+            a2 += d2
+            a3 += d3
+            b0 += d0 * xhat[m, j]
+            b1 += d1 * xhat[m, j + 1]
+            b2 += d2 * xhat[m, j + 2]
+            b3 += d3 * xhat[m, j + 3]
+        for j in range(D4, D):
+            d0 = np.float64(dy[m, j]) * g[j]
+            a0 += d0
+            b0 += d0 * xhat[m, j]
+        m1 = ((a0 + a1) + (a2 + a3)) / D
+        m2 = ((b0 + b1) + (b2 + b3)) / D
         r = rstd[m]
         for j in range(D):
-            dx[m, j] = r * (dy[m, j] * g[j] - m1 - xhat[m, j] * m2)
+            dx[m, j] = r * (np.float64(dy[m, j]) * g[j] - m1 - xhat[m, j] * m2)
+            dg[j] += np.float64(dy[m, j]) * xhat[m, j]
+            db[j] += dy[m, j]
 
 
 # ---------------------------------------------------------------- softmax cross-entropy
