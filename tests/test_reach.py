@@ -9,8 +9,8 @@ F e >= CHUNKED_MIN_KE) is compared here with its naive reference, masked and unm
 
 - the feature memory, every form, forward and backward, against the dense N x N form at
   N = 549 (three groups of chunks, eight token blocks);
-- GMA end to end, every form, against the dense reference at N = 549 (seventeen routing
-  blocks, eight mixing blocks: several per stream), chunked forced through the public API;
+- GMA end to end, every form, against the dense reference at N = 549 (eighteen routing
+  blocks of 32 tokens, eight mixing blocks: several per stream), chunked forced through the public API;
 - the routing's GEMM path against its direct form at N = 4133 (33 blocks of 128);
 - linear attention and the Performer at F = e = 256, where the chunked form is chosen.
 
