@@ -10,7 +10,6 @@ small random problem with odd sizes:
   and, when causal, against the loop-over-t recurrence.
 """
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ from gma_np.gradcheck import gradcheck
 from gma_np.mixers.gma.mixing import gma, gma_backward, gma_forward
 from gma_np.mixers.gma.reference.dense import gma_dense, gma_dense_backward
 from gma_np.mixers.gma.reference.recurrent import gma_loop
+from gma_np.mixers.gma.configurations import Configuration, configurations
 
 # Small odd sizes: every element is finite-differenced, 32 configurations in seconds.
 CHECK_SIZES = dict(B=2, H=2, N=7, d=3, e=2, K=3)
@@ -79,8 +79,7 @@ def check_configuration(causal, norm, covariance, masked, per_head, seed=0, size
     ref_err = max([ref_err] + [_rel(fast[n], dense[n]) for n in dense])
     if causal:
         ref_err = max(ref_err, _rel(o, gma_loop(**inputs, norm=norm, key_mask=mask)))
-    name = (f"{'causal' if causal else 'bidir'}-{norm}-{covariance}-"
-            f"{'mask' if masked else 'nomask'}-{'tau(H)' if per_head else 'tau'}")
+    name = Configuration(causal, norm, covariance, masked, per_head).name
     ref_ok = ref_err <= RTOL_EXACT[np.dtype(np.float64)] * 100
     return CheckRow(name, report.ok, worst.name, worst.rel_error, ref_err, report.ok and ref_ok)
 
@@ -89,9 +88,7 @@ def check_matrix(seed=0):
     """CheckRow for every configuration of the matrix."""
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
-    grid = itertools.product((False, True), ("row", "slot"), ("diag", "spherical"),
-                             (True, False), (False, True))
-    return [check_configuration(*point, seed=seed) for point in grid]
+    return [check_configuration(*point, seed=seed) for point in configurations()]
 
 
 def format_rows(rows):

@@ -20,7 +20,7 @@ def test_check_prints_table_and_exits_zero(monkeypatch, capsys):
     monkeypatch.setattr(selfcheck, "check_matrix", lambda seed=0: rows)
     assert main(["check"]) == 0
     out = capsys.readouterr().out
-    assert "causal-row-diag-mask-tau(H)" in out and "2 passed, 0 failed" in out
+    assert "causal-row-diag-mask-tauH" in out and "2 passed, 0 failed" in out
 
 
 def test_check_exits_nonzero_on_failure(monkeypatch, capsys):

@@ -15,3 +15,4 @@ suite are in gma_np.testing.
 
 FORMAT_NAME = "gma-np-vectors"
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"           # the bundle's index, beside one .npz per case

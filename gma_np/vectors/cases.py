@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gma_np._numerics import DEFAULT_EPS
+from gma_np.mixers.gma.configurations import Configuration, configurations
 
 REGIMES = ("well", "collapsed", "cold", "spread", "long")
 
@@ -61,9 +62,8 @@ class Case:
     @property
     def name(self):
         """Readable and unique, e.g. "well-causal-row-diag-mask-tauH"."""
-        return (f"{self.regime}-{'causal' if self.causal else 'bidir'}-{self.norm}-"
-                f"{self.covariance}-{'mask' if self.masked else 'nomask'}-"
-                f"{'tauH' if self.per_head else 'tau'}")
+        point = Configuration(self.causal, self.norm, self.covariance, self.masked, self.per_head)
+        return f"{self.regime}-{point.name}"
 
     @property
     def sizes(self):
@@ -77,12 +77,6 @@ class Case:
                     eps=self.eps, **self.sizes)
 
 
-def _configurations():
-    """All 32 points of causal x norm x covariance x masked x per_head, in a fixed order."""
-    return itertools.product((False, True), ("row", "slot"), ("diag", "spherical"),
-                             (False, True), (False, True))
-
-
 def default_matrix():
     """The matrix of `gma-np vectors export`: 32 + 3 x 8 + 3 = 59 cases.
 
@@ -91,7 +85,7 @@ def default_matrix():
     long: causal row and slot at N = 4093, bidirectional row at N = 2039 (a
     second length, and the bundle stays under 20 MB).
     """
-    cases = [Case("well", *point, **SIZES) for point in _configurations()]
+    cases = [Case("well", *point, **SIZES) for point in configurations()]
     for regime in ("collapsed", "cold", "spread"):
         grid = itertools.product((False, True), ("row", "slot"), ("diag", "spherical"))
         for i, (causal, norm, cov) in enumerate(grid):

@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gma_np.vectors import FORMAT_NAME, FORMAT_VERSION
+from gma_np.mixers.gma.configurations import GRADIENT_NAMES
+from gma_np.vectors import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 
-MANIFEST = "manifest.json"
 DTYPES = ("float64", "float32")
 # Elements smaller than this fraction of the tensor's scale are left out of the
 # (informative) max relative error: their relative error means nothing.
 REL_FLOOR = 1e-3
-GRAD_KEYS = ("q", "k", "v", "means", "log_var", "logits", "temperature")
+GRAD_KEYS = GRADIENT_NAMES
 
 
 class BundleError(Exception):

@@ -23,14 +23,13 @@ import numba
 import numpy as np
 
 from gma_np import __version__
-from gma_np.vectors import FORMAT_NAME, FORMAT_VERSION
+from gma_np.vectors import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 from gma_np.vectors.cases import MATRICES, Case
 from gma_np.vectors.golden import (CHECKED, GRADIENTS, INPUTS, INTERMEDIATES, KAPPA_SAMPLES,
                                    LAMBDA, OUTPUTS, PERTURBATION, UNIT_ROUNDOFF, golden_case)
 
 # The date every zip entry carries: the earliest a zip can hold.
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
-MANIFEST = "manifest.json"
 
 
 def role_of(name):

@@ -55,6 +55,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from gma_np._numerics import LOG_2PI
+from gma_np.mixers.gma.configurations import GRADIENT_NAMES
 from gma_np.memory.reference import causal_mix_loop
 from gma_np.mixers.gma.mixing import gma_backward, gma_forward
 from gma_np.mixers.gma.reference.routing import log_density_naive, responsibilities_naive
@@ -73,7 +74,7 @@ PERTURBATION = 1e-7
 # Random perturbations per case; the estimate is the largest of them.
 KAPPA_SAMPLES = 3
 
-INPUTS = ("q", "k", "v", "means", "log_var", "logits", "temperature")
+INPUTS = GRADIENT_NAMES            # every input of gma is differentiable, in this order
 # Inputs perturbed by absolute rather than relative amounts: they enter through exp,
 # where a relative rounding error of exp(x) is an absolute error of x.
 ABSOLUTE_PERTURBATION = ("log_var", "logits")
