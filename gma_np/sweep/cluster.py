@@ -9,12 +9,14 @@ so every thread pool under it is set to one thread in the worker:
 
 - BLAS (OpenBLAS, MKL): the nanny's pre-spawn environment sets OMP_NUM_THREADS,
   MKL_NUM_THREADS and OPENBLAS_NUM_THREADS to 1 (Dask's defaults), and each job
-  limits the loaded libraries with threadpoolctl as well (`limit_threads`), which
+  limits the loaded libraries with threadpoolctl as well (`job_threads`), which
   also covers a worker of an existing cluster started without those variables.
-- Numba: Dask sets nothing. NUMBA_NUM_THREADS=1 is added to the pre-spawn
-  environment (Numba sizes its pool from it at import), and each job calls
-  numba.set_num_threads(1) in the thread that runs it (the setting is per thread),
-  which is what counts on a cluster whose workers were started without it.
+- Numba: Dask sets nothing. NUMBA_NUM_THREADS=1 is set in each local worker process
+  as it starts (the nanny's `env`, applied inside the worker, never in this process:
+  the pre-spawn environment would be written into the client's own os.environ, and
+  Numba refuses a NUMBA_NUM_THREADS that changes after its pool has started), and
+  each job runs under numba.set_num_threads(1) in its thread (`job_threads`), which
+  is what counts on a cluster whose workers were started without it.
 
 The Numba cache: gma_np's kernels are @njit(cache=True), so Numba keeps the compiled
 code next to the sources, in the package's __pycache__ folders, whenever they are
@@ -30,10 +32,10 @@ import contextlib
 import logging
 import os
 
-# The environment every local worker process starts with (set before it imports NumPy
-# or Numba: the nanny applies it before spawning).
-WORKER_ENVIRONMENT = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                      "OPENBLAS_NUM_THREADS": "1"}
+# Set in every local worker process as it starts, before a job imports Numba (the BLAS
+# variables, OMP_NUM_THREADS, MKL_NUM_THREADS and OPENBLAS_NUM_THREADS = 1, are Dask's own
+# pre-spawn defaults).
+WORKER_ENVIRONMENT = {"NUMBA_NUM_THREADS": "1"}
 INSTALL_HINT = 'pip install "gma_np[sweep]"'
 # Seconds to wait for an existing scheduler to answer.
 CONNECT_TIMEOUT_S = 30
@@ -74,23 +76,32 @@ def numba_cache_location():
     return "Numba's per-user cache", os.path.expanduser("~/.cache")
 
 
-def limit_threads():
-    """In a worker, before a job: Numba and BLAS on one thread (module docstring).
-    Returns (numba threads, BLAS threads) as they are now."""
+@contextlib.contextmanager
+def job_threads():
+    """Around a job: Numba and BLAS on one thread (module docstring); the counts before
+    come back after, so a job run in the calling process (as the tests do) leaves it
+    as it was."""
     import numba
     import threadpoolctl
-    os.environ.update(WORKER_ENVIRONMENT)     # for anything the job starts
+    before = numba.get_num_threads()
     numba.set_num_threads(1)
-    threadpoolctl.threadpool_limits(limits=1, user_api="blas")
-    blas = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
-            if lib.get("user_api") == "blas"]
-    return numba.get_num_threads(), max(blas) if blas else 1
+    try:
+        with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def describe_worker():
     """Run on a worker (client.run): its process id and the thread counts a job gets."""
-    numba_threads, blas_threads = limit_threads()
-    return {"pid": os.getpid(), "numba_threads": numba_threads, "blas_threads": blas_threads,
+    import numba
+    import threadpoolctl
+    with job_threads():
+        blas = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+                if lib.get("user_api") == "blas"]
+        numba_threads = numba.get_num_threads()
+    return {"pid": os.getpid(), "numba_threads": numba_threads,
+            "blas_threads": max(blas) if blas else 1,
             "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS"),
             "numba_cache": numba_cache_location()}
 
@@ -102,7 +113,6 @@ def open_client(workers=None, scheduler=None):
     The local cluster is closed on exit, whatever happened; an existing one is left
     running (only the client disconnects)."""
     require_distributed()
-    import dask
     from distributed import Client, LocalCluster
     cluster = None
     if scheduler is not None:
@@ -110,14 +120,11 @@ def open_client(workers=None, scheduler=None):
         about = f"the Dask cluster at {scheduler}"
     else:
         n = workers or default_workers()
-        environ = {f"distributed.nanny.pre-spawn-environ.{k}": v
-                   for k, v in WORKER_ENVIRONMENT.items()}
-        with dask.config.set(environ):
-            # on the loopback interface only, the HTTP server (health routes, and the
-            # dashboard when bokeh is installed) on a free port: several sweeps may run
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                   host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                                   silence_logs=logging.ERROR)
+        # on the loopback interface only, the HTTP server (health routes, and the
+        # dashboard when bokeh is installed) on a free port: several sweeps may run
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                               silence_logs=logging.ERROR, env=dict(WORKER_ENVIRONMENT))
         client = Client(cluster)
         kind, path = numba_cache_location()
         about = (f"a local Dask cluster of {n} worker process{'es' if n > 1 else ''}, one "

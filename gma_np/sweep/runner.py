@@ -267,8 +267,12 @@ def run_job(job, on_step=None):
     "attempts", "skipped"}. A finished job returns its done.json without training.
     on_step(name, step), when given, is called after every step (the tests use it).
     """
-    from gma_np.sweep.cluster import limit_threads
-    limit_threads()
+    from gma_np.sweep.cluster import job_threads
+    with job_threads():
+        return _run_job(job, on_step)
+
+
+def _run_job(job, on_step):
     state, record = job_state(job)
     if state == "done":
         return {**record, "skipped": True}
@@ -374,9 +378,13 @@ def scaling_state(unit):
 
 def run_scaling(unit):
     """Measure one mixer (runs on a Dask worker); its JSON is the done marker."""
-    from gma_np.sweep.cluster import limit_threads
+    from gma_np.sweep.cluster import job_threads
+    with job_threads():
+        return _run_scaling(unit)
+
+
+def _run_scaling(unit):
     from gma_np.sweep.scaling import ScalingSpec, measure_mixer
-    limit_threads()
     state, record = scaling_state(unit)
     if state == "done":
         return {**record, "status": "done", "skipped": True, "name": unit.name}
