@@ -8,13 +8,14 @@
 One step is the trainer's (gma_np.train.loop): the task's batch, `loss_and_grads`
 (the body, the token head, the cross-entropy and back), `clip_grad_norm`, `lr_at` and
 `AdamW.step`, on a model built and initialised from its first batch as `train()` does
-it. The PyTorch twin (benchmarks/torch_model.py: the same parameters copied from the
-gma_np model, autograd, torch.optim.AdamW, clip_grad_norm_, float32) runs in a
-subprocess of its own with `--torch-threads` threads, so that neither library's thread
-pools (Numba's OpenMP, torch's OpenMP and MKL) share a process with the other's; the
-parent hands it the same batches and learning rates and waits while it steps. The
-gma_np of another checkout (`--compare DIR`: before and after a change) runs the same
-way, in a subprocess with DIR first on its path.
+it. Every timed implementation runs in a subprocess of its own, the parent handing
+each the same batches and waiting while it steps: this checkout's gma_np; the gma_np
+of another checkout (`--compare DIR`: before and after a change, DIR first on its
+path); the PyTorch twin (benchmarks/torch_model.py: the same parameters copied from
+the gma_np model, autograd, torch.optim.AdamW, clip_grad_norm_, float32) with
+`--torch-threads` threads. So no library's thread pools (Numba's OpenMP, torch's
+OpenMP and MKL) share a process with another's, and each process is alike (the same
+code measured in the parent and in a subprocess differed by 15% in one run).
 
 Timing: every implementation (gma_np at each of `--blas-threads`, torch) steps its own
 copy of the model through the same batches. Within each of `--repeats` rounds each
@@ -23,8 +24,8 @@ and each timed step starts from its own steady state (as in bench_gma.py). The t
 gives the median time per step, tokens/s (B x N tokens per step) and the ratio of
 gma_np's tokens/s to the fastest twin's (above 1: gma_np is faster).
 
-Where the time goes: `--profile-steps` more gma_np steps run with the layers'
-functions wrapped by a timer (gma_np.nn.layers, the attention shell, the mixer's op and
+Where the time goes: `--profile-steps` steps of this checkout's gma_np, in the parent,
+run with the layers' functions wrapped by a timer (gma_np.nn.layers, the attention shell, the mixer's op and
 its routing/memory stages, the head, the optimiser), and the table gives each one's
 forward and backward milliseconds per step, nested as they are called; "(rest)" is the
 part of a row that none of its children account for (Python glue, residual adds,
@@ -56,6 +57,7 @@ from gma_np.train import loop
 from gma_np.train.config import preset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)                # this checkout, the one timed first
 
 
 def parse_args(argv=None):
@@ -78,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--compare", nargs="+", default=[], metavar="CHECKOUT",
                    help="also time the gma_np of these checkouts (directories holding gma_np/), "
                         "each in a subprocess: before/after a change, in one run")
+    p.add_argument("--unsplit-too", action="store_true",
+                   help="also time this checkout with every matrix product whole "
+                        "(gma_np.nn.layers.MATMUL_SPLIT_MIN_WORK out of reach)")
     p.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -91,7 +96,7 @@ class Worker:
 
     def __init__(self, kind, arg):
         env = dict(os.environ)
-        if kind == "gma_np":                          # that checkout's gma_np first on the path
+        if kind in ("gma_np", "gma_np-unsplit"):      # that checkout's gma_np first on the path
             env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(arg)] +
                                                  env.get("PYTHONPATH", "").split(os.pathsep))
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", kind,
@@ -143,7 +148,12 @@ def _serve(kind, arg):
             send(True, f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         else:
             import gma_np as other
-            send(True, f"gma_np {os.path.dirname(os.path.dirname(other.__file__))}")
+            where = os.path.dirname(os.path.dirname(other.__file__))
+            if kind == "gma_np-unsplit":              # every matrix product whole
+                from gma_np.nn import layers
+                layers.MATMUL_SPLIT_MIN_WORK = sys.maxsize
+                where += " (products not split)"
+            send(True, f"gma_np {where}")
     except ImportError as err:
         send(False, str(err))
         return
@@ -341,17 +351,15 @@ def race(cfg, args, workers, repeats, label):
     """Time gma_np (at each BLAS thread count, and the --compare checkouts) and the torch
     twin, interleaved; print the table and the profile."""
     task, model, opt, rng = build_run(cfg)
-    n_steps = args.warmup + 2 * repeats + args.profile_steps + 1
+    n_steps = max(args.warmup + 2 * repeats, args.profile_steps + 1)
     batches = [task.sample_batch("train", cfg.batch_size, rng) for _ in range(n_steps)]
     tokens = batches[0].tokens.size
     impls = OrderedDict()
-    for b in args.blas_threads:
-        m, o = copy_run(cfg, model)
-        impls[f"gma_np blas={b}"] = ("local", b, m, o)
-    for path, w in workers.get("gma_np", []):
+    for path, w in workers["gma_np"]:
+        which = "" if path == ROOT else " " + os.path.basename(os.path.normpath(path))
         for b in args.blas_threads:
             w.call("init", (label, b), cfg.to_dict(), b)
-            impls[f"gma_np {os.path.basename(os.path.normpath(path))} blas={b}"] = ("worker", b, w, None)
+            impls[f"gma_np{which} blas={b}"] = ("worker", b, w, None)
     twins = workers["torch"] if _has_twin(cfg.model.mixer) else []
     for twin in twins:
         twin.call("init", label, model.cfg, model.params, cfg)
@@ -376,12 +384,7 @@ def race(cfg, args, workers, repeats, label):
         lr = lr_at(i, cfg.lr, cfg.warmup_steps, cfg.schedule_steps, cfg.min_lr_ratio)
         if kind == "torch":
             return m.call("step", label, batch, lr, cfg.grad_clip, i)
-        if kind == "worker":
-            return m.call("step", (label, b), batch, lr, cfg.grad_clip, i)
-        with blas_threads(b):
-            t0 = time.perf_counter()
-            gma_np_step(cfg, task, m, o, batch, i)
-            return time.perf_counter() - t0
+        return m.call("step", (label, b), batch, lr, cfg.grad_clip, i)
 
     for name in impls:
         for _ in range(args.warmup):
@@ -405,22 +408,22 @@ def race(cfg, args, workers, repeats, label):
     result = {"tokens": tokens, "median_s": med}
 
     if args.profile_steps:
-        name = next(iter(impls))
-        _, b, m, o = impls[name]
+        # in this process: this checkout's gma_np, after a warm-up step
+        b = args.blas_threads[0]
+        m, o = copy_run(cfg, model)
         prof = Profiler()
-        prof.instrument(cfg.model.mixer)
-        try:
-            t_total = 0.0
-            with blas_threads(b):
-                for _ in range(args.profile_steps):
-                    i = counters[name]
-                    counters[name] += 1
+        t_total = 0.0
+        with blas_threads(b):
+            gma_np_step(cfg, task, m, o, batches[0], 0)
+            prof.instrument(cfg.model.mixer)
+            try:
+                for i in range(1, 1 + args.profile_steps):
                     t0 = time.perf_counter()
                     gma_np_step(cfg, task, m, o, batches[i], i, prof)
                     t_total += time.perf_counter() - t0
-        finally:
-            prof.unpatch()
-        print(f"  where gma_np's step goes ({name}, mean of {args.profile_steps} profiled steps, "
+            finally:
+                prof.unpatch()
+        print(f"  where gma_np's step goes (blas={b}, mean of {args.profile_steps} profiled steps, "
               f"ms per step):")
         for line in prof.table(args.profile_steps, t_total):
             print(line)
@@ -449,6 +452,11 @@ def main(argv=None):
         return _serve(*args.serve)
     workers = {"gma_np": [], "torch": []}
     try:
+        for kind, path in ([("gma_np", ROOT)] + [("gma_np-unsplit", ROOT)] * args.unsplit_too
+                           + [("gma_np", p) for p in args.compare]):
+            w = Worker(kind, path)
+            workers["gma_np"].append((path if kind == "gma_np" else "unsplit", w))
+            print(f"timed: {w.info} (a subprocess)")
         for threads in ([] if args.no_torch else args.torch_threads):
             try:
                 workers["torch"].append(Worker("torch", threads))
@@ -456,10 +464,6 @@ def main(argv=None):
             except ImportError as err:
                 print(f"PyTorch twin: not available ({err}); gma_np alone")
                 break
-        for path in args.compare:
-            w = Worker("gma_np", path)
-            workers["gma_np"].append((path, w))
-            print(f"compared: {w.info} (a subprocess)")
         import numba
         print(f"gma_np: Numba {numba.get_num_threads()} threads; BLAS threads per row; "
               f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
