@@ -268,14 +268,17 @@ def test_killed_worker_resumes_exactly(client, reference, tmp_path):
 
 
 def test_interrupted_client_then_same_sweep(client, reference, tmp_path):
+    from gma_np.sweep.cluster import open_client
     sweep = build_sweep(TINY, tmp_path)
 
     def interrupt(name, record):
         raise KeyboardInterrupt
 
+    # on a cluster of its own, closed on the way out as the command's is on Ctrl-C: the
+    # jobs still running die with its workers, mid-training
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(sweep, client, on_result=interrupt, print_fn=lambda *a: None)
-    client.restart()                # the local cluster of a killed client dies with it
+        with open_client(workers=2) as (own, _):
+            run_sweep(sweep, own, on_result=interrupt, print_fn=lambda *a: None)
     finished = [j for j in sweep.jobs if job_state(j)[0] == "done"]
     assert 1 <= len(finished) < 4
     mtimes = {j.name: os.stat(os.path.join(j.run_dir, DONE_NAME)).st_mtime_ns for j in finished}
