@@ -86,8 +86,13 @@ def scaling_plot(scaling, fit_from, out, plt):
                 fitted = np.exp(intercept) * n ** slope * scale
                 keep = n >= fit_from
                 ax.loglog(n[keep], fitted[keep], ":", color=f"C{i}", lw=1)
+    from matplotlib.ticker import NullFormatter
+    lengths = sorted({n for rec in scaling.values() for n in rec["lengths"]})
     for ax, what in ((ax_t, "CPU time of a forward + backward step (ms)"),
                      (ax_m, "peak memory of a step (MiB, tracemalloc)")):
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([str(n) for n in lengths])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("sequence length N")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3, which="both")

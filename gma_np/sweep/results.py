@@ -13,7 +13,8 @@ Per job (jobs.csv):
     tokens_per_s  the median of the log's tokens_per_s (the trainer's own, per step)
     cpu_s         the worker process's CPU time over the job's attempts (attempts.jsonl):
                   its cost whatever the machine's load (the two columns above are wall
-                  clock, and grow with the other processes' load)
+                  clock, and grow with the other processes' load); blank when an attempt
+                  was killed (its time is not recorded)
     peak_rss_mib  peak resident memory of the worker during the job (done.json,
                   gma_np.sweep.runner: how it is measured), max over its attempts
 
@@ -33,8 +34,8 @@ import os
 import platform
 import statistics
 
-from gma_np.sweep.runner import (DONE_NAME, FAILED_NAME, checkpoint_step, job_state, read_json,
-                                 scaling_state, scaling_units)
+from gma_np.sweep.runner import (DONE_NAME, FAILED_NAME, attempts, checkpoint_step, job_state,
+                                 read_json, scaling_state, scaling_units)
 
 # The metrics for which lower is better.
 LOWER_IS_BETTER = ("val_bpb",)
@@ -119,10 +120,17 @@ def job_row(job):
             "tokens_per_s": statistics.median(rates) if rates and state == "done" else None,
             "peak_rss_mib": None if peak is None else peak / MIB,
             "peak_scope": done.get("peak_scope", ""),
-            "cpu_s": done.get("cpu_s") if state == "done" else None,
+            "cpu_s": done.get("cpu_s") if state == "done" and _all_attempts_ended(job) else None,
             "attempts": done.get("attempts", failed.get("attempts")),
             "curve": curve(records, key) if key else [],
             "settings": dict(job.settings)}
+
+
+def _all_attempts_ended(job):
+    """Whether every attempt of the job recorded its end (a killed one's CPU time is lost)."""
+    history = attempts(job.run_dir)
+    return (sum(a.get("event") == "start" for a in history)
+            == sum(a.get("event") == "end" for a in history))
 
 
 def group_label(job):
