@@ -166,6 +166,7 @@ def test_causal_conv_matches_the_reference(rng, dtype, width):
 def split_everything(monkeypatch):
     """Every matrix product of linear_forward / linear_backward split in pieces."""
     monkeypatch.setattr(L, "MATMUL_SPLIT_MIN_WORK", 0)
+    monkeypatch.setattr(L, "MATMUL_PIECE_MIN", 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)

@@ -59,6 +59,9 @@ GELU_A = 0.044715
 # leaves its next piece to the other (docs/performance.md, "The training step").
 MATMUL_SPLIT_MIN_WORK = 2 ** 24
 MATMUL_PIECES = 4
+# Rows or columns of a result per piece at least: thinner pieces leave BLAS's
+# register blocks (16 to 32 wide for float32 on AVX-512) mostly empty.
+MATMUL_PIECE_MIN = 64
 # The names of run_streams' worker threads start so (gma_np._threads): a product
 # computed inside a stream runs its pieces there, one after the other.
 STREAM_THREAD_PREFIX = "gma_np"
@@ -141,12 +144,16 @@ def _pieces(n, parts):
 class _Product:
     """One matrix product a @ b (+ bias) of _matmuls, and its pieces (see there)."""
 
-    def __init__(self, a, b, bias=None, split="rows", column_sums=None):
-        self.a, self.b, self.bias, self.split, self.column_sums = a, b, bias, split, column_sums
+    def __init__(self, a, b, bias=None, column_sums=None):
+        self.a, self.b, self.bias, self.column_sums = a, b, bias, column_sums
         M, Nc = a.shape[0], b.shape[1]
         self.out = np.empty((M, Nc), dtype=np.result_type(a, b))
-        self.pieces = (_pieces(M if split == "rows" else Nc, MATMUL_PIECES)
-                       if M * a.shape[1] * Nc >= MATMUL_SPLIT_MIN_WORK else [slice(None)])
+        # cut the longer side of the result (column_sums need whole columns)
+        self.split = "rows" if M >= Nc and column_sums is None else "cols"
+        n = min(MATMUL_PIECES, (M if self.split == "rows" else Nc) // MATMUL_PIECE_MIN)
+        self.pieces = (_pieces(M if self.split == "rows" else Nc, n)
+                       if M * a.shape[1] * Nc >= MATMUL_SPLIT_MIN_WORK and n > 1
+                       else [slice(None)])
 
     def piece(self, s):
         a, b, out, bias = self.a, self.b, self.out, self.bias
@@ -166,10 +173,10 @@ def _matmuls(*products):
     """Compute every _Product, its pieces on BLOCK_STREAMS streams; returns their outputs.
 
     A product a (M, Kc) @ b (Kc, Nc) (+ bias) of at least MATMUL_SPLIT_MIN_WORK
-    multiply-adds is cut in MATMUL_PIECES pieces, by rows of the result (split="rows")
-    or by its columns ("cols", for a^T b, whose rows are few; column_sums (Nc,) is then
-    filled with b.sum(axis=0) by the same pieces: a linear layer's bias gradient beside
-    its weight gradient). Each free stream takes the next piece of any product (run_streams:
+    multiply-adds is cut in up to MATMUL_PIECES pieces of at least MATMUL_PIECE_MIN
+    rows or columns of the result, along its longer side (by columns when column_sums
+    (Nc,) is given: it is then filled with b.sum(axis=0) by the same pieces, a linear
+    layer's bias gradient beside its weight gradient). Each free stream takes the next piece of any product (run_streams:
     at once when Numba has more than one thread, one after the other otherwise), so the
     stream that has a core on a loaded machine does more of them. The pieces are fixed by
     the sizes, not by the threads, and each element of a result is one BLAS product over
@@ -216,7 +223,7 @@ def linear_backward(dout, cache):
     # in the forward pass this was: out = x @ W + b
     db = np.empty(d2.shape[1], dtype=d2.dtype) if has_bias else None   # (Dout,)
     dx, dW = _matmuls(_Product(d2, W.T),                            # (M, Din)
-                      _Product(x2.T, d2, split="cols", column_sums=db))   # (Din, Dout)
+                      _Product(x2.T, d2, column_sums=db))           # (Din, Dout)
     return dx.reshape(x.shape[:-1] + (W.shape[0],)), dW, db
 
 
