@@ -37,6 +37,8 @@ import statistics
 from gma_np.sweep.runner import (DONE_NAME, FAILED_NAME, attempts, checkpoint_step, job_state,
                                  read_json, scaling_state, scaling_units)
 
+# The tasks' metrics as the log names them (a validation line may carry other keys too).
+KNOWN_METRICS = ("val_bpb", "val_accuracy", "val_answer_accuracy")
 # The metrics for which lower is better.
 LOWER_IS_BETTER = ("val_bpb",)
 # Columns of jobs.csv / results.csv that do not depend on timing.
@@ -62,6 +64,9 @@ def read_log(run_dir):
 
 def metric_key_of(records):
     """The log's validation metric key: val_bpb, val_accuracy, ... (not val_loss)."""
+    for known in KNOWN_METRICS:
+        if any(known in r for r in records):
+            return known
     for r in records:
         for k in r:
             if k.startswith("val_") and k != "val_loss":
