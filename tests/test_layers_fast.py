@@ -243,6 +243,8 @@ def test_global_norm_matches_the_reference(rng, dtype):
     assert_close("norm", global_norm(grads), global_norm_naive(grads), 1e-13)
 
 
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compares the compiled loops with the "
+                    "interpreted ones; with NUMBA_DISABLE_JIT=1 every test runs them interpreted")
 def test_kernels_run_without_numba():
     # the loops are plain Python: the same results through the interpreter (what
     # NUMBA_DISABLE_JIT=1 runs), here on one small case per kernel

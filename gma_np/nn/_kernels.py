@@ -10,7 +10,7 @@ several, each pass reading and writing a whole (M, D) or (M, V) temporary. What 
 left to NumPy is the transcendental functions: tanh and exp are NumPy's vectorised
 (SIMD) loops, called by the wrappers on a buffer between two kernels, because a
 scalar math.exp or math.tanh inside a Numba loop is not vectorised (no vector math
-library) and costs ~40 times NumPy's ufunc per element (docs/performance.md, "The
+library) and costs 9 (exp) to 40 (tanh) times NumPy's ufunc per element (docs/performance.md, "The
 training step").
 
 Contracts (the wrappers check them, the kernels do not):
@@ -18,6 +18,8 @@ Contracts (the wrappers check them, the kernels do not):
 - scalar constants come in the arrays' dtype (c, a, half, one ... of the GELU), so a
   float32 kernel rounds every operation to float32 in the order NumPy does: the
   elementwise kernels give NumPy's bits exactly in both dtypes;
+- every element a reduction reads is widened to float64 first (np.float64(...)), so
+  that the interpreted loops (NUMBA_DISABLE_JIT=1) accumulate in float64 too;
 - the reductions (layer norm's row statistics and its dg, db; the softmax sums;
   the convolution's dc; sums of squares) accumulate in float64 in a fixed order, so
   they are as accurate as a float64 NumPy sum or more, and the same whatever the
@@ -69,32 +71,32 @@ def _row_sum(a, m, shift):
     D4 = D - D % 4
     s0 = s1 = s2 = s3 = 0.0
     for j in range(0, D4, 4):
-        s0 += a[m, j] - shift
-        s1 += a[m, j + 1] - shift
-        s2 += a[m, j + 2] - shift
-        s3 += a[m, j + 3] - shift
+        s0 += np.float64(a[m, j]) - shift
+        s1 += np.float64(a[m, j + 1]) - shift
+        s2 += np.float64(a[m, j + 2]) - shift
+        s3 += np.float64(a[m, j + 3]) - shift
     for j in range(D4, D):
-        s0 += a[m, j] - shift
+        s0 += np.float64(a[m, j]) - shift
     return (s0 + s1) + (s2 + s3)
 
 
 @njit(cache=True)
 def _row_sum_squares(a, m, shift):
-    """sum_j (a[m, j] - shift)^2 in float64, as _row_sum."""
+    """sum_j (np.float64(a[m, j]) - shift)^2 in float64, as _row_sum."""
     D = a.shape[1]
     D4 = D - D % 4
     s0 = s1 = s2 = s3 = 0.0
     for j in range(0, D4, 4):
-        c0 = a[m, j] - shift
-        c1 = a[m, j + 1] - shift
-        c2 = a[m, j + 2] - shift
-        c3 = a[m, j + 3] - shift
+        c0 = np.float64(a[m, j]) - shift
+        c1 = np.float64(a[m, j + 1]) - shift
+        c2 = np.float64(a[m, j + 2]) - shift
+        c3 = np.float64(a[m, j + 3]) - shift
         s0 += c0 * c0
         s1 += c1 * c1
         s2 += c2 * c2
         s3 += c3 * c3
     for j in range(D4, D):
-        c0 = a[m, j] - shift
+        c0 = np.float64(a[m, j]) - shift
         s0 += c0 * c0
     return (s0 + s1) + (s2 + s3)
 
@@ -109,7 +111,7 @@ def _layernorm_forward(x, g, b, eps, y, xhat, rstd):
         r = 1.0 / math.sqrt(_row_sum_squares(x, m, mean) / D + eps)
         rstd[m] = r
         for j in range(D):
-            xh = (x[m, j] - mean) * r
+            xh = (np.float64(x[m, j]) - mean) * r
             xhat[m, j] = xh
             y[m, j] = xh * g[j] + b[j]
 
@@ -145,9 +147,9 @@ def _layernorm_backward(dy, xhat, rstd, g, dx, dg, db):
         m2 = ((b0 + b1) + (b2 + b3)) / D
         r = rstd[m]
         for j in range(D):
-            dx[m, j] = r * (np.float64(dy[m, j]) * g[j] - m1 - xhat[m, j] * m2)
+            dx[m, j] = r * (np.float64(dy[m, j]) * g[j] - m1 - np.float64(xhat[m, j]) * m2)
             dg[j] += np.float64(dy[m, j]) * xhat[m, j]
-            db[j] += dy[m, j]
+            db[j] += np.float64(dy[m, j])
 
 
 # ---------------------------------------------------------------- softmax cross-entropy

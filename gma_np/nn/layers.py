@@ -478,12 +478,16 @@ def log_softmax_rows(flat):
     row_max = np.empty(rows)
     n_max = np.empty(rows, dtype=np.int64)
     scratch = np.empty((rows, V))                                   # float64, one block
-    for s in range(0, M, SOFTMAX_BLOCK_ROWS):
-        blk = slice(s, min(M, s + SOFTMAX_BLOCK_ROWS))
-        r = blk.stop - s
-        K._softmax_shift(flat[blk], scratch[:r], row_max[:r], n_max[:r])
-        np.exp(scratch[:r], out=scratch[:r])
-        K._softmax_finish(flat[blk], scratch[:r], row_max[:r], n_max[:r], probs[blk], lse[blk])
+    # inf - inf of an infinite row is NaN, as in SciPy; interpreted (NUMBA_DISABLE_JIT=1)
+    # the loops would warn about it
+    with np.errstate(invalid="ignore"):
+        for s in range(0, M, SOFTMAX_BLOCK_ROWS):
+            blk = slice(s, min(M, s + SOFTMAX_BLOCK_ROWS))
+            r = blk.stop - s
+            K._softmax_shift(flat[blk], scratch[:r], row_max[:r], n_max[:r])
+            np.exp(scratch[:r], out=scratch[:r])
+            K._softmax_finish(flat[blk], scratch[:r], row_max[:r], n_max[:r], probs[blk],
+                              lse[blk])
     return lse, probs
 
 
