@@ -340,3 +340,37 @@ def test_spec_is_what_build_makes_without_generating(name, monkeypatch):
     assert task_spec(name, **spec.params).params == spec.params          # idempotent on its params
     with pytest.raises(ValueError, match=f"^bogus: task {name!r} has no such parameter"):
         task_spec(name, bogus=1)
+
+
+# ---------------------------------------------------------------- a causal-only mixer on a bidirectional task
+
+def test_causal_only_mixer_reads_listops_left_to_right(rng):
+    """body_causal: listops runs bidirectionally, except under mamba (causal only), which
+    reads a row left to right; a row's pooled logits then do not depend on the padding
+    after it nor on the other rows of its batch, and a class-token pool is refused."""
+    from gma_np.tasks import body_causal
+    from gma_np.train.config import ConfigError, preset
+    task = get_task("listops", **SMALL["listops"])
+    assert not body_causal(task, "gma") and body_causal(task, "mamba")
+    assert body_causal(get_task("recall", **SMALL["recall"]), "softmax")
+    first = get_task("listops", pool="first", **SMALL["listops"])
+    assert not first.causal_ok and not body_causal(first, "mamba")
+    with pytest.raises(ConfigError, match="pool='first' needs a bidirectional body"):
+        preset("test", task="listops", mixer="mamba", task_params={"pool": "first"})
+    assert preset("test", task="listops", mixer="mamba").model.mixer == "mamba"
+    cfg = ModelConfig(vocab_size=task.vocab_size, max_len=task.seq_len, d_model=8, n_layers=1,
+                      n_heads=2, head_dim=3, value_dim=2, mixer="mamba", ssm_state=3,
+                      mlp_ratio=2, dtype="float64")
+    model = LanguageModel(cfg, seed=2, head=task.head)
+    params = {n: v + 0.1 * rng.standard_normal(v.shape) for n, v in model.params.items()}
+    batch = next(iter(task.eval_batches("val", 7)))
+    assert not batch.key_mask.all()                           # some rows are padded
+
+    def pooled(tokens, key_mask):
+        h, _ = body_forward(params, tokens, cfg, causal=True, key_mask=key_mask)
+        return Hd.pool_forward(h, key_mask, "mean")[0]                       # (B, D)
+    full = pooled(batch.tokens, batch.key_mask)
+    for i in range(len(batch.targets)):
+        n = int(batch.key_mask[i].sum())
+        alone = pooled(batch.tokens[i:i + 1, :n], batch.key_mask[i:i + 1, :n])
+        np.testing.assert_allclose(alone[0], full[i], rtol=1e-12, atol=1e-12)

@@ -482,7 +482,8 @@ def test_config_takes_vocabulary_and_length_from_the_task():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(task="listops", mixer="mamba"), "model.mixer: 'mamba' is causal only, and task 'listops'"),
+    (dict(task="listops", mixer="mamba", task_params={"pool": "first"}),
+     "model.mixer: 'mamba' is causal only, and task 'listops' with pool='first' needs a bidirectional"),
     (dict(task="listops", task_params={"min_len": 0}), "task_params.min_len: expected an integer >= 1"),
     (dict(task="listops", task_params={"min_lenn": 5}),
      "task_params.min_lenn: task 'listops' has no such parameter \\(did you mean 'min_len'\\?\\)"),
@@ -544,6 +545,20 @@ def test_cli_trains_and_evaluates_every_task(name, mixer, tmp_path, capsys):
     assert len(err) == 1 and f"is a {name!r} run" in err[0] and "task lm" in err[0]
 
 
+def test_cli_trains_mamba_on_listops_left_to_right(tmp_path, capsys):
+    """A causal-only mixer on the bidirectional task: trained, evaluated (gma-np eval gives
+    the logged figure: both run the body causally) and resumed through the same path."""
+    out = str(tmp_path / "run")
+    args = ["train", "--preset", "test", "--task", "listops", "--mixer", "mamba", "--steps", "3",
+            "--out", out] + _task_flags("listops")
+    assert main(args) == 0
+    assert "(mamba mixer, causal (a causal-only mixer on a bidirectional task))" in capsys.readouterr().out
+    meta = json.load(open(os.path.join(out, "checkpoint.json")))
+    assert main(["eval", out]) == 0
+    shown = float(capsys.readouterr().out.split(":")[1].split()[0])
+    assert shown == pytest.approx(meta["val_accuracy"], abs=1e-3)
+
+
 def test_listops_resume_is_bit_identical(tmp_path):
     cfg = preset("test", task="listops", task_params=TASK_ARGS["listops"], steps=12,
                  checkpoint_interval=4, eval_interval=4)
@@ -578,7 +593,7 @@ def test_task_flags_and_default_preset(tmp_path, capsys):
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["train", "--preset", "test", "--task", "listops", "--mixer", "mamba",
-                 "--out", str(tmp_path / "m")]) == 1
+                 "--task-param", "pool=first", "--out", str(tmp_path / "m")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'mamba' is causal only" in err[0]
     assert main(["eval", out, "--data", "x.txt"]) == 1

@@ -13,7 +13,7 @@ its Task class. The training loop knows only the Task contract (docs/tasks.md).
 
 from gma_np._registry import registered_module
 
-from gma_np.tasks.base import Batch, Task, TaskSpec, add_head_grads, default_cache_dir
+from gma_np.tasks.base import Batch, Task, TaskSpec, add_head_grads, body_causal, default_cache_dir
 
 # name -> the module whose `build` makes the task. Imported on first use.
 TASKS = {
@@ -42,5 +42,5 @@ def get_task(name, *, seed=0, cache_dir=None, **params):
     return task_module(name).build(seed=seed, cache_dir=cache_dir, **params)
 
 
-__all__ = ["TASKS", "TASK_NAMES", "task_module", "task_spec", "get_task", "Batch", "Task",
+__all__ = ["TASKS", "TASK_NAMES", "task_module", "task_spec", "get_task", "body_causal", "Batch", "Task",
            "TaskSpec", "add_head_grads", "default_cache_dir"]

@@ -6,10 +6,12 @@ A task says what the batches are, which head turns the model body's hidden state
 into a loss, what the metric is and how evaluation runs. The model body is shared by
 every task: embeddings + blocks + final layernorm, h = body(tokens) (B, N, D), run
 causally when `task.causal` and bidirectionally otherwise, with the batch's
-key_mask. One training step is then
+key_mask (a causal-only mixer runs a bidirectional task causally where the task
+allows it: `body_causal`). One training step is then
 
     batch = task.sample_batch("train", B, rng)                  # Batch (tokens, targets, key_mask, loss_mask)
-    h, c_body = body_forward(params, batch.tokens, cfg, causal=task.causal, key_mask=batch.key_mask)
+    causal = body_causal(task, cfg.mixer)
+    h, c_body = body_forward(params, batch.tokens, cfg, causal=causal, key_mask=batch.key_mask)
     loss, c_head, outputs = task.head_forward(h, params, batch, cfg)
     dh, g_head = task.head_backward(c_head)
     grads = add_head_grads(body_backward(dh, c_body), g_head)   # a shared name (tied wte) gets both
@@ -56,6 +58,17 @@ class TaskSpec(NamedTuple):
     seq_len: int             # the longest row of any batch: ModelConfig.max_len must be >= it
     causal: bool             # the body runs causally (True) or bidirectionally with a key mask
     head: object             # the head (gma_np.nn.heads: TokenHead, PooledClassifierHead)
+    causal_ok: bool = True   # a bidirectional task a causal-only mixer may run left to right
+
+
+def body_causal(task, mixer):
+    """Whether the body runs causally for `task` (a Task or a TaskSpec) under the mixer
+    named `mixer`: a causal task's always does; a bidirectional task's does only under a
+    causal-only mixer (mamba), and only when the task allows it (`causal_ok`: its pool
+    reads every real token's state, and padding sits at the end of a row, so a token
+    reads its real predecessors and nothing else). The config refuses the other case."""
+    from gma_np.mixers import get_mixer
+    return bool(task.causal or (task.causal_ok and get_mixer(mixer).causal_only))
 
 
 def fill_params(task, defaults, given):
@@ -91,6 +104,8 @@ class Task:
 
     name = "task"
     causal = True            # run the body causally (LM, recall, copying) or bidirectionally (listops)
+    causal_ok = True         # a bidirectional task whose head reads every real token's state
+                             # (a mean pool), so a causal-only mixer may run it left to right
     vocab_size = 256         # V: ModelConfig.vocab_size must equal it
     seq_len = 128            # the longest row of any batch: ModelConfig.max_len must be >= it
     metric_name = "metric"   # what `metric` measures

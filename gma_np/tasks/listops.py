@@ -356,6 +356,7 @@ class ListOpsTask(Task):
         self.data = splits
         self.list_params = params
         self.pool = pool
+        self.causal_ok = pool == "mean"       # a class token first would see only itself
         self.head = PooledClassifierHead(N_CLASSES, pool)
         self.vocab_size = CLS + 1 if pool == "first" else CLS
         self.seq_len = params.max_len + (pool == "first")
@@ -418,7 +419,7 @@ def spec(seed=0, pool="mean", **params):
     return TaskSpec(params={"seed": seed, "pool": pool, **asdict(p)},
                     vocab_size=CLS + 1 if pool == "first" else CLS,
                     seq_len=p.max_len + (pool == "first"), causal=False,
-                    head=PooledClassifierHead(N_CLASSES, pool))
+                    head=PooledClassifierHead(N_CLASSES, pool), causal_ok=pool == "mean")
 
 
 def build(seed=0, cache_dir=None, pool="mean", **params):

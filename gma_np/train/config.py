@@ -140,10 +140,12 @@ class TrainConfig:
             raise ConfigError(f"model.max_len: expected at least {spec.seq_len}, the longest row "
                               f"of task {self.task!r}, got {self.model.max_len!r} (leave it out "
                               f"to take the task's)")
-        if not spec.causal and get_mixer(self.model.mixer).causal_only:
+        if not spec.causal and not spec.causal_ok and get_mixer(self.model.mixer).causal_only:
             raise ConfigError(f"model.mixer: {self.model.mixer!r} is causal only, and task "
-                              f"{self.task!r} runs the body bidirectionally (every token reads "
-                              f"the whole row); choose another mixer")
+                              f"{self.task!r} with pool={spec.params.get('pool')!r} needs a "
+                              f"bidirectional body (its head reads the first token, which a "
+                              f"causal body shows only itself); use task_params pool='mean', "
+                              f"or another mixer")
 
     def task_kwargs(self):
         """The keyword arguments of the task's build and spec (gma_np.tasks.get_task):

@@ -20,6 +20,7 @@ import numpy as np
 
 from gma_np.nn.layers import cross_entropy_forward
 from gma_np.nn.model import body_forward
+from gma_np.tasks import body_causal
 from gma_np.train.data import eval_batches
 
 # Validation windows per forward pass: bounds the activations' memory.
@@ -36,9 +37,10 @@ def evaluate_task(model, task, split="val", max_examples=0, batch_size=EVAL_BATC
     """{"loss", task.metric_name, "count"} of `model` (body + the task's head) on the fixed
     batches of `split`; max_examples > 0: that many rows only."""
     arrays, cfg = model.arrays(), model.cfg
+    causal = body_causal(task, cfg.mixer)
 
     def body(tokens, key_mask):
-        return body_forward(arrays, tokens, cfg, causal=task.causal, key_mask=key_mask)[0]
+        return body_forward(arrays, tokens, cfg, causal=causal, key_mask=key_mask)[0]
     return task.evaluate(split, body, arrays, cfg, batch_size, max_examples)
 
 

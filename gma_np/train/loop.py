@@ -55,7 +55,7 @@ from gma_np.nn.heads import add_head_grads
 from gma_np.nn.model import LanguageModel, body_backward, body_forward, parameter_shapes
 from gma_np._threads import with_blas_threads
 from gma_np.optim import AdamW, clip_grad_norm, lr_at
-from gma_np.tasks import default_cache_dir, get_task
+from gma_np.tasks import body_causal, default_cache_dir, get_task
 from gma_np.train import checkpoint as ckpt
 from gma_np.train.config import (BOOKKEEPING_FIELDS, SCHEDULE_FIELDS, ConfigError, TrainConfig,
                                   config_differences)
@@ -113,7 +113,7 @@ def loss_and_grads(model, task, batch):
     mask), the task's head and loss, then back through both (docs/tasks.md, "One training
     step"). The head's gradient of a shared parameter (the tied wte) adds to the body's."""
     arrays, cfg = model.arrays(), model.cfg
-    h, c_body = body_forward(arrays, batch.tokens, cfg, causal=task.causal,
+    h, c_body = body_forward(arrays, batch.tokens, cfg, causal=body_causal(task, cfg.mixer),
                              key_mask=batch.key_mask)                       # (B, N, D)
     loss, c_head, _ = task.head_forward(h, arrays, batch, cfg)
     dh, g_head = task.head_backward(c_head)
@@ -239,15 +239,16 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
         key = metric_key(task)
         rng = np.random.default_rng(cfg.seed)
         first = task.sample_batch("train", cfg.batch_size, rng)
-        model.init_from_data(first.tokens, np.random.default_rng(cfg.seed + 1), causal=task.causal,
-                             key_mask=first.key_mask)
+        model.init_from_data(first.tokens, np.random.default_rng(cfg.seed + 1),
+                             causal=body_causal(task, cfg.model.mixer), key_mask=first.key_mask)
         step, val = 0, float("nan")
         os.makedirs(run_dir, exist_ok=True)
         _write_config(run_dir, cfg)
         log = RunLog(run_dir)
         log.truncate_after(-1)
         _save(run_dir, cfg, model, opt, rng, step, key, None)
-        how = "" if task.causal else ", bidirectional"
+        how = ("" if task.causal else ", bidirectional" if not body_causal(task, cfg.model.mixer)
+               else ", causal (a causal-only mixer on a bidirectional task)")
         rows = (f"{cfg.batch_size} x {task.seq_len} tokens" if task.name == "lm" else
                 f"{cfg.batch_size} rows of up to {task.seq_len} tokens")
         print_fn(f"training {model.n_params():,} parameters ({cfg.model.mixer} mixer{how}) on "
