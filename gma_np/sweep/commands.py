@@ -1,6 +1,6 @@
 """`gma-np compare`: every mixer on every task over seeds, on Dask, with a results page.
 
-    gma-np compare [--preset quick|paper|test | --grid FILE] [--out DIR]
+    gma-np compare [--preset quick|listops|recall|paper|test | --grid FILE] [--out DIR]
                    [--workers N | --scheduler ADDRESS] [--retry-failed]
 
 Loads the sweep (gma_np.sweep.grid), runs its unfinished jobs on an embedded Dask
@@ -93,8 +93,10 @@ def add_subcommand(sub):
                                    "The same command again skips the finished runs and resumes "
                                    "the others from their checkpoints.")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--preset", choices=("quick", "paper", "test"), default=None,
-                      help="a built-in sweep (default quick: under 30 minutes on 2 cores)")
+    from gma_np.sweep.grid import PRESETS
+    what.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                      help="a built-in sweep (default quick: under 30 minutes on 2 cores; "
+                           "docs/compare.md lists them)")
     what.add_argument("--grid", metavar="FILE", default=None,
                       help="a sweep in a .toml or .json file (docs/compare.md: the format)")
     p.add_argument("--out", default=None, metavar="DIR",
