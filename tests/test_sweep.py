@@ -321,3 +321,30 @@ def test_compare_command_twice(tmp_path, capsys):
         assert os.path.getsize(os.path.join(out, name)) > 0
     assert main(["compare", "--preset", "test", "--out", out, "--workers", "2"]) == 0
     assert "6 finished before, 0 failed before, 0 to run" in capsys.readouterr().out
+    history = open(os.path.join(out, "results.md")).read()
+    assert "History: 2 invocations of the command on this sweep directory" in history
+    assert "killed" not in history.split("History:")[1].split("\n")[0]
+
+
+def test_where_gma_stands_says_when_the_seeds_do_not_resolve_it():
+    from gma_np.sweep.results import where_gma_stands
+    row = lambda mixer, mean, std: {"settings": {"task": "lm", "model.mixer": mixer},
+                                    "metric_key": "val_bpb", "mean": mean, "std": std,
+                                    "ms_per_step": None}
+    text = where_gma_stands([row("gma", 2.0, 0.05), row("softmax", 1.96, 0.02),
+                             row("linear", 2.5, 0.01), row("mamba", 1.5, None)])
+    assert "beaten by mamba 1.5000, softmax 1.9600 ± 0.0200 (within the spread)" in text
+    assert "it beats linear." in text
+
+
+def test_invocations_count_the_killed_ones(tmp_path):
+    from gma_np.sweep.results import invocation_summary, record_invocation
+    assert invocation_summary(str(tmp_path)) == ""
+    record_invocation(str(tmp_path), "start")                 # killed: no end line
+    record_invocation(str(tmp_path), "start")
+    record_invocation(str(tmp_path), "interrupted", 60.0)
+    record_invocation(str(tmp_path), "start")
+    record_invocation(str(tmp_path), "end", 120.0, ran=3)
+    assert invocation_summary(str(tmp_path)) == (
+        "3 invocations of the command on this sweep directory, 3.0 min of wall time in all; "
+        "1 interrupted (Ctrl-C); 1 killed without a record (their time is not counted)")

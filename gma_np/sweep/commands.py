@@ -49,11 +49,14 @@ def cmd_compare(args, *, on_step=None, on_result=None, print_fn=print):
     from gma_np.sweep.plots import write_plots
     from gma_np.sweep.results import collect, machine_description, markdown_table, write_results
     from gma_np.sweep.runner import run_sweep
+    from gma_np.sweep.results import record_invocation
     start = time.perf_counter()
     machine = machine_description()
+    sweep = None
     try:
         sweep = load_sweep(args.preset, args.grid, args.out)
         output_directory(sweep.out, "--out")
+        record_invocation(sweep.out, "start")
         with open_client(workers=args.workers, scheduler=args.scheduler) as (client, about):
             print_fn(f"running on {about}")
             outcome = run_sweep(sweep, client, retry_failed=args.retry_failed, on_step=on_step,
@@ -61,8 +64,10 @@ def cmd_compare(args, *, on_step=None, on_result=None, print_fn=print):
     except (GridError, CommandError, OSError) as err:    # OSError: no scheduler at --scheduler
         return fail("compare", err)
     except KeyboardInterrupt:
+        record_invocation(sweep.out, "interrupted", time.perf_counter() - start)
         return fail("compare", "interrupted; the finished runs and the checkpoints of the others "
                                "are kept: run the same command again to continue", status=130)
+    record_invocation(sweep.out, "end", time.perf_counter() - start, ran=outcome.done)
     collected = collect(sweep)
     plots = write_plots(sweep, collected[0], collected[1], collected[2], print_fn=print_fn)
     path = write_results(sweep, collected, command=_command_line(args), machine=machine,

@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import statistics
+import time
 
 from gma_np.sweep.runner import (DONE_NAME, FAILED_NAME, attempts, checkpoint_step, job_state,
                                  read_json, scaling_state, scaling_units)
@@ -320,11 +321,13 @@ def where_gma_stands(rows):
         worse = [m for m, r in by_mixer.items() if m != "gma" and r["mean"] is not None
                  and (m, r) not in better]
         fmt = lambda r: _fmt(r["mean"]) + (f" ± {_fmt(r['std'])}" if r["std"] is not None else "")
+        close = lambda m: " (within the spread)" if _within_spread(gma, by_mixer[m]) else ""
         if better:
-            text = ", ".join(f"{m} {fmt(r)}" for m, r in sorted(
+            text = ", ".join(f"{m} {fmt(r)}{close(m)}" for m, r in sorted(
                 better, key=lambda mr: mr[1]["mean"], reverse=not lower))
             out.append(f"- {label}: GMA ({fmt(gma)} {key}) is beaten by {text}"
-                       + (f"; it beats {', '.join(worse)}" if worse else "") + ".")
+                       + (f"; it beats {', '.join(m + close(m) for m in worse)}" if worse else "")
+                       + ".")
         else:
             out.append(f"- {label}: GMA ({fmt(gma)} {key}) is best of {len(by_mixer)} mixers.")
         if gma["ms_per_step"] is not None:
@@ -335,6 +338,57 @@ def where_gma_stands(rows):
                            + ", ".join(f"{m} ({_fmt(by_mixer[m]['ms_per_step'], 1)} ms)"
                                        for m in faster) + ".")
     return "\n".join(out)
+
+
+# The sweep directory's record of every `gma-np compare` on it: a line when it starts,
+# and one when it ends or is interrupted (Ctrl-C) with its wall time; a client killed
+# outright leaves its start line alone.
+INVOCATIONS = "invocations.jsonl"
+
+
+def record_invocation(out, event, wall_s=None, **extra):
+    """Append {"event", "time" (Unix), "wall_s", "load", ...} to out/invocations.jsonl."""
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        load = None
+    rec = {"event": event, "time": round(time.time(), 3), "load": load, **extra}
+    if wall_s is not None:
+        rec["wall_s"] = round(wall_s, 3)
+    with open(os.path.join(out, INVOCATIONS), "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def invocation_summary(out):
+    """A sentence on every invocation of the sweep in `out` (read after the current one
+    recorded its end): how many, their wall time in all, how many were interrupted or
+    killed; "" when there is no record."""
+    try:
+        with open(os.path.join(out, INVOCATIONS), encoding="utf-8") as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return ""
+    starts = sum(r.get("event") == "start" for r in recs)
+    ends = [r for r in recs if r.get("event") in ("end", "interrupted")]
+    if not starts:
+        return ""
+    wall = sum(r.get("wall_s", 0.0) for r in ends)
+    interrupted = sum(r["event"] == "interrupted" for r in ends)
+    killed = max(0, starts - len(ends))
+    parts = [f"{starts} invocation{'s' if starts > 1 else ''} of the command on this sweep "
+             f"directory, {wall / 60:.1f} min of wall time in all"]
+    if interrupted:
+        parts.append(f"{interrupted} interrupted (Ctrl-C)")
+    if killed:
+        parts.append(f"{killed} killed without a record (their time is not counted)")
+    return "; ".join(parts)
+
+
+def _within_spread(a, b):
+    """True when two rows' means differ by less than the larger of their spreads over
+    seeds: the comparison is not resolved by these seeds (one seed: no spread, False)."""
+    spreads = [s for s in (a["std"], b["std"]) if s is not None]
+    return bool(spreads) and abs(a["mean"] - b["mean"]) <= max(spreads)
 
 
 def machine_description():
@@ -396,6 +450,9 @@ def write_results(sweep, collected=None, *, command="", machine="", wall_s=None,
     md.append(f"Machine: {machine or machine_description()}\n")
     if wall_s is not None:
         md.append(f"Wall time of this invocation: {wall_s / 60:.1f} min\n")
+    history = invocation_summary(sweep.out)
+    if history:
+        md.append(f"History: {history}.\n")
     done = sum(r["status"] == "done" for r in jobs)
     md.append(f"{done} of {len(jobs)} runs finished.\n")
     md.append("## The table\n")
