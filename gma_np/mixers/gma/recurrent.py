@@ -34,12 +34,14 @@ keeps long float32 generations from drifting.
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS, SUPPORTED_DTYPES
 from gma_np._threads import threads_for
 from gma_np.memory.scan import _causal_scan_forward
-from gma_np.mixers.gma.kernels import STEP_DONE, STEP_STALE, _gma_step_fused
+from gma_np.memory.step import _write_read_head
+from gma_np.mixers.gma.kernels import STEP_DONE, STEP_STALE, _gma_step_fused, _softmax_row
 from gma_np.mixers.gma.mixing import _validate, _z_read, check_output_finite
 from gma_np.mixers.gma.routing import prepare_mixture, route_forward
 
@@ -286,3 +288,71 @@ def _fused_step(q, k, v, means, log_var, logits, state, norm, temperature, eps, 
     if status != STEP_DONE:
         return None
     return o, GMAState(S_out, z_out)
+
+
+# ---------------------------------------------------------------- the model's fused decode
+
+def token_step_arrays(means, log_var, logits, temperature):
+    """(means_t (H, d, K), inv_var_t (H, d, K), const (H, K), tau (H,)), all float64: what
+    _gma_token_step reads of one layer's mixture, laid out as _gma_step_fused's (the
+    mixture validated by prepare_mixture, whose errors this raises). temperature: the
+    layer's (a number, or (H,) in the parameters' dtype, as the model's decode passes it)."""
+    mix = prepare_mixture(means, log_var, logits)
+    H = mix.means.shape[0]
+    tau = np.broadcast_to(np.asarray(temperature).astype(np.float64), (H,))
+    return (np.ascontiguousarray(mix.means.transpose(0, 2, 1)),
+            np.ascontiguousarray(mix.inv_var.transpose(0, 2, 1)),
+            np.ascontiguousarray(mix.const), np.ascontiguousarray(tau))
+
+
+@njit(cache=True, error_model="numpy")  # x / 0 gives inf or nan, reported by the return value
+def _gma_token_step(q, k, v, means_t, inv_var_t, const, tau, slot, eps, S, z, o, work):
+    """One token of causal GMA in every head of one sequence, the state updated in place.
+
+    The same operations, in the same order, as _gma_step_fused for one (b, h): the
+    direct-form log-densities of q_t and k_t, their softmax with the temperature, then
+    gma_np.memory.step._write_read_head. Returns False when a temperature, log-density,
+    output or normaliser is not finite (the caller then runs the checked path).
+
+    q, k       (H*d,) float64, head h at [h d, (h + 1) d) (split_heads' layout)
+    v, o       (H*e,) float64; o written
+    means_t, inv_var_t, const, tau   token_step_arrays' (float64)
+    S, z       (H, K, e), (H, K) float64 state, updated in place
+    work       (4 K + e,) float64 scratch
+    """
+    H, d, K = means_t.shape
+    e = S.shape[2]
+    lq = work[:K]
+    lk = work[K:2 * K]
+    rq = work[2 * K:3 * K]
+    rk = work[3 * K:4 * K]
+    num = work[4 * K:4 * K + e]
+    for h in range(H):
+        t = tau[h]
+        if not (t > 0.0 and np.isfinite(t) and np.isfinite(1.0 / t)):
+            return False
+        for kk in range(K):
+            lq[kk] = 0.0
+            lk[kk] = 0.0
+        for j in range(d):
+            xq = q[h * d + j]
+            xk = k[h * d + j]
+            for kk in range(K):
+                dq = xq - means_t[h, j, kk]
+                dk = xk - means_t[h, j, kk]
+                lq[kk] += dq * dq * inv_var_t[h, j, kk]
+                lk[kk] += dk * dk * inv_var_t[h, j, kk]
+        finite = True
+        for kk in range(K):
+            lq[kk] = const[h, kk] - 0.5 * lq[kk]
+            lk[kk] = const[h, kk] - 0.5 * lk[kk]
+            finite &= np.isfinite(lq[kk]) and np.isfinite(lk[kk])
+        if not finite:
+            return False
+        inv_tau = 1.0 / t
+        _softmax_row(lq, inv_tau, rq)
+        _softmax_row(lk, inv_tau, rk)
+        if not _write_read_head(rq, rk, v[h * e:(h + 1) * e], 1.0, slot, eps, S[h], z[h], S[h],
+                                z[h], o[h * e:(h + 1) * e], num):
+            return False
+    return True

@@ -27,7 +27,10 @@ buffers, and continuing from an earlier state (a second branch from the same pre
 copies that state's T tokens into new buffers first.
 """
 
+import math
+
 import numpy as np
+from numba import njit
 
 from gma_np import _validation as check
 from gma_np.mixers.softmax.blocked import (
@@ -176,3 +179,49 @@ def softmax_attention_recurrent(q, k, v, state=None, *, key_mask=None, scale=Non
     key_bias = None if mask.all() else np.where(mask, 0.0, -np.inf)[:, None, None, :]
     o, _ = attend_forward(q, keys, values, key_bias, T - n, True, scale, SOFTMAX_BLOCK)
     return o, state
+
+
+# ---------------------------------------------------------------- the model's fused decode
+
+@njit(cache=True)
+def _softmax_token_step(q, k, v, scale, T, keys_t, values, o, scores):
+    """One token of causal softmax attention in every head of one sequence: append k_t, v_t
+    to the cache at token T, then attend over tokens 0..T (the operations of
+    attend_forward for one query, in float64: q scaled first, scores, row softmax, p V).
+
+    q, k     (H*d,) float64, head h at [h d, (h + 1) d);  v, o (H*e,) float64, o written
+    keys_t   (H, d, C) float64 cached keys, transposed: the scores of one query are then
+             d passes over contiguous rows of C (vectorised), each score still adding
+             its d terms in order
+    values   (H, C, e) float64 cached values; C > T
+    scores   (C,) float64 scratch
+    """
+    H, d, C = keys_t.shape
+    e = values.shape[2]
+    n = T + 1
+    for h in range(H):
+        for j in range(d):
+            keys_t[h, j, T] = k[h * d + j]
+        for c in range(e):
+            values[h, T, c] = v[h * e + c]
+        for t in range(n):
+            scores[t] = 0.0
+        for j in range(d):
+            qj = q[h * d + j] * scale
+            for t in range(n):
+                scores[t] += qj * keys_t[h, j, t]
+        top = scores[0]
+        for t in range(1, n):
+            top = max(top, scores[t])
+        total = 0.0
+        for t in range(n):
+            p = math.exp(scores[t] - top)
+            scores[t] = p
+            total += p
+        inv_total = 1.0 / total
+        for c in range(e):
+            o[h * e + c] = 0.0
+        for t in range(n):
+            p = scores[t] * inv_total
+            for c in range(e):
+                o[h * e + c] += p * values[h, t, c]
