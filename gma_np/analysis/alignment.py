@@ -20,6 +20,19 @@ Purity: each cluster votes for its majority label, sum_c max_a n_ac / T, in [1/A
 Both are biased upward on finite samples (more clusters, higher both); the baseline is
 the same statistic with the labels shuffled across tokens, which keeps both marginals
 and breaks the association: a statistic is worth reading only well above its baseline.
+When the label belongs to a whole row (a classification task's class, given to each of
+the row's tokens), the tokens of a row are not independent draws, and shuffling labels
+token by token would break the row structure too and understate the baseline; the
+labels are then permuted across rows (`groups`: the row of each token), which keeps
+every row's tokens under one label.
+
+Class information of the routing (soft: every token spreads its mass r_t):
+
+    p_c = T_c / T,   u^(c) = (1/T_c) sum_{t in c} r_t,   u = sum_c p_c u^(c)
+    I(class; component) = H(u) - sum_c p_c H(u^(c)) = sum_c p_c KL(u^(c) || u)      nats, >= 0
+
+the mutual information of a token's class and a component drawn from its r_t: 0 when
+every class uses the components in the same proportions, at most min(H(class), H(u)).
 """
 
 import numpy as np
@@ -37,16 +50,24 @@ def _labels(x, name):
     return x
 
 
+def _codes(x):
+    """(codes (T,) in [0, n), n) of a labeling: its values numbered in sorted order."""
+    _, codes = np.unique(x, return_inverse=True)
+    return codes.reshape(-1), (int(codes.max()) + 1 if codes.size else 0)
+
+
+def _table(a, A, c, C):
+    return np.bincount(a * C + c, minlength=A * C).reshape(A, C).astype(np.int64)
+
+
 def contingency(labels, clusters):
     """The contingency table n (A, C) of two labelings of the same T tokens (int64)."""
     labels, clusters = _labels(labels, "labels"), _labels(clusters, "clusters")
     if labels.shape != clusters.shape:
         raise ValueError(f"clusters: expected as many entries as labels ({labels.size}), "
                          f"got {clusters.size}")
-    _, a = np.unique(labels, return_inverse=True)
-    _, c = np.unique(clusters, return_inverse=True)
-    A, C = (a.max() + 1, c.max() + 1) if a.size else (0, 0)
-    return np.bincount(a * C + c, minlength=A * C).reshape(A, C).astype(np.int64)
+    (a, A), (c, C) = _codes(labels), _codes(clusters)
+    return _table(a, A, c, C)
 
 
 def mutual_information(table):
@@ -60,7 +81,12 @@ def mutual_information(table):
 
 def nmi(labels, clusters):
     """Normalised mutual information, arithmetic mean (module docstring)."""
-    table = contingency(labels, clusters)
+    return nmi_of_table(contingency(labels, clusters))
+
+
+def nmi_of_table(table):
+    """NMI of a contingency table (A, C) (module docstring)."""
+    table = np.asarray(table)
     if table.shape[0] == table.shape[1] == 1 or table.size == 0:
         return 1.0
     mi = mutual_information(table)
@@ -79,15 +105,60 @@ def purity(labels, clusters):
     return float(table.max(axis=0).sum() / table.sum())
 
 
-def shuffled_baseline(labels, clusters, rng, n_shuffles=SHUFFLES):
-    """(mean NMI, std NMI, mean purity) with the labels permuted across tokens."""
+def _shuffler(labels, rng, groups):
+    """A function () -> the label codes permuted across tokens, or across groups (rows)
+    when groups (T,) is given (labels must then be constant within each group)."""
+    a, _ = _codes(labels)
+    if groups is None:
+        return lambda: rng.permutation(a)
+    g, n_groups = _codes(_labels(groups, "groups"))
+    if g.shape != a.shape:
+        raise ValueError(f"groups: expected one group per label ({a.size}), got {g.size}")
+    per_group = np.full(n_groups, -1)
+    per_group[g] = a
+    if not np.array_equal(per_group[g], a):
+        raise ValueError("groups: expected one label per group (a row's tokens share its class)")
+    return lambda: rng.permutation(per_group)[g]
+
+
+def shuffled_baseline(labels, clusters, rng, n_shuffles=SHUFFLES, groups=None):
+    """(mean NMI, std NMI, mean purity) with the labels permuted across tokens, or across
+    groups (the row of each token: module docstring) when groups (T,) is given."""
     labels, clusters = _labels(labels, "labels"), _labels(clusters, "clusters")
+    if labels.shape != clusters.shape:
+        raise ValueError(f"clusters: expected as many entries as labels ({labels.size}), "
+                         f"got {clusters.size}")
+    draw = _shuffler(labels, rng, groups)
+    A = _codes(labels)[1]
+    c, C = _codes(clusters)
     nmis, purities = [], []
     for _ in range(n_shuffles):
-        shuffled = rng.permutation(labels)
-        nmis.append(nmi(shuffled, clusters))
-        purities.append(purity(shuffled, clusters))
+        table = _table(draw(), A, c, C)
+        nmis.append(nmi_of_table(table))
+        purities.append(float(table.max(axis=0).sum() / table.sum()))
     return float(np.mean(nmis)), float(np.std(nmis)), float(np.mean(purities))
+
+
+def class_information(r, labels):
+    """I(class; component) in nats of responsibilities r (T, K) and labels (T,) (module
+    docstring): H(u) - sum_c p_c H(u^(c)), clipped at 0 against rounding."""
+    r = np.asarray(r, dtype=np.float64)
+    a, A = _codes(_labels(labels, "labels"))
+    if r.ndim != 2 or r.shape[0] != a.size:
+        raise ValueError(f"r: expected shape (T, K) with T = {a.size}, got {r.shape}")
+    mass = np.zeros((A, r.shape[1]))
+    np.add.at(mass, a, r)                                          # (A, K) summed r per class
+    counts = np.bincount(a, minlength=A)
+    u_c = mass / counts[:, None]
+    p_c = counts / counts.sum()
+    u = mass.sum(0) / counts.sum()
+    return max(0.0, float(entr(u).sum() - (p_c * entr(u_c).sum(1)).sum()))
+
+
+def class_information_baseline(r, labels, rng, n_shuffles=SHUFFLES, groups=None):
+    """Mean class_information with the labels permuted (across groups when given)."""
+    draw = _shuffler(_labels(labels, "labels"), rng, groups)
+    return float(np.mean([class_information(r, draw()) for _ in range(n_shuffles)]))
 
 
 def mean_responsibility_by_label(r, labels, n_labels):

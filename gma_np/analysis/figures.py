@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 
-from gma_np.analysis.categories import ATTRIBUTES, CLASSES, show_byte
 from gma_np.analysis.stability import TEMPERATURE_FACTORS
 
 DPI = 110
@@ -67,14 +66,16 @@ def heatmap(plt, results, out_dir, l):
     H, n, K = rk.shape
     fig, axes = plt.subplots(H, 1, figsize=(max(6.0, 0.16 * n + 1.5), 1.0 + 0.22 * K * H),
                              squeeze=False)
-    labels = [show_byte(int(b)) for b in snip["tokens"]]
+    labels = snip["names"]
+    long_names = any(len(name) > 1 for name in labels)
     for h in range(H):
         ax = axes[h, 0]
         im = ax.imshow(rk[h].T, aspect="auto", cmap="viridis", vmin=0, vmax=1,
                        interpolation="nearest")
         ax.set_ylabel(f"head {h}\ncomponent", fontsize=7)
         ax.set_xticks(range(n))
-        ax.set_xticklabels(labels, fontsize=7, family="monospace")
+        ax.set_xticklabels(labels, fontsize=6 if long_names else 7, family="monospace",
+                           rotation=90 if long_names else 0)
         ax.set_yticks(range(0, K, max(1, K // 8)))
         ax.tick_params(axis="y", labelsize=6)
         fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
@@ -83,7 +84,7 @@ def heatmap(plt, results, out_dir, l):
 
 
 def alignment(plt, results, out_dir):
-    names = ["classes"] + list(ATTRIBUTES)
+    names = list(results["partitions"]) + list(results["attributes"])
     fig, ax = plt.subplots(figsize=(1.0 * len(names) + 2, 3.6))
     x = np.arange(len(names))
     rows = [r for r in results["alignment"]]
@@ -107,15 +108,42 @@ def alignment(plt, results, out_dir):
 def categories(plt, results, out_dir):
     info = results["info"]
     L, H = info["layers"], info["heads"]
-    fig, axes = _grid(plt, L, H, w=3.0, h=2.0)
+    names = next(iter(results["partitions"].values()))
+    fig, axes = _grid(plt, L, H, w=3.0, h=0.6 + 0.22 * len(names))
     for (l, h), m in results["class_means"].items():
         ax = axes[l, h]
         ax.imshow(m, aspect="auto", cmap="magma", vmin=0, interpolation="nearest")
-        ax.set_yticks(range(len(CLASSES)))
-        ax.set_yticklabels(CLASSES, fontsize=6)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=6)
         ax.tick_params(axis="x", labelsize=6)
         ax.set_title(f"layer {l} head {h}", fontsize=8)
     return _save(plt, fig, out_dir, "categories.png")
+
+
+def classes(plt, results, out_dir):
+    """Per layer and head, the keys' usage u^(c) of each class (rows, each summing to 1)
+    over the components, on one colour scale; the class information in the title."""
+    info, pc = results["info"], results["per_class"]
+    L, H = info["layers"], info["heads"]
+    names = pc["names"]
+    heads = [r for r in pc["heads"] if r["stream"] == "k"]
+    top = max(float(r["usage"].max()) for r in heads)
+    fig, axes = _grid(plt, L, H, w=3.0, h=0.8 + 0.2 * len(names))
+    for r in heads:
+        ax = axes[r["layer"], r["head"]]
+        im = ax.imshow(r["usage"], aspect="auto", cmap="magma", vmin=0, vmax=top,
+                       interpolation="nearest")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=6)
+        ax.tick_params(axis="x", labelsize=6)
+        ax.set_xlabel("component", fontsize=6)
+        info_c, base = r["information"]
+        ax.set_title(f"layer {r['layer']} head {r['head']}: I {info_c:.3f} ({base:.3f})",
+                     fontsize=7)
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+    fig.savefig(os.path.join(out_dir, "classes.png"), dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return "classes.png"
 
 
 def _weights(plt, fig, ax, w, title):
@@ -221,7 +249,10 @@ def draw_all(results, out_dir):
         drawn[f"heatmap_{l}"] = heatmap(plt, results, out_dir, l)
     drawn["alignment"] = alignment(plt, results, out_dir)
     drawn["categories"] = categories(plt, results, out_dir)
-    drawn["affinity"] = affinity(plt, results, out_dir)
+    if results.get("per_class") is not None:
+        drawn["classes"] = classes(plt, results, out_dir)
+    if results["affinity_matrices"]:
+        drawn["affinity"] = affinity(plt, results, out_dir)
     drawn["stability"] = stability(plt, results, out_dir)
     drawn["gradients"] = gradients(plt, results, out_dir)
     return drawn

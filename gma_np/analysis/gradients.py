@@ -44,28 +44,35 @@ def _per_head(a):
 
 
 def token_gradients(q, k, v, do, means, log_var, logits, temperature, *, causal=True,
-                    norm="row", eps=1e-6):
-    """Per head, per token (H, B*N) arrays, as a dict: grad_q, grad_k (the norms of the
-    engine's dq, dk), entropy_q, entropy_k, modulation_q, modulation_k, rmax_q, rmax_k,
-    and the full dq, dk (B, H, N, d) and drq, drk (B, H, N, K).
+                    norm="row", eps=1e-6, key_mask=None):
+    """Per head, per real token (H, T) arrays, as a dict: grad_q, grad_k (the norms of
+    the engine's dq, dk), entropy_q, entropy_k, modulation_q, modulation_k, rmax_q,
+    rmax_k, and the full dq, dk (B, H, N, d) and drq, drk (B, H, N, K).
 
     q, k (B, H, N, d), v, do (B, H, N, e): one layer's inputs to GMA and the gradient of
-    the loss with respect to its output; means (H, K, d), ...: its mixture."""
+    the loss with respect to its output; means (H, K, d), ...: its mixture. key_mask
+    (B, N) bool or None: the padding keys write nothing (as in the layer, so their dR_K
+    and dk are 0), and the per-token arrays hold the real tokens only, T of them in
+    row-major order (T = B N without a mask)."""
     q, k, v, do = (_f64(a) for a in (q, k, v, do))
     B, H, N, _ = q.shape
+    real = np.ones((B, N), dtype=bool) if key_mask is None else np.asarray(key_mask, dtype=bool)
     _, cache = gma_forward(q, k, v, means, log_var, logits, causal=causal, norm=norm,
-                           temperature=temperature, eps=eps)
+                           temperature=temperature, eps=eps, key_mask=key_mask)
     g = gma_backward(do, cache)
     rq = responsibilities(q, means, log_var, logits, temperature)   # (B, H, N, K)
     rk = responsibilities(k, means, log_var, logits, temperature)
     drq, drk = np.empty_like(rq), np.empty_like(rk)
     for b in range(B):
+        m = real[b][:, None]                                       # (N, 1)
         for h in range(H):
-            drq[b, h], drk[b, h], _ = dense_mix_backward(do[b, h], rq[b, h], rk[b, h], v[b, h],
-                                                         causal, norm == "slot", eps)
+            drq[b, h], drk[b, h], _ = dense_mix_backward(do[b, h], rq[b, h], rk[b, h] * m,
+                                                         v[b, h], causal, norm == "slot", eps)
+            drk[b, h] *= m                                          # R~_K = key_mask * R_K
     out = {"dq": g["q"], "dk": g["k"], "drq": drq, "drk": drk}
+    flat_real = real.reshape(-1)
     for name, r, dr, dx in (("q", rq, drq, g["q"]), ("k", rk, drk, g["k"])):
-        r, dr, dx = _per_head(r), _per_head(dr), _per_head(dx)      # (H, B*N, .)
+        r, dr, dx = (_per_head(a)[:, flat_real] for a in (r, dr, dx))   # (H, T, .)
         s_dr = r * (dr - (r * dr).sum(-1, keepdims=True))          # S_i dR_i
         norm_dr = np.linalg.norm(dr, axis=-1)
         out[f"grad_{name}"] = np.linalg.norm(dx, axis=-1)
