@@ -466,19 +466,40 @@ def _draw(p, total, u):
     return n - 1                                   # u < 1 = cdf_last / cdf_last: not reached
 
 
+@njit(cache=True)
+def _shifted(logits, temperature, out):
+    """out = z - max(z), z = logits / temperature: the operations of _pick's
+    `z = logits / temperature` and `z - z.max()` (each exact-rounded, so the same bits)."""
+    top = -np.inf
+    for i in range(logits.shape[0]):
+        z = logits[i] / temperature
+        out[i] = z
+        top = max(top, z)
+    for i in range(logits.shape[0]):
+        out[i] -= top
+
+
 def pick_token(logits, temperature, top_k, rng):
     """One token id from logits (V,) float64: the argmax at temperature 0, else a draw from
     softmax(logits / temperature) (restricted to the top_k likeliest when top_k > 0) with
     one rng.random(), the same id and the same Generator state as gma_np.train.evaluate's
-    _pick (module docstring, "Sampling")."""
+    _pick (module docstring, "Sampling"). The exponentials and their sum are NumPy's, as
+    there; ValueError if a logit is NaN or infinite (numpy's choice refuses those too)."""
     if temperature == 0:
         return int(np.argmax(logits))
-    z = logits / temperature
     if top_k:
+        z = logits / temperature
         cut = np.partition(z, -top_k)[-top_k] if top_k < z.size else -np.inf
         z = np.where(z >= cut, z, -np.inf)
-    p = np.exp(z - z.max())
-    return int(_draw(p, p.sum(), rng.random()))
+        p = z - z.max()
+    else:
+        p = np.empty(logits.shape[0])
+        _shifted(logits, float(temperature), p)
+    np.exp(p, out=p)
+    total = p.sum()
+    if not total >= 1.0:                           # the largest entry alone is exp(0) = 1
+        raise ValueError("logits: expected finite values, got NaN or infinite ones")
+    return int(_draw(p, total, rng.random()))
 
 
 def generate(model, prompt, n_tokens, *, temperature=0.8, top_k=0, rng=None):
