@@ -177,7 +177,7 @@ def cmd_sample(args):
     import numpy as np
 
     from gma_np.cli import CommandError
-    from gma_np.train.evaluate import generate
+    from gma_np.nn.decode import generate           # the fused decode: evaluate.generate's text
     from gma_np._threads import blas_threads
     try:
         blas_threads(1)                             # for the rest of this command
