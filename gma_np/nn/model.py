@@ -44,7 +44,9 @@ Decode (token heads only; docs/training.md, "Sampling"): per layer the mixer's r
 the convolution's history, and one position index shared by the layers. Past the
 positional table (position >= max_len) the index is clamped to max_len - 1: every
 later token gets the last learned position, while the mixer keeps reading the whole
-prefix. tests/test_nn.py checks decode == full causal forward within max_len.
+prefix. tests/test_nn.py checks decode == full causal forward within max_len. This decode is
+the reference of the fused one (gma_np.nn.decode.FastDecoder: one Numba call per token for
+the whole model), which `gma-np sample` runs.
 """
 
 from dataclasses import asdict, dataclass

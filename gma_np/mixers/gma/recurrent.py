@@ -26,6 +26,10 @@ prepared from (the kernel compares them, one pass over 2 H K d numbers). Wheneve
 kernel reports something, or an argument is not of the plain kind, the step runs the
 chunk path instead, whose checks name the cause exactly as they do for any chunk.
 
+The model's fused decode (gma_np.nn.decode) runs the same step inside its own kernel:
+_gma_token_step, the operations of _gma_step_fused for one sequence, over a mixture
+prepared once (token_step_arrays) and a state it updates in place.
+
 The state is float64 whatever the dtype of q, k, v: it is the accumulator of
 the scan (gma_np._numerics.ACCUM_DTYPE), and keeping it in float64 is what
 keeps long float32 generations from drifting.
