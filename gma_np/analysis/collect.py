@@ -37,6 +37,7 @@ from gma_np.analysis.categories import byte_attributes, byte_classes
 from gma_np.analysis.usage import usage_stats
 from gma_np.mixers.attention import split_heads
 from gma_np.mixers.contract import Mixer
+from gma_np.nn.heads import pooled_classifier_forward
 from gma_np.nn.model import _block_params, _mixer_params, block_forward, body_backward, body_forward
 from gma_np.tasks.base import Batch
 
@@ -73,6 +74,7 @@ class Sample:
     causal: bool = True        # how the body ran
     outputs: dict = None       # the head's sums {"nats", "count", "correct"} (with targets)
     row_labels: np.ndarray = None  # (B,) the class of each row (a classification head's targets)
+    predicted: np.ndarray = None   # (B,) the class the model predicts for each row (a classifier)
 
     @property
     def real(self):
@@ -133,6 +135,10 @@ def _upstream(model, batch, causal):
     cfg, arrays = model.cfg, model.arrays()
     h, c_body = body_forward(arrays, batch.tokens, cfg, causal=causal, key_mask=batch.key_mask)
     loss, c_head, outputs = model.head.forward(h, arrays, batch, cfg)
+    if getattr(model.head, "kind", None) == "classifier":       # the classes the model predicts
+        _, logits, _ = pooled_classifier_forward(h, arrays["cls.W"], arrays["cls.b"], batch.targets,
+                                                 batch.key_mask, model.head.pool)
+        outputs = dict(outputs, predicted=logits.argmax(axis=-1).astype(np.int64))
     record = {}
     c_body, found = _recording_backward(c_body, record)
     if found != cfg.n_layers:
@@ -192,11 +198,12 @@ def collect(model, idx, targets=None, *, causal=True, key_mask=None, loss_mask=N
     for l in range(cfg.n_layers):
         x, _ = block_forward(x, _block_params(arrays, l), cfg, set_mixer=keep_input,
                              causal=causal, key_mask=key_mask)
-    loss, outputs, upstream, row_labels = None, None, None, None
+    loss, outputs, upstream, row_labels, predicted = None, None, None, None, None
     if targets is not None:
         targets, loss_mask = _check_targets(model, idx, targets, loss_mask)
         loss, outputs, upstream = _upstream(model, Batch(idx, targets, key_mask, loss_mask), causal)
         row_labels = targets if targets.ndim == 1 else None
+        predicted = outputs.pop("predicted", None)
     layers = []
     for l, (h, mp) in enumerate(zip(inputs, params)):
         h = h.astype(np.float64)
@@ -212,7 +219,8 @@ def collect(model, idx, targets=None, *, causal=True, key_mask=None, loss_mask=N
             layer.do = split_heads(upstream[l].astype(np.float64) @ mp["Wo"].astype(np.float64).T, H)
         layers.append(layer)
     return Sample(tokens=idx.astype(np.int64), layers=layers, mixer=cfg.mixer, loss=loss,
-                  key_mask=key_mask, causal=bool(causal), outputs=outputs, row_labels=row_labels)
+                  key_mask=key_mask, causal=bool(causal), outputs=outputs, row_labels=row_labels,
+                  predicted=predicted)
 
 
 def sample_windows(data, context, n_windows, rng):

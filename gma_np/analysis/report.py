@@ -112,7 +112,15 @@ def _per_class(sample, categories, class_names, rng):
                 u_c = al.mean_responsibility_by_label(rf, cls, C)                  # (C, K)
                 tok_h = entropy(rf)
                 present = out["tokens"] > 0
-                out["heads"].append({
+                pred = {}
+                if sample.predicted is not None:
+                    pc = np.broadcast_to(sample.predicted[:, None], (B, N))[real]
+                    pb, _, _ = al.shuffled_baseline(pc, comp, rng, groups=rows_of)
+                    pred = {"predicted_nmi": (al.nmi(pc, comp), pb),
+                            "predicted_information": (
+                                al.class_information(rf, pc),
+                                al.class_information_baseline(rf, pc, rng, groups=rows_of))}
+                out["heads"].append({**pred,
                     "layer": l, "head": h, "stream": stream, "usage": u_c,
                     "effective": np.where(present, np.exp(entropy(u_c)), np.nan),
                     "token_entropy": np.array([tok_h[cls == c].mean() if present[c] else np.nan
@@ -374,7 +382,11 @@ def _per_class_section(results):
              f"{_fmt(r['purity'][0])} ({_fmt(r['purity'][1])})",
              f"{_fmt(r['information'][0], 4)} ({_fmt(r['information'][1], 4)})",
              _fmt(float(np.nanmin(r["effective"])), 2), _fmt(float(np.nanmax(r["effective"])), 2)]
+            + ([f"{_fmt(r['predicted_nmi'][0])} ({_fmt(r['predicted_nmi'][1])})",
+                f"{_fmt(r['predicted_information'][0], 4)} ({_fmt(r['predicted_information'][1], 4)})"]
+               if "predicted_nmi" in r else [])
             for r in pc["heads"]]
+    predicted = "predicted_nmi" in pc["heads"][0]
     keys = [r for r in pc["heads"] if r["stream"] == "k"]
     per = [[c, int(pc["rows"][i]), int(pc["tokens"][i])]
            + [_fmt(float(r["effective"][i]), 2) for r in keys] for i, c in enumerate(names)]
@@ -387,9 +399,13 @@ def _per_class_section(results):
             "responsibility of the class's tokens; 0 when every class routes alike); the "
             "smallest and largest exp(H(u^(c))) over the classes. In parentheses the baselines: "
             f"the class labels permuted across rows (mean of {al.SHUFFLES}), which keeps each "
-            "row's tokens together.\n\n"
+            "row's tokens together."
+            + (" The last two columns are the NMI and the information with the class the model "
+               "predicts for the row instead of the true one: routing that tracks the model's "
+               "own answer scores higher there." if predicted else "") + "\n\n"
             + _table(["layer", "head", "stream", "NMI class", "purity class", "I(class; comp)",
-                      "min exp(H(u^c))", "max exp(H(u^c))"], head)
+                      "min exp(H(u^c))", "max exp(H(u^c))"]
+                     + (["NMI predicted", "I(predicted; comp)"] if predicted else []), head)
             + "\n\nPer class: validation rows and real tokens in the sample, and exp(H(u^(c))) "
               "of the keys in each layer and head (K means the class spreads its mass evenly).\n\n"
             + _table(["class", "rows", "tokens"] + [f"L{r['layer']} H{r['head']}" for r in keys], per))
