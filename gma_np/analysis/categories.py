@@ -173,7 +173,8 @@ def byte_categories(tokens, previous=None, key_mask=None):
     attrs = [byte_attributes(t, p) for t, p in zip(tokens, prev)]
     ids, by_id = _token_ids(tokens, real)
     return TaskCategories(
-        partitions={"byte classes": _partition(np.stack([byte_classes(t) for t in tokens]), CLASSES, real),
+        partitions={"byte classes": _partition(np.stack([byte_classes(t) for t in tokens]),
+                                               CLASSES, real),
                     "token id": (by_id[0], tuple(show_byte(int(i)) for i in ids))},
         attributes={name: np.stack([a[name] for a in attrs]) & real for name in ATTRIBUTES})
 
@@ -209,7 +210,8 @@ def listops_categories(tokens, key_mask=None):
     return TaskCategories(
         partitions={"tokens": _partition(fine, names, real),
                     "groups": _partition(groups, group_names, real),
-                    "depth": _partition(depth - low, [str(d) for d in range(low, int(depth.max()) + 1)], real),
+                    "depth": _partition(depth - low,
+                                        [str(d) for d in range(low, int(depth.max()) + 1)], real),
                     "token id": (by_id[0], tuple(LO.TOKEN_NAMES[int(i)] for i in ids))},
         attributes={name: a & real for name, a in attributes.items()},
         token_names=tuple(LO.TOKEN_NAMES))

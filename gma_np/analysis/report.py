@@ -326,7 +326,7 @@ def _usage_section(results):
     rows = [[r["layer"], r["head"], r["stream"], _fmt(r["effective_components"], 2),
              _fmt(r["usage_entropy"]), _fmt(r["token_entropy"]), _fmt(float(r["usage"].max())),
              _fmt(float(r["usage"].min())), r["n_dead"]] for r in results["usage"]]
-    return ("Routing mass per component u_k (mean responsibility over the sample's tokens), "
+    return ("Routing mass per component u_k (mean responsibility over the sample's real tokens), "
             f"the entropy H(u) of that average and exp(H(u)), the effective number of "
             f"components (K = {K}: {K} is uniform usage, 1 is collapse), the mean per-token "
             f"entropy (max log K = {np.log(K):.3f}), and the components below "
