@@ -527,9 +527,9 @@ def test_cli_trains_and_evaluates_every_task(name, mixer, tmp_path, capsys):
     assert meta["config"]["task"] == name and meta["step"] == 3
     metric = "accuracy" if name == "listops" else "answer_accuracy"
     vals = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "val_loss" in r]
-    # GMA on a causal task without padding also logs its routing usage
+    # GMA also logs its routing usage (on ListOps over the real tokens, bidirectionally)
     usage = ({"eff_components", "eff_components_min", "token_entropy", "dead_q", "dead_k"}
-             if mixer == "gma" and name != "listops" else set())
+             if mixer == "gma" else set())
     assert vals and set(vals[-1]) == {"step", f"val_{metric}", "val_loss", "elapsed_s"} | usage
     assert 0.0 <= vals[-1][f"val_{metric}"] <= 1.0
     assert meta[f"val_{metric}"] == pytest.approx(vals[-1][f"val_{metric}"], abs=1e-6)   # the log rounds
@@ -715,6 +715,23 @@ def test_gma_runs_log_routing_usage_at_every_evaluation(straight):
     expected = usage_summary(model, batch.tokens)
     assert {k: final[k] for k in expected} == expected
     assert 1.0 <= final["eff_components"] <= cfg.model.n_components
+
+
+def test_listops_gma_run_logs_routing_usage_over_its_real_tokens(tmp_path):
+    """On a bidirectional padded task the logged usage is the summary of the body run as
+    trained (bidirectionally) over the real tokens only."""
+    from gma_np.analysis.collect import usage_summary
+    from gma_np.train.loop import USAGE_WINDOWS, build_task, restore
+    _run(preset("test", task="listops", task_params=TASK_ARGS["listops"], steps=4,
+                eval_interval=2), tmp_path)
+    evals = [json.loads(l) for l in open(tmp_path / "log.jsonl") if "val_accuracy" in l]
+    assert len(evals) == 2 and all("eff_components" in l for l in evals)
+    cfg, model, _, _, _, _ = restore(str(tmp_path))
+    batch = next(iter(build_task(cfg).eval_batches("val", USAGE_WINDOWS, USAGE_WINDOWS)))
+    assert not batch.key_mask.all()
+    expected = usage_summary(model, batch.tokens, causal=False, key_mask=batch.key_mask)
+    assert {k: evals[-1][k] for k in expected} == expected
+    assert expected != usage_summary(model, batch.tokens, causal=False)    # padding would count
 
 
 def test_other_mixers_log_no_routing_usage(tmp_path):

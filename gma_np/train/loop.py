@@ -348,24 +348,24 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
                        elapsed_s=elapsed, model=model, stopped=stopped)
 
 
-# Validation windows the routing usage of the run log is measured on (a fixed sample:
-# the same windows at every evaluation, so the curve shows the model change, not the data).
+# Validation rows the routing usage of the run log is measured on (a fixed sample: the
+# same rows at every evaluation, so the curve shows the model change, not the data).
 USAGE_WINDOWS = 8
 
 
 def _routing_usage(model, task):
-    """GMA's routing usage on the first USAGE_WINDOWS validation windows (effective number
+    """GMA's routing usage on the first USAGE_WINDOWS validation rows (effective number
     of components, token entropy, dead components: gma_np.analysis.usage_summary), for the
     run log at every evaluation, so a collapse to few components shows as it happens.
-    {} for another mixer, and for a task with padding or a bidirectional body, which the
-    summary does not model. It only reads the model: the run's numbers do not change."""
-    if model.cfg.mixer != "gma" or not task.causal:
+    The body runs as training runs it (causal or bidirectional, the rows' key mask), and
+    padding is left out. {} for another mixer. It only reads the model: the run's numbers
+    do not change."""
+    if model.cfg.mixer != "gma":
         return {}
     batch = next(iter(task.eval_batches("val", USAGE_WINDOWS, USAGE_WINDOWS)))
-    if batch.key_mask is not None:
-        return {}
     from gma_np.analysis.collect import usage_summary    # the analysis loads only when used
-    return usage_summary(model, batch.tokens)
+    return usage_summary(model, batch.tokens, causal=body_causal(task, model.cfg.mixer),
+                         key_mask=batch.key_mask)
 
 
 def _write_config(run_dir, cfg):
