@@ -1,6 +1,12 @@
 """The causal feature memory by a Numba prefix scan: the forward, the reverse-scan backward
 and their wrappers (_causal_forward, _causal_backward: allocate, then run a kernel).
 
+Two versions of each kernel: token by token (_causal_scan_forward, _causal_scan_backward,
+the plainer loops, described first below) and time-blocked (_causal_scan_forward_blocked,
+_causal_scan_backward_blocked: four tokens per pass over the state, the section further
+down), which the wrappers run; tests/test_scan_blocked.py holds one to the other and both
+to the dense reference.
+
 Dimension legend: P = batch x heads (flattened), N tokens, K components, e value size.
 
 Every (p) sequence is an independent recurrence over a state of K*(e+1)
@@ -203,6 +209,298 @@ def _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, d
                 dv[p, t, c] = acc[c]
 
 
+# ---------------------------------------------------------------------------------------
+# The time-blocked scan: the same recurrence, SCAN_TOKENS tokens per pass over the state.
+#
+# The token kernels above load and store every state entry once per token (three times
+# per token in the backward), and a (K, e) float64 state of 64 x 64 fills a 32 KiB L1
+# cache by itself, so each pass streams it through L2. Here each pass over the state
+# applies SCAN_TOKENS = 4 consecutive tokens to an entry held in a register, stores it
+# once, and, in the backward, also serves two rows of the state (or, in the forward, two
+# value columns) from each load of a token's row. The per-token sums keep the order of
+# the recurrence: the state after token t is S_{t-1} + outer(w_t, v_t) for each entry,
+# as in the token kernels; only the reductions over k or c are rounded differently
+# (reassociated into vector lanes, as there).
+#
+# Ragged edges are padded with zeros instead of handled by separate loops: the last
+# block of N % SCAN_TOKENS tokens carries zero weights and zero rows for the missing
+# tokens (which write nothing and whose outputs are not stored), an odd K (backward)
+# or e (forward) gets a zero row or column in the kernel's copy of the state.
+# ---------------------------------------------------------------------------------------
+
+SCAN_TOKENS = 4     # tokens per pass over the state; the loop bodies below are written for 4
+
+
+@njit(cache=True, fastmath=_FASTMATH, inline="always")
+def _forward_block_weights(rq, rk, v, p, t0, n, slot, eps, zp, W, A, X, inv):
+    """Tokens t0 .. t0 + n - 1 of sequence p written into the normaliser zp, and the
+    block's scratch: W[u] = rk[t0 + u], A[u] the read weights (row: rq; slot:
+    rq / (z + eps)), inv[u] the row scale 1 / den (slot: 1), X[u] = v[t0 + u] in float64.
+    Rows u >= n (past the end of the sequence) are zero."""
+    K = W.shape[1]
+    e = v.shape[2]
+    for u in range(SCAN_TOKENS):
+        if u >= n:
+            W[u, :] = 0.0
+            A[u, :] = 0.0
+            X[u, :] = 0.0
+            inv[u] = 0.0
+            continue
+        t = t0 + u
+        den = eps
+        for k in range(K):
+            wk = np.float64(rk[p, t, k])
+            zk = zp[k] + wk
+            zp[k] = zk
+            qk = np.float64(rq[p, t, k])
+            den += qk * zk
+            W[u, k] = wk
+            A[u, k] = qk / (zk + eps) if slot else qk
+        inv[u] = 1.0 if slot else 1.0 / den
+        for c in range(e):
+            X[u, c] = v[p, t, c]
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out):
+    """_causal_scan_forward, SCAN_TOKENS tokens per pass over the state (same arguments,
+    same results to rounding).
+
+    Per block of tokens t0 .. t0 + 3 and per pair of value columns (c, c + 1) of the
+    transposed state S^T (e, K), the loop over the components k holds S^T[c, k] and
+    S^T[c + 1, k] in registers while the four tokens are written into them in order,
+        s_u = s_{u-1} + w_u[k] v_u[c],   num_u[c] += a_u[k] s_u,
+    and stores each once: 16 multiply-adds per two loads and two stores of the state
+    (the token kernel: 2 per load and store).
+    """
+    P, N, K = rq.shape
+    e = v.shape[2]
+    ep = e + e % 2                              # even: the columns go in pairs
+    for p in prange(P):
+        ST = np.zeros((ep, K))                  # (e', K) S^T, a zero column if e is odd
+        ST[:e] = S[p].T
+        zp = z[p]                               # (K,)
+        W = np.empty((SCAN_TOKENS, K))          # rk of the block's tokens, float64
+        A = np.empty((SCAN_TOKENS, K))          # their read weights
+        X = np.zeros((SCAN_TOKENS, ep))         # v of the block's tokens, float64
+        R = np.empty((SCAN_TOKENS, ep))         # their outputs
+        inv = np.empty(SCAN_TOKENS)
+        for t0 in range(0, N, SCAN_TOKENS):
+            n = min(SCAN_TOKENS, N - t0)
+            _forward_block_weights(rq, rk, v, p, t0, n, slot, eps, zp, W, A, X, inv)
+            w0, w1, w2, w3 = W[0], W[1], W[2], W[3]
+            a0, a1, a2, a3 = A[0], A[1], A[2], A[3]
+            for c in range(0, ep, 2):
+                x0, x1, x2, x3 = X[0, c], X[1, c], X[2, c], X[3, c]
+                y0, y1, y2, y3 = X[0, c + 1], X[1, c + 1], X[2, c + 1], X[3, c + 1]
+                Sc = ST[c]
+                Sd = ST[c + 1]
+                n0 = n1 = n2 = n3 = 0.0         # num_u[c]
+                m0 = m1 = m2 = m3 = 0.0         # num_u[c + 1]
+                for k in range(K):
+                    s = Sc[k] + w0[k] * x0
+                    r = Sd[k] + w0[k] * y0
+                    n0 += a0[k] * s
+                    m0 += a0[k] * r
+                    s += w1[k] * x1
+                    r += w1[k] * y1
+                    n1 += a1[k] * s
+                    m1 += a1[k] * r
+                    s += w2[k] * x2
+                    r += w2[k] * y2
+                    n2 += a2[k] * s
+                    m2 += a2[k] * r
+                    s += w3[k] * x3
+                    r += w3[k] * y3
+                    n3 += a3[k] * s
+                    m3 += a3[k] * r
+                    Sc[k] = s
+                    Sd[k] = r
+                R[0, c], R[1, c], R[2, c], R[3, c] = n0, n1, n2, n3
+                R[0, c + 1], R[1, c + 1], R[2, c + 1], R[3, c + 1] = m0, m1, m2, m3
+            for u in range(n):
+                for c in range(e):
+                    out[p, t0 + u, c] = R[u, c] * inv[u]
+        S[p] = ST[:e].T
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, dv):
+    """_causal_scan_backward, SCAN_TOKENS tokens per pass over the state (same arguments
+    and results to rounding, except the state scratch: S (P, K', e) with K' = K + K % 2).
+
+    Pass 1 (forward in t) and pass 2 (backward in t) are those of the token kernel; per
+    block of four tokens and per pair of state rows (k, k + 1), the loop over the value
+    axis c holds S[k, c], S[k + 1, c] (pass 2: the suffix sums G) in registers while the
+    four tokens go through them in order, and stores each once:
+        pass 1:  s = S[k, c] + w_u[k] v_u[c];             sdot_u[k] += s do_u[c]
+        pass 2:  g = G[k, c] + a_u[k] do_u[c] (u = 3..0); dv_u[c] += w_u[k] g;  drk_u[k] += g v_u[c]
+    so that a load of v_u, do_u (and of dv_u's accumulator) serves two rows. The four
+    tokens' rows of v and do are copied to float64 once per block.
+    """
+    P, N, K = rq.shape
+    e = v.shape[2]
+    Kp = S.shape[1]                               # K, or K + 1: a zero row if K is odd
+    T = SCAN_TOKENS
+    nblocks = (N + T - 1) // T
+    for p in prange(P):
+        Sp = S[p]                                 # (K', e) the state, then the suffix sums G
+        zp = z[p]                                 # (K,)
+        Sp[:, :] = 0.0
+        zp[:] = 0.0
+        W = np.zeros((T, Kp))                     # rk of the block's tokens, float64
+        Z = np.empty((T, K))                      # pass 1: z after each token; pass 2: g
+        D = np.zeros((T, Kp))                     # pass 1: S_t[k] . do_t; pass 2: a_u[k]
+        X = np.empty((T, e))                      # v of the block's tokens, float64
+        Y = np.empty((T, e))                      # do of the block's tokens, float64
+        DV = np.empty((T, e))                     # pass 2: dv of the block's tokens
+        den = np.empty(T)
+        # pass 1: forward in t
+        for b in range(nblocks):
+            t0 = b * T
+            n = min(T, N - t0)
+            for u in range(T):
+                if u >= n:
+                    W[u, :] = 0.0
+                    X[u, :] = 0.0
+                    Y[u, :] = 0.0
+                    continue
+                t = t0 + u
+                dd = eps
+                for k in range(K):
+                    wk = np.float64(rk[p, t, k])
+                    zk = zp[k] + wk
+                    zp[k] = zk
+                    Z[u, k] = zk
+                    W[u, k] = wk
+                    dd += np.float64(rq[p, t, k]) * zk
+                den[u] = dd
+                for c in range(e):
+                    X[u, c] = v[p, t, c]
+                    Y[u, c] = do[p, t, c]
+            x0, x1, x2, x3 = X[0], X[1], X[2], X[3]
+            y0, y1, y2, y3 = Y[0], Y[1], Y[2], Y[3]
+            for k in range(0, Kp, 2):
+                w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
+                q0, q1, q2, q3 = W[0, k + 1], W[1, k + 1], W[2, k + 1], W[3, k + 1]
+                Sk = Sp[k]
+                Sj = Sp[k + 1]
+                d0 = d1 = d2 = d3 = 0.0           # S_t[k] . do_t
+                f0 = f1 = f2 = f3 = 0.0           # S_t[k + 1] . do_t
+                for c in range(e):
+                    s = Sk[c] + w0 * x0[c]
+                    r = Sj[c] + q0 * x0[c]
+                    d0 += s * y0[c]
+                    f0 += r * y0[c]
+                    s += w1 * x1[c]
+                    r += q1 * x1[c]
+                    d1 += s * y1[c]
+                    f1 += r * y1[c]
+                    s += w2 * x2[c]
+                    r += q2 * x2[c]
+                    d2 += s * y2[c]
+                    f2 += r * y2[c]
+                    s += w3 * x3[c]
+                    r += q3 * x3[c]
+                    d3 += s * y3[c]
+                    f3 += r * y3[c]
+                    Sk[c] = s
+                    Sj[c] = r
+                D[0, k], D[1, k], D[2, k], D[3, k] = d0, d1, d2, d3
+                D[0, k + 1], D[1, k + 1], D[2, k + 1], D[3, k + 1] = f0, f1, f2, f3
+            # the read's gradients, token by token (D[u] holds s_k of the token kernel)
+            for u in range(n):
+                t = t0 + u
+                if slot:
+                    for k in range(K):
+                        inv = 1.0 / (Z[u, k] + eps)
+                        drq[p, t, k] = D[u, k] * inv
+                        coef[p, t, k] = rq[p, t, k] * inv
+                        dzt[p, t, k] = -rq[p, t, k] * D[u, k] * inv * inv
+                else:
+                    inv = 1.0 / den[u]
+                    do_dot_num = 0.0
+                    for k in range(K):
+                        do_dot_num += rq[p, t, k] * D[u, k]
+                    dden = -do_dot_num * inv * inv
+                    for k in range(K):
+                        drq[p, t, k] = D[u, k] * inv + Z[u, k] * dden
+                    coef[p, t, 0] = inv
+                    dzt[p, t, 0] = dden
+        # pass 2: backward in t, Sp and zp now hold the suffix sums G and g
+        Sp[:, :] = 0.0
+        zp[:] = 0.0
+        D[:, :] = 0.0
+        for b in range(nblocks - 1, -1, -1):
+            t0 = b * T
+            n = min(T, N - t0)
+            for u in range(T - 1, -1, -1):
+                if u >= n:
+                    W[u, :] = 0.0
+                    D[u, :] = 0.0
+                    X[u, :] = 0.0
+                    Y[u, :] = 0.0
+                    continue
+                t = t0 + u
+                for k in range(K):
+                    if slot:
+                        D[u, k] = coef[p, t, k]
+                        zp[k] += dzt[p, t, k]
+                    else:
+                        D[u, k] = np.float64(rq[p, t, k]) * coef[p, t, 0]
+                        zp[k] += np.float64(rq[p, t, k]) * dzt[p, t, 0]
+                    Z[u, k] = zp[k]               # g after token t's write (t and later)
+                    W[u, k] = rk[p, t, k]
+                for c in range(e):
+                    X[u, c] = v[p, t, c]
+                    Y[u, c] = do[p, t, c]
+            DV[:, :] = 0.0
+            x0, x1, x2, x3 = X[0], X[1], X[2], X[3]
+            y0, y1, y2, y3 = Y[0], Y[1], Y[2], Y[3]
+            v0, v1, v2, v3 = DV[0], DV[1], DV[2], DV[3]
+            for k in range(0, Kp, 2):
+                w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
+                q0, q1, q2, q3 = W[0, k + 1], W[1, k + 1], W[2, k + 1], W[3, k + 1]
+                a0, a1, a2, a3 = D[0, k], D[1, k], D[2, k], D[3, k]
+                b0, b1, b2, b3 = D[0, k + 1], D[1, k + 1], D[2, k + 1], D[3, k + 1]
+                Gk = Sp[k]
+                Gj = Sp[k + 1]
+                r0 = r1 = r2 = r3 = 0.0           # G_t[k] . v_t
+                h0 = h1 = h2 = h3 = 0.0           # G_t[k + 1] . v_t
+                for c in range(e):
+                    g = Gk[c] + a3 * y3[c]
+                    f = Gj[c] + b3 * y3[c]
+                    v3[c] += w3 * g + q3 * f
+                    r3 += g * x3[c]
+                    h3 += f * x3[c]
+                    g += a2 * y2[c]
+                    f += b2 * y2[c]
+                    v2[c] += w2 * g + q2 * f
+                    r2 += g * x2[c]
+                    h2 += f * x2[c]
+                    g += a1 * y1[c]
+                    f += b1 * y1[c]
+                    v1[c] += w1 * g + q1 * f
+                    r1 += g * x1[c]
+                    h1 += f * x1[c]
+                    g += a0 * y0[c]
+                    f += b0 * y0[c]
+                    v0[c] += w0 * g + q0 * f
+                    r0 += g * x0[c]
+                    h0 += f * x0[c]
+                    Gk[c] = g
+                    Gj[c] = f
+                R = (r0, r1, r2, r3)
+                Hk = (h0, h1, h2, h3)
+                for u in range(n):
+                    drk[p, t0 + u, k] = R[u] + Z[u, k]
+                    if k + 1 < K:
+                        drk[p, t0 + u, k + 1] = Hk[u] + Z[u, k + 1]
+            for u in range(n):
+                for c in range(e):
+                    dv[p, t0 + u, c] = DV[u, c]
+
+
 def _causal_forward(rq, rk, v, slot, eps):
     """O (P, N, e) in v's dtype, by the Numba prefix scan from a zero state."""
     P, N, K = rq.shape
@@ -210,7 +508,7 @@ def _causal_forward(rq, rk, v, slot, eps):
     z = np.zeros((P, K), dtype=ACCUM_DTYPE)
     out = np.empty_like(v)
     with threads_for(P * N * K * v.shape[2]):
-        _causal_scan_forward(rq, rk, v, slot, eps, S, z, out)
+        _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out)
     return out
 
 
@@ -219,7 +517,7 @@ def _causal_backward(rq, rk, v, do, slot, eps, drq, drk):
     scan: pass 1 forward again, pass 2 in reverse."""
     P, N, K = rq.shape
     e = v.shape[2]
-    S = np.empty((P, K, e), dtype=ACCUM_DTYPE)
+    S = np.empty((P, K + K % 2, e), dtype=ACCUM_DTYPE)    # the blocked kernel's rows go in pairs
     z = np.empty((P, K), dtype=ACCUM_DTYPE)
     # per-token read coefficients: (P, N, 1) for row (1/den_t, dden_t), (P, N, K) for slot
     width = K if slot else 1
@@ -227,5 +525,5 @@ def _causal_backward(rq, rk, v, do, slot, eps, drq, drk):
     dzt = np.empty((P, N, width), dtype=ACCUM_DTYPE)
     dv = np.empty_like(v)
     with threads_for(P * N * K * e):
-        _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, dv)
+        _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, dv)
     return dv

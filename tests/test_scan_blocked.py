@@ -1,0 +1,187 @@
+"""The time-blocked causal scan (gma_np.memory.scan, SCAN_TOKENS tokens per pass over the state)
+against the token-by-token scan beside it and the dense N x N reference, forward and backward, at
+sizes that leave ragged edges (N not a multiple of the block, odd K and e); finite differences;
+a forward started from a state; one thread against all, bit for bit."""
+
+import numba
+import numpy as np
+import pytest
+
+import gma_np
+from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
+from gma_np.memory.ops import memory_backward, memory_forward
+from gma_np.memory.reference import causal_mix_loop, dense_mix_backward, dense_mix_forward
+from gma_np.memory.scan import (
+    SCAN_TOKENS,
+    _causal_backward,
+    _causal_forward,
+    _causal_scan_backward,
+    _causal_scan_backward_blocked,
+    _causal_scan_forward,
+    _causal_scan_forward_blocked,
+)
+from tests.conftest import RTOL, assert_close
+
+# (N, K, e): N below, at and past a block, not a multiple of it; odd and even K and e
+SIZES = [(2, 5, 3), (3, 4, 4), (5, 5, 3), (37, 5, 3), (38, 6, 7), (40, 7, 8)]
+SIZE_IDS = [f"N{n}-K{k}-e{e}" for n, k, e in SIZES]
+NAMES = ("o", "drq", "drk", "dv")
+
+
+def softmax_rows(x):
+    x = np.exp(x - x.max(axis=-1, keepdims=True))
+    return x / x.sum(axis=-1, keepdims=True)
+
+
+def make_mixing(rng, P, N, K, e, dtype, masked):
+    """rq, rk (P, N, K) softmax rows (rk with some rows zeroed as padding keys, never the
+    first), v, do (P, N, e)."""
+    rq = softmax_rows(2.0 * rng.standard_normal((P, N, K)))
+    rk = softmax_rows(2.0 * rng.standard_normal((P, N, K)))
+    if masked:
+        keep = rng.random((P, N)) > 0.3
+        keep[:, 0] = True
+        rk = rk * keep[:, :, None]
+    v = rng.standard_normal((P, N, e))
+    do = rng.standard_normal((P, N, e))
+    return tuple(a.astype(dtype) for a in (rq, rk, v, do))
+
+
+def token_scan(rq, rk, v, do, slot, eps):
+    """The token-by-token kernels (the fast path the blocked one replaced in the wrappers)."""
+    P, N, K = rq.shape
+    e = v.shape[2]
+    out = np.empty_like(v)
+    _causal_scan_forward(rq, rk, v, slot, eps, np.zeros((P, K, e)), np.zeros((P, K)), out)
+    width = K if slot else 1
+    drq, drk, dv = np.empty_like(rq), np.empty_like(rk), np.empty_like(v)
+    _causal_scan_backward(rq, rk, v, do, slot, eps, np.empty((P, K, e)), np.empty((P, K)),
+                          np.empty((P, N, width)), np.empty((P, N, width)), drq, drk, dv)
+    return out, drq, drk, dv
+
+
+def blocked_scan(rq, rk, v, do, slot, eps):
+    """The wrappers, which run the blocked kernels."""
+    out = _causal_forward(rq, rk, v, slot, eps)
+    drq, drk = np.empty_like(rq), np.empty_like(rk)
+    dv = _causal_backward(rq, rk, v, do, slot, eps, drq, drk)
+    return out, drq, drk, dv
+
+
+def dense(rq, rk, v, do, slot, eps):
+    rq, rk, v, do = (a.astype(np.float64) for a in (rq, rk, v, do))
+    out = np.stack([dense_mix_forward(rq[p], rk[p], v[p], True, slot, eps) for p in range(len(rq))])
+    grads = [dense_mix_backward(do[p], rq[p], rk[p], v[p], True, slot, eps) for p in range(len(rq))]
+    return (out,) + tuple(np.stack(g) for g in zip(*grads))
+
+
+def test_the_kernels_are_written_for_four_tokens():
+    """The loop bodies unroll four tokens by hand; the constant names that, nothing else."""
+    assert SCAN_TOKENS == 4
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("N,K,e", SIZES, ids=SIZE_IDS)
+def test_blocked_matches_token_scan_and_dense(N, K, e, dtype, norm, masked):
+    """P=3: every output and gradient to 1e-12 (float64) or 2e-6 (float32) of the token scan
+    and of the dense reference, in the dtype of the inputs."""
+    rng = np.random.default_rng(N * 100 + K * 10 + e)
+    args = make_mixing(rng, 3, N, K, e, dtype, masked)
+    slot = norm == "slot"
+    got = blocked_scan(*args, slot, DEFAULT_EPS)
+    for name, g in zip(NAMES, got):
+        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {np.dtype(dtype)}"
+    for name, g, r in zip(NAMES, got, token_scan(*args, slot, DEFAULT_EPS)):
+        assert_close(f"{name} vs token scan", g, r, RTOL[dtype])
+    for name, g, r in zip(NAMES, got, dense(*args, slot, DEFAULT_EPS)):
+        assert_close(f"{name} vs dense", g, r, RTOL[dtype])
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_one_token_matches_token_scan(norm):
+    """N = 1: a block that is all ragged edge. (Not against the dense form: the row gradient
+    of a query that reads one key is eps-sized, rk (v . do) eps / den^2, a cancellation both
+    scans share; from N = 2 on the other rows set the scale.)"""
+    args = make_mixing(np.random.default_rng(3), 3, 1, 5, 3, np.float64, masked=False)
+    for name, g, r in zip(NAMES, blocked_scan(*args, norm == "slot", DEFAULT_EPS),
+                          token_scan(*args, norm == "slot", DEFAULT_EPS)):
+        assert_close(f"{name} vs token scan", g, r, 1e-12)
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_blocked_forward_from_a_state_matches_the_loop(dtype, norm):
+    """Started from a non-zero state (what decoding a chunk does), the outputs and the final
+    state are those of the loop over t (gma_np.memory.reference.causal_mix_loop)."""
+    rng = np.random.default_rng(7)
+    P, N, K, e = 2, 11, 5, 3
+    rq, rk, v, _ = make_mixing(rng, P, N, K, e, dtype, masked=True)
+    S0 = rng.random((P, K, e))
+    z0 = rng.random((P, K)) + 0.5
+    S, z, out = S0.copy(), z0.copy(), np.empty_like(v)
+    _causal_scan_forward_blocked(rq, rk, v, norm == "slot", DEFAULT_EPS, S, z, out)
+    for p in range(P):
+        o_ref, S_ref, z_ref = causal_mix_loop(*(a[p].astype(np.float64) for a in (rq, rk, v)),
+                                              norm == "slot", DEFAULT_EPS, S0[p], z0[p])
+        assert_close(f"o[{p}]", out[p], o_ref, RTOL[dtype])
+        assert_close(f"S[{p}]", S[p], S_ref, 1e-12)
+        assert_close(f"z[{p}]", z[p], z_ref, 1e-12)
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_blocked_backward_by_finite_differences(norm):
+    """Full central differences in float64 through the memory op, form "scan": N = 6
+    (a block and a ragged one), K = 3, e = 2, a padding key (after the first token)."""
+    rng = np.random.default_rng(5)
+    # features away from 0: the slot read divides by z_t + eps, which at t = 0 is one key's
+    # feature, and a finite-difference step on a tiny one would measure its curvature
+    rq, rk, v = rng.random((2, 6, 3)) + 0.5, rng.random((2, 6, 3)) + 0.5, rng.standard_normal((2, 6, 2))
+    rk[0, 2] = 0.0
+    slot = norm == "slot"
+
+    def fun(rq, rk, v):
+        return memory_forward(rq, rk, v, causal=True, slot=slot, eps=DEFAULT_EPS, form="scan")
+
+    def grad(do, rq, rk, v):
+        return dict(zip(("rq", "rk", "v"), memory_backward(
+            rq, rk, v, do, causal=True, slot=slot, eps=DEFAULT_EPS, form="scan")))
+
+    report = gma_np.gradcheck(fun, grad, dict(rq=rq, rk=rk, v=v), mode="full")
+    assert report.ok, report
+
+
+def test_blocked_kernels_leave_the_scratch_shapes_alone():
+    """The backward's state scratch has an even number of rows (K + K % 2); the kernel reads
+    K from rq, so an odd K with its padded scratch gives the token kernel's gradients."""
+    rng = np.random.default_rng(9)
+    rq, rk, v, do = make_mixing(rng, 2, 9, 5, 3, np.float64, masked=False)
+    P, N, K = rq.shape
+    e = v.shape[2]
+    got = [np.empty_like(rq), np.empty_like(rk), np.empty_like(v)]
+    _causal_scan_backward_blocked(rq, rk, v, do, False, DEFAULT_EPS, np.full((P, K + 1, e), np.nan),
+                                  np.full((P, K), np.nan), np.empty((P, N, 1)), np.empty((P, N, 1)),
+                                  *got)
+    ref = token_scan(rq, rk, v, do, False, DEFAULT_EPS)[1:]
+    for name, g, r in zip(NAMES[1:], got, ref):
+        assert_close(name, g, r, 1e-12)
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_thread_count_changes_nothing(norm):
+    """P=4, N=1031, K=e=16: above PARALLEL_MIN_WORK, so the kernels run in parallel; one thread
+    and all threads give bit-identical outputs and gradients (each sequence is one thread's)."""
+    rng = np.random.default_rng(13)
+    args = make_mixing(rng, 4, 1031, 16, 16, np.float32, masked=True)
+    n = numba.get_num_threads()
+    results = []
+    for threads in (1, n):
+        numba.set_num_threads(threads)
+        try:
+            results.append(blocked_scan(*args, norm == "slot", DEFAULT_EPS))
+        finally:
+            numba.set_num_threads(n)
+    for name, a, b in zip(NAMES, *results):
+        assert np.array_equal(a, b), name
+    assert ACCUM_DTYPE == np.float64
