@@ -485,16 +485,29 @@ def run_sweep(sweep, client, *, retry_failed=False, on_step=None, on_result=None
     say = print_fn if bar.disable else bar.write
     token = uuid.uuid4().hex[:8]
     futures = {}
-    for i, (name, unit, fn) in enumerate(todo):
-        kwargs = {"on_step": on_step} if fn is run_job and on_step is not None else {}
-        # in the grid's order (Dask's own order among tasks submitted together is not it),
-        # the scaling measurements first
-        future = client.submit(fn, unit, key=f"gma-np-{name}-{token}", pure=False,
-                               priority=len(todo) - i, **kwargs)
-        futures[future] = (name, unit)
+    waiting = list(enumerate(todo))
+    running = as_completed(loop=client.loop)
+
+    def submit_more():
+        # Only as many units in flight as the cluster has threads, in the grid's order
+        # (the scaling measurements first). Submitted all at once, Dask assigns each task
+        # to a worker when it is submitted: every unit's key is its own task group, whose
+        # duration the scheduler cannot estimate, so it neither queues them nor steals
+        # them back, and a worker that finished its share early sat idle while another
+        # still had three long runs queued. Asking for the next unit when one ends keeps
+        # every thread busy on any cluster, and a cluster that grows gets more at once.
+        while waiting and running.count() < max(1, sum(client.nthreads().values())):
+            i, (name, unit, fn) = waiting.pop(0)
+            kwargs = {"on_step": on_step} if fn is run_job and on_step is not None else {}
+            future = client.submit(fn, unit, key=f"gma-np-{name}-{token}", pure=False,
+                                   priority=len(todo) - i, **kwargs)
+            futures[future] = (name, unit)
+            running.add(future)
+
     index = before
     try:
-        for future in as_completed(list(futures)):
+        submit_more()
+        for future in running:
             name, unit = futures[future]
             try:
                 record = future.result()
@@ -512,6 +525,7 @@ def run_sweep(sweep, client, *, retry_failed=False, on_step=None, on_result=None
             bar.update(1)
             if on_result is not None:
                 on_result(name, record)
+            submit_more()
     except BaseException:
         client.cancel(list(futures), force=True)
         raise
