@@ -64,7 +64,8 @@ def cmd_compare(args, *, on_step=None, on_result=None, print_fn=print):
     except (GridError, CommandError, OSError) as err:    # OSError: no scheduler at --scheduler
         return fail("compare", err)
     except KeyboardInterrupt:
-        record_invocation(sweep.out, "interrupted", time.perf_counter() - start)
+        if sweep is not None:
+            record_invocation(sweep.out, "interrupted", time.perf_counter() - start)
         return fail("compare", "interrupted; the finished runs and the checkpoints of the others "
                                "are kept: run the same command again to continue", status=130)
     record_invocation(sweep.out, "end", time.perf_counter() - start, ran=outcome.done)
