@@ -502,16 +502,22 @@ def pick_token(logits, temperature, top_k, rng):
     return int(_draw(p, total, rng.random()))
 
 
-def generate(model, prompt, n_tokens, *, temperature=0.8, top_k=0, rng=None):
-    """prompt (bytes) followed by n_tokens sampled bytes, as bytes: gma_np.train.evaluate's
-    generate (the prompt in one chunk, then one byte at a time; an empty prompt starts
-    at a line break) over a FastDecoder."""
+def check_sampling(prompt, temperature, top_k):
+    """The arguments of generate (this one and the reference's in gma_np.train.evaluate):
+    TypeError / ValueError naming the one that cannot be used."""
     if not isinstance(prompt, (bytes, bytearray)):
         raise TypeError(f"prompt: expected bytes, got {type(prompt).__name__}")
     if temperature < 0:
         raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k: expected an integer >= 0, got {top_k!r}")
+
+
+def generate(model, prompt, n_tokens, *, temperature=0.8, top_k=0, rng=None):
+    """prompt (bytes) followed by n_tokens sampled bytes, as bytes: gma_np.train.evaluate's
+    generate (the prompt in one chunk, then one byte at a time; an empty prompt starts
+    at a line break) over a FastDecoder."""
+    check_sampling(prompt, temperature, top_k)
     rng = np.random.default_rng(0) if rng is None else rng
     prompt = bytes(prompt) or b"\n"
     decoder = FastDecoder(model, 1)

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from gma_np.nn.layers import cross_entropy_forward
+from gma_np.nn.decode import check_sampling
 from gma_np.nn.model import body_forward
 from gma_np.tasks import body_causal
 from gma_np.train.data import eval_batches
@@ -57,12 +58,7 @@ def evaluate_bpb(model, data, context, max_tokens=0, batch_size=EVAL_BATCH):
 
 def generate(model, prompt, n_tokens, *, temperature=0.8, top_k=0, rng=None):
     """prompt (bytes) followed by n_tokens sampled bytes, as bytes."""
-    if not isinstance(prompt, (bytes, bytearray)):
-        raise TypeError(f"prompt: expected bytes, got {type(prompt).__name__}")
-    if temperature < 0:
-        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k: expected an integer >= 0, got {top_k!r}")
+    check_sampling(prompt, temperature, top_k)
     rng = np.random.default_rng(0) if rng is None else rng
     prompt = bytes(prompt) or b"\n"        # an empty prompt starts at a line break
     state = model.decode_init(1)
