@@ -71,6 +71,16 @@ EXPANSION_CANCELLATION_BOUND = 2.0
 # quad: at 2, 93% of the tokens of the benchmark's problems (bench_gma.py) were
 # marked for no cancellation; at 4, none, and tests/test_regimes.py holds.
 GRADIENT_CANCELLATION_BOUND = 4.0
+# The same bound when every gradient is returned in float32 (the points, the mixture
+# parameters and an array temperature all float32, as in the trainer): the GEMMs
+# still run in float64, and a loss of log2(BOUND) = 16 bits of float64's 53 leaves
+# 37, 13 below float32's 24 (the expansion's error, eps_64 * 2^16 = 2^-37 of the
+# sizes, is under 2^-13 of a float32 rounding). At 4 the trainer's tokens, which sit
+# close to their fitted means, were 12-34% marked (tiny preset, float32) and their
+# gradients took the direct form at about twice the GEMM form's cost for nothing
+# a float32 result can hold; tests/test_fastpaths.py holds the float32 gradients of
+# tokens next to sharp means far from the centre to the float64 direct form.
+GRADIENT_CANCELLATION_BOUND_FLOAT32 = 2.0 ** 16
 
 # Kernel calls with fewer multiply-adds than this run on one thread
 # (gma_np._threads.threads_for). Waking Numba's thread pool costs tens of

@@ -21,9 +21,10 @@ import pytest
 from scipy.special import logsumexp, softmax
 
 import gma_np
-from gma_np._numerics import EXPANSION_CANCELLATION_BOUND, GRADIENT_CANCELLATION_BOUND
+from gma_np._numerics import (EXPANSION_CANCELLATION_BOUND, GRADIENT_CANCELLATION_BOUND,
+                              GRADIENT_CANCELLATION_BOUND_FLOAT32)
 from gma_np.mixers.gma import routing
-from gma_np.mixers.gma.kernels import _log_density_expanded, _softmax_rows_forward
+from gma_np.mixers.gma.kernels import _log_density_expanded
 from gma_np.mixers.gma.reference.dense import gma_dense, gma_dense_backward
 from gma_np.mixers.gma.reference.routing import log_density_naive, responsibilities_naive
 from tests.conftest import assert_close, make_problem
@@ -98,7 +99,7 @@ def test_fused_softmax_matches_scipy(rng):
     a = l * inv_tau[None, :, None, None]
     r = np.full((P, H, N + 3, K), np.nan)                          # the block lands at rows 3..
     shift = np.full((P, H, N + 3), np.nan)
-    _softmax_rows_forward(l.copy(), inv_tau, 3, r, shift)
+    routing.softmax_rows_forward(l.copy(), inv_tau, 3, r, shift)
     assert np.isnan(r[:, :, :3]).all() and np.isnan(shift[:, :, :3]).all()
     r = r[:, :, 3:]
     np.testing.assert_array_equal(shift[:, :, 3:], l.max(-1))
@@ -125,6 +126,54 @@ def test_gemm_log_density_backward_matches_direct(rng, covariance, monkeypatch):
         assert_close(name, grads[name], grads_ref[name], 1e-11)
     # the sum behind the temperature gradient, entry by entry from l recomputed
     assert_close("sum dl*(l - max l)", dl_dot, (dl * (l - shift[..., None])).sum(axis=(0, 2, 3)), 1e-12)
+
+
+def float32_routing_errors(rng, monkeypatch, bound):
+    """Max error of each gradient of the float32 fast log-likelihood, with the float32 gradient
+    bound set to `bound`, against the float64 direct form on the same float32 values,
+    in units of a float32 rounding of its largest entry. The points sit next to very
+    sharp components (sigma ~ 5e-5) whose means are ~30 from their centre: |x'|^2 / sigma^2
+    against quad ~ d, a ratio of ~1e11, where the expansion of the log-variances'
+    gradient loses ~37 of float64's 53 bits."""
+    monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)             # 37 tokens: blocks 16, 16, 5
+    monkeypatch.setattr(routing, "GRADIENT_CANCELLATION_BOUND_FLOAT32", bound)
+    H, K, d, N = 2, 5, 7, 37
+    means, log_var, logits = mixture(rng, H, K, d, "diag", scale=30.0, sigma=5e-5)
+    x = points_near_components(rng, means, log_var, N)
+    f32 = [a.astype(np.float32) for a in (x, means, log_var, logits)]
+    # the log-likelihood: its gradient reaches the nearest component (through r it would
+    # vanish, r being one-hot to the last bit next to so sharp a component)
+    dll = rng.standard_normal((2, H, N)).astype(np.float32)
+    _, cache = gma_np.log_likelihood_forward(*f32)
+    fast = gma_np.log_likelihood_backward(dll, cache)
+    x64, mix = f32[0].astype(np.float64), routing.prepare_mixture(*(a.astype(np.float64) for a in f32[1:]))
+    l = routing.log_density_direct(x64, mix)                      # (2, H, N, K)
+    posterior = np.exp(l - logsumexp(l, axis=-1, keepdims=True))
+    dx, direct = routing.log_density_backward_direct(dll[..., None] * posterior, x64, mix)
+    direct["x"] = dx
+    assert all(fast[name].dtype == np.float32 for name in direct)
+    eps32 = np.finfo(np.float32).eps
+    return {name: float(np.max(np.abs(fast[name] - direct[name])) / (eps32 * np.max(np.abs(direct[name]))))
+            for name in direct}
+
+
+def test_float32_gradients_keep_the_direct_form_where_float32_would_see_the_cancellation(
+        rng, monkeypatch):
+    """Every gradient float32: the looser bound (GRADIENT_CANCELLATION_BOUND_FLOAT32) still
+    takes the tokens whose expansion would show in float32 in the direct form, and the
+    gradients are within a few float32 roundings of the float64 direct form; without the
+    fallback (bound inf) the log-variances' gradient is not (so the check could fail)."""
+    errs = float32_routing_errors(rng, monkeypatch, GRADIENT_CANCELLATION_BOUND_FLOAT32)
+    assert max(errs.values()) <= 4.0, errs
+    errs_off = float32_routing_errors(np.random.default_rng(0), monkeypatch, np.inf)
+    assert errs_off["log_var"] > 100.0, errs_off
+
+
+def test_float32_gradient_bound_applies_only_when_every_gradient_is_float32():
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    assert routing.gradient_bound((f32, f32, f32, f32, f32)) == GRADIENT_CANCELLATION_BOUND_FLOAT32
+    for dtypes in [(f32, f64, f32, f32, f32), (f32, f32, f32, f32, f64), (f64,) * 5]:
+        assert routing.gradient_bound(dtypes) == GRADIENT_CANCELLATION_BOUND
 
 
 @pytest.mark.parametrize("norm", ["row", "slot"])

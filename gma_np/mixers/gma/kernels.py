@@ -32,6 +32,13 @@ from numba import njit, prange
 
 from gma_np.memory.step import _write_read_head
 
+# For the per-token sums of the backward (_dl_dot_shifted_l): reassociation lets LLVM
+# keep a sum over K or d in vector lanes instead of one chain of dependent adds (the
+# latency of an add per term: 1.23 ms a block of 12288 tokens, K = 32, d = 32, against
+# 0.24), and contract fuses multiply-adds. It changes the rounding of a sum, never
+# which terms enter it, and the same code gives the same bits on every thread count.
+_FASTMATH = {"reassoc", "contract"}
+
 
 @njit(cache=True, parallel=True)
 def _log_density_forward(x, means, inv_var, const, out):
@@ -120,7 +127,7 @@ STEP_CHECK = 2      # a temperature, log-density, output or normaliser is not fi
 
 @njit(cache=True)
 def _softmax_row(l, inv_tau, r):
-    """r = softmax_k(l / tau), as _softmax_rows_forward does one row: shift by max_k l,
+    """r = softmax_k(l / tau), as routing.softmax_rows_forward does one row: shift by max_k l,
     exponentiate (l_k - m) / tau, multiply by 1 / sum. l (K,) finite; r (K,) written."""
     K = l.shape[0]
     m = l[0]
@@ -233,7 +240,7 @@ def _gma_step_fused(q, k, v, mask, parameters, prepared, means_t, inv_var_t, con
 #     quad = g + m2,  m2[k] = sum_j mu'_kj^2 inv_var_kj                  (the matmul expansion)
 # The kernels below finish the job row by row, in one pass over memory. Those that
 # run once per block of ROUTING_BLOCK tokens (_features, _log_density_expanded,
-# _softmax_rows_forward, _dx_from_gemm, _log_density_backward_rows, _dl_dot_shifted_l)
+# _softmax_rows_shift, _softmax_rows_normalise, _dx_from_gemm, _log_density_backward_rows, _dl_dot_shifted_l)
 # are serial: a block is small, and waking Numba's thread pool once per block
 # (hundreds of times per call) costs more than it gains (on a loaded 2-core machine,
 # causal fwd+bwd at N=8192: 11 s with 2 threads against 0.5 s with 1;
@@ -302,7 +309,8 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
     m2, const    (H, K)         float64
     inv_var      (H, K, d)      float64
     bound        float          gma_np._numerics.EXPANSION_CANCELLATION_BOUND
-    grad_bound   float          gma_np._numerics.GRADIENT_CANCELLATION_BOUND
+    grad_bound   float          gma_np.mixers.gma.routing.gradient_bound: GRADIENT_CANCELLATION_BOUND,
+                                its float32 value when every gradient is float32
     out          (P, H, nb, K)   float64, written (may be `g` itself)
     direct_rows  (P, H, N)       uint8, rows n0 .. n0 + nb - 1 written: 1 for a token whose
                                 gradient the backward takes in the direct form, else 0
@@ -394,7 +402,7 @@ def _log_density_backward_rows(dl, xa, xb, n0, means, inv_var, const, shift, dir
     means        (H, K, d)      float64
     inv_var      (H, K, d)      float64
     const        (H, K)         float64
-    shift        (P, H, N)      float64 max_k l, from _softmax_rows_forward
+    shift        (P, H, N)      float64 max_k l, from routing.softmax_rows_forward
     direct_rows  (P, H, N)      uint8
     dx           (P, H, N, d)   float32 or float64, the marked rows written
     dmeans, dquad (H, K, d)     float64, accumulated
@@ -433,25 +441,16 @@ def _log_density_backward_rows(dl, xa, xb, n0, means, inv_var, const, shift, dir
 
 
 @njit(cache=True, nogil=True)
-def _softmax_rows_forward(l, inv_tau, n0, r, shift):
-    """Row softmax of a = l / tau for one block of tokens, the algorithm of
-    scipy.special.softmax (shift by the row maximum, exponentiate, divide by the sum),
-    one pass per row with the sum in float64.
+def _softmax_rows_shift(l, inv_tau, n0, shift):
+    """The first pass of routing.softmax_rows_forward: l[p,h,n,:] = (l - m) / tau in place and
+    shift[p,h,n0+n] = m = max_k l, for one block of tokens. The exponential is NumPy's,
+    on the whole block after this pass (a scalar exp in a Numba loop costs about 9 ns an
+    element here, NumPy's SIMD loop about 1: docs/performance.md, section 6).
 
-    r[p,h,n0+n,:] = exp(a - m) / sum_k exp(a - m), m = max_k a. No log is taken:
-    a softmax is not a log-sum-exp, and the package's rule (scipy.special.logsumexp
-    for every log-sum-exp) applies where one is (log pi, the log-likelihood, the
-    naive reference). Fused so that the block is read once; tests/test_fastpaths.py
-    checks it against scipy.special.softmax.
-
-    l        (P, H, nb, K)  float64 log-densities of the block, overwritten by exp(a - m)
+    l        (P, H, nb, K)  float64 log-densities of the block, overwritten
     inv_tau  (H,)           float64 1 / tau
     n0       int            first token of the block
-    r        (P, H, N, K)   float32 or float64, rows n0 .. n0 + nb - 1 written
-    shift    (P, H, N)      float64, rows n0 .. written: m tau = max_k l, the common part
-                            of the row that the temperature gradient takes out
-                            (_dl_dot_shifted_l); NaN for a row whose r is not finite (every
-                            l_k = -inf, or a NaN l_k), which the wrappers report
+    shift    (P, H, N)      float64, rows n0 .. n0 + nb - 1 written
     """
     P, H, nb, K = l.shape
     for ph in prange(P * H):
@@ -462,20 +461,41 @@ def _softmax_rows_forward(l, inv_tau, n0, r, shift):
             m = l[p, h, n, 0]
             for k in range(1, K):
                 m = max(m, l[p, h, n, k])
+            for k in range(K):
+                l[p, h, n, k] = (l[p, h, n, k] - m) * s
+            shift[p, h, n0 + n] = m
+
+
+@njit(cache=True, nogil=True)
+def _softmax_rows_normalise(u, n0, r, shift):
+    """The last pass of routing.softmax_rows_forward: r[p,h,n0+n,:] = u / sum_k u, the sum in
+    float64, for one block of tokens u = exp((l - m) / tau); shift[p,h,n0+n] set to NaN
+    where the row is not finite (every l_k = -inf, or a NaN l_k), which the wrappers report.
+
+    u      (P, H, nb, K)  float64
+    n0     int            first token of the block
+    r      (P, H, N, K)   float32 or float64, rows n0 .. n0 + nb - 1 written
+    shift  (P, H, N)      float64, from _softmax_rows_shift
+    """
+    P, H, nb, K = u.shape
+    for ph in prange(P * H):
+        p = ph // H
+        h = ph % H
+        for n in range(nb):
             total = 0.0
             for k in range(K):
-                u = np.exp((l[p, h, n, k] - m) * s)
-                l[p, h, n, k] = u
-                total += u
+                total += u[p, h, n, k]
             inv_total = 1.0 / total
             for k in range(K):
-                r[p, h, n0 + n, k] = l[p, h, n, k] * inv_total
-            shift[p, h, n0 + n] = m if (m > -np.inf and total < np.inf) else np.nan
+                r[p, h, n0 + n, k] = u[p, h, n, k] * inv_total
+            m = shift[p, h, n0 + n]
+            if not (m > -np.inf and total < np.inf):
+                shift[p, h, n0 + n] = np.nan
 
 
 @njit(cache=True, parallel=True)
 def _softmax_rows_backward(dr, r, inv_tau, dl):
-    """Backward of _softmax_rows_forward: dl = d/dl of sum(r * dr).
+    """Backward of routing.softmax_rows_forward: dl = d/dl of sum(r * dr).
 
     In the forward pass this was r = softmax_k(a), a = l / tau, so
         da = r * (dr - sum_k r dr)                       (softmax Jacobian)
@@ -501,7 +521,7 @@ def _softmax_rows_backward(dr, r, inv_tau, dl):
                 dl[p, h, n, k] = np.float64(r[p, h, n, k]) * (np.float64(dr[p, h, n, k]) - dot) * s
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _dl_dot_shifted_l(dl, g, feats, const, m2, shift, n0, out):
     """out[h] += sum_{p, n, k} dl[p,h,n,k] (l[p,h,n,k] - shift[p,h,n0+n]) for one block of
     tokens, row by row from the backward GEMM of the block: the sum behind the
@@ -520,7 +540,7 @@ def _dl_dot_shifted_l(dl, g, feats, const, m2, shift, n0, out):
     g      (P, H, nb, 2d)  float64 dl @ [mu' inv_var | inv_var]
     feats  (P, H, nb, 2d)  float64 [x', x'^2] of the block
     const, m2 (H, K)       float64
-    shift  (P, H, N)       float64 max_k l, from _softmax_rows_forward
+    shift  (P, H, N)       float64 max_k l, from routing.softmax_rows_forward
     n0     int             first token of the block
     out    (H,)            float64, accumulated
     """

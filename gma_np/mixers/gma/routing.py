@@ -30,7 +30,7 @@ inv_var^T]; a fused Numba pass adds the terms and recomputes directly the
 entries where the expansion could lose more than 1 bit against the direct form
 (gma_np._numerics.EXPANSION_CANCELLATION_BOUND), marks the tokens whose gradient
 would (GRADIENT_CANCELLATION_BOUND), and a second pass takes the row softmax with
-the algorithm of scipy.special.softmax (_softmax_rows_forward). The backward is
+the algorithm of scipy.special.softmax (softmax_rows_forward). The backward is
 two GEMMs per block, dl @ [mu' inv_var | inv_var] and dl^T @ [x', x'^2], for the
 unmarked tokens, the direct form for the marked ones, and the temperature's sum
 token by token. No (N, K, d) array is ever formed, and a stream of blocks reuses
@@ -57,6 +57,7 @@ from gma_np._numerics import (
     BLOCK_STREAMS,
     EXPANSION_CANCELLATION_BOUND,
     GRADIENT_CANCELLATION_BOUND,
+    GRADIENT_CANCELLATION_BOUND_FLOAT32,
     LOG_2PI,
     ROUTING_BLOCK,
 )
@@ -70,7 +71,8 @@ from gma_np.mixers.gma.kernels import (
     _log_density_forward,
     _dl_dot_shifted_l,
     _softmax_rows_backward,
-    _softmax_rows_forward,
+    _softmax_rows_normalise,
+    _softmax_rows_shift,
 )
 
 
@@ -180,6 +182,35 @@ def _blocks(N):
         yield n0, min(N, n0 + size)
 
 
+def softmax_rows_forward(l, inv_tau, n0, r, shift):
+    """Row softmax of a = l / tau for one block of tokens, the algorithm of
+    scipy.special.softmax (shift by the row maximum, exponentiate, divide by the sum),
+    the sum in float64:
+
+        r[p,h,n0+n,:] = exp(a - m) / sum_k exp(a - m),   m = max_k a
+
+    in three passes over the block, each in cache: a kernel shifts and scales the rows
+    (_softmax_rows_shift), NumPy's exp runs in place on the whole block, and a kernel
+    sums and divides (_softmax_rows_normalise). No log is taken: a softmax is not a
+    log-sum-exp, and the package's rule (scipy.special.logsumexp for every
+    log-sum-exp) applies where one is (log pi, the log-likelihood, the naive
+    reference). tests/test_fastpaths.py checks it against scipy.special.softmax.
+
+    l        (P, H, nb, K)  float64 log-densities of the block, overwritten by exp(a - m)
+    inv_tau  (H,)           float64 1 / tau
+    n0       int            first token of the block
+    r        (P, H, N, K)   float32 or float64, rows n0 .. n0 + nb - 1 written
+    shift    (P, H, N)      float64, rows n0 .. written: m tau = max_k l, the common part
+                            of the row that the temperature gradient takes out
+                            (_dl_dot_shifted_l); NaN for a row whose r is not finite (every
+                            l_k = -inf, or a NaN l_k), which the wrappers report
+    """
+    _softmax_rows_shift(l, inv_tau, n0, shift)
+    with np.errstate(invalid="ignore"):                # -inf - -inf: the row is reported
+        np.exp(l, out=l)
+    _softmax_rows_normalise(l, n0, r, shift)
+
+
 def features(x_parts, mix, n0, n1, out=None):
     """F = [x', x'^2] (P, H, n1 - n0, 2d) float64 of tokens n0 .. n1 - 1, x' = x - c: the
     points seen from the centre c of their head's means, and their squares, the left
@@ -221,12 +252,24 @@ def log_density_direct(x4, mix):
     return out
 
 
-def _route_blocks(x_parts, mix, inv_tau, r, direct_rows, shift=None):
+def gradient_bound(dtypes):
+    """The bound of the tokens whose gradients take the direct form (_log_density_expanded):
+    GRADIENT_CANCELLATION_BOUND, or GRADIENT_CANCELLATION_BOUND_FLOAT32 when every
+    gradient comes back in float32 (dtypes: those of the points, the mixture parameters
+    and the temperature, as passed)."""
+    if all(np.dtype(t) == np.float32 for t in dtypes):
+        return GRADIENT_CANCELLATION_BOUND_FLOAT32
+    return GRADIENT_CANCELLATION_BOUND
+
+
+def _route_blocks(x_parts, mix, inv_tau, r, direct_rows, shift=None, grad_bound=None):
     """The GEMM routing, block by block: with inv_tau None, r (P, H, N, K) float64 receives
     the log-densities l; else r (float32 or float64) receives softmax_k(l / tau) and
     shift (P, H, N) float64 the row maxima of l. direct_rows (P, H, N) uint8 receives
     the marks of the tokens whose gradient the backward takes in the direct form
-    (_log_density_expanded)."""
+    (_log_density_expanded, with grad_bound; None: GRADIENT_CANCELLATION_BOUND)."""
+    if grad_bound is None:
+        grad_bound = GRADIENT_CANCELLATION_BOUND
     xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
     P, H, N, K = r.shape
     d = xa.shape[3]
@@ -243,11 +286,11 @@ def _route_blocks(x_parts, mix, inv_tau, r, direct_rows, shift=None):
                 # g += m2, -1/2, + const, and the direct form where the expansion cancels: g = l
                 _log_density_expanded(g, feats, xa, xb, n0, mix.means, mix.inv_var_max, mix.m2,
                                       mix.const, mix.inv_var, EXPANSION_CANCELLATION_BOUND,
-                                      GRADIENT_CANCELLATION_BOUND, g, direct_rows)
+                                      grad_bound, g, direct_rows)
                 if inv_tau is None:
                     r[:, :, n0:n1] = g
                 else:
-                    _softmax_rows_forward(g, inv_tau, n0, r, shift)   # r = softmax_k(l / tau)
+                    softmax_rows_forward(g, inv_tau, n0, r, shift)    # r = softmax_k(l / tau)
 
     with blas_single_thread():                                     # small GEMMs: see _threads
         run_streams(stream, BLOCK_STREAMS)
@@ -270,7 +313,8 @@ def log_density(x_parts, mix, direct_rows=None):
     l = np.empty((P, H, N, mix.means.shape[1]), dtype=ACCUM_DTYPE)
     if direct_rows is None:
         direct_rows = np.empty((P, H, N), dtype=np.uint8)
-    return _route_blocks(x_parts, mix, None, l, direct_rows)
+    return _route_blocks(x_parts, mix, None, l, direct_rows,
+                         grad_bound=gradient_bound(tuple(a.dtype for a in x_parts) + mix.dtypes))
 
 
 def log_density_backward_direct(dl, x4, mix):
@@ -421,7 +465,7 @@ def check_log_densities_finite(row_max, x_parts, names, mix):
     """FloatingPointError if a point's log-densities are -inf (or NaN) for every component.
 
     row_max (P, H, N): max_k l of the points x_parts (stacked along P, named names), NaN
-    where the kernels found no finite log-density (_softmax_rows_forward). The sum
+    where the kernels found no finite log-density (softmax_rows_forward). The sum
     sum_j (x_j - mu_kj)^2 / sigma2_kj then overflowed float64 for every k: nothing is
     left to route the point by."""
     bad = check.first_nonfinite(row_max)
@@ -462,7 +506,8 @@ def route_forward(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.f
     shift = np.empty((P, H, N), dtype=ACCUM_DTYPE)
     direct_rows = np.empty((P, H, N), dtype=np.uint8)
     with threads_for(_work(x_parts, mix)):
-        _route_blocks(x_parts, mix, 1.0 / tau, r, direct_rows, shift)
+        _route_blocks(x_parts, mix, 1.0 / tau, r, direct_rows, shift,
+                      gradient_bound(tuple(a.dtype for a in x_parts) + mix.dtypes + (tau_dtype,)))
     check_log_densities_finite(shift, x_parts, names, mix)
     cache = RoutingCache(x_parts=x_parts, x_dtype=x_parts[0].dtype, lead_shape=(P,),
                          mix=mix, tau=tau, tau_per_head=tau_per_head, tau_dtype=tau_dtype, r=r,
@@ -501,7 +546,7 @@ def route_forward_direct(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dty
     l = log_density_direct(x4, mix)                                # (P, H, N, K) float64
     r = np.empty(l.shape, dtype=x4.dtype)
     shift = np.empty(l.shape[:3], dtype=ACCUM_DTYPE)
-    _softmax_rows_forward(l, 1.0 / tau, 0, r, shift)
+    softmax_rows_forward(l, 1.0 / tau, 0, r, shift)
     check_log_densities_finite(shift, x_parts, names, mix)
     cache = RoutingCache(x_parts=(x4,), x_dtype=x4.dtype, lead_shape=(x4.shape[0],), mix=mix,
                          tau=tau, tau_per_head=tau_per_head, tau_dtype=tau_dtype, r=r, shift=shift,
