@@ -303,6 +303,9 @@ class Profiler:
                 self.wrap(attention, attr, "projections q,k,v,o")
             self.wrap(attention, "split_heads", "split/merge heads", "inherit")
             self.wrap(attention, "merge_heads", "split/merge heads", "inherit")
+            for attr in ("split_qkv", "merge_qkv"):     # the fused q, k, v projection's
+                if hasattr(attention, attr):
+                    self.wrap(attention, attr, "split/merge heads", "inherit")
         if mixer_name == "gma":
             from gma_np.mixers.gma import core, mixing
             self.wrap(core, "gma_forward", "gma op")
