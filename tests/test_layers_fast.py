@@ -199,6 +199,46 @@ def test_linear_matches_the_reference_and_not_the_thread_count(rng, dtype, bias,
                                           err_msg=f"{name}: one thread vs two")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_row_layers_in_pieces_are_the_whole_and_not_the_thread_count(rng, dtype, monkeypatch):
+    """GELU, layer norm and the cross-entropy's softmax cut in pieces for the streams
+    (STREAM_MIN_ELEMENTS 0: every call, odd sizes): the elementwise and row-wise
+    results are the unsplit call's bits, layer norm's dg and db (a partial sum per
+    piece, added in order) match the float64 reference, and nothing depends on the
+    thread count."""
+    x = (2.0 * rng.standard_normal((3, 37, 29)) + 1.0).astype(dtype)
+    g, b = rng.standard_normal(29).astype(dtype), rng.standard_normal(29).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+
+    def run():
+        y, c = L.gelu_forward(x)
+        z, cz = L.layernorm_forward(x, g, b)
+        lse, probs = L.log_softmax_rows(x.reshape(-1, 29))
+        return (y, L.gelu_backward(dy, c), z, cz[0], cz[1]) + L.layernorm_backward(dy, cz) + (lse, probs)
+
+    names = ("gelu y", "gelu dx", "ln y", "ln xhat", "ln rstd", "ln dx", "ln dg", "ln db", "lse", "probs")
+    whole = run()
+    monkeypatch.setattr(L, "STREAM_MIN_ELEMENTS", 0)
+    runs = []
+    threads = numba.get_num_threads()
+    try:
+        for n in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(n)
+            runs.append(run())
+    finally:
+        numba.set_num_threads(threads)
+    for i, name in enumerate(names):
+        if name not in ("ln dg", "ln db"):
+            np.testing.assert_array_equal(runs[0][i], whole[i], err_msg=f"{name}: pieces vs whole")
+        for other in runs[1:]:
+            np.testing.assert_array_equal(runs[0][i], other[i], err_msg=f"{name}: one thread vs two")
+    # the reference's sums in float64, from the same cache (xhat, rstd, g)
+    _, dg_ref, db_ref = L.layernorm_backward_naive(dy.astype(np.float64),
+                                                   _f64((runs[0][3], runs[0][4], g)))
+    assert_close("ln dg", runs[0][6], dg_ref, RTOL[dtype])
+    assert_close("ln db", runs[0][7], db_ref, RTOL[dtype])
+
+
 # ---------------------------------------------------------------- the optimiser
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)

@@ -23,8 +23,11 @@ Contracts (the wrappers check them, the kernels do not):
 - the reductions (layer norm's row statistics and its dg, db; the softmax sums;
   the convolution's dc; sums of squares) accumulate in float64 in a fixed order, so
   they are as accurate as a float64 NumPy sum or more, and the same whatever the
-  thread count. They are serial loops: each pass is a few hundred microseconds at
-  the trainer's sizes, below the cost of waking a thread pool.
+  thread count. They are serial loops, and waking Numba's thread pool for one would
+  cost more than it gains on a loaded machine; the largest (GELU, layer norm, the
+  softmax of the cross-entropy) release the GIL (nogil) instead, so that the
+  wrappers can hand a large array to the streams in pieces fixed by its size
+  (gma_np.nn.layers._in_pieces), their partial sums added in a fixed order.
 Every body is plain Python over NumPy arrays and runs with NUMBA_DISABLE_JIT=1.
 """
 
@@ -36,7 +39,7 @@ from numba import njit
 
 # ---------------------------------------------------------------- GELU, tanh form
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gelu_inner(x, u, c, a):
     """u = c (x + a x^3), as NumPy evaluates c * (x + a * x * x * x): flat (S,)."""
     for i in range(x.size):
@@ -44,14 +47,14 @@ def _gelu_inner(x, u, c, a):
         u[i] = c * (xi + a * xi * xi * xi)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gelu_outer(x, t, y, half, one):
     """y = 1/2 x (1 + t), t = tanh(u) already in place: flat (S,)."""
     for i in range(x.size):
         y[i] = half * x[i] * (one + t[i])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gelu_backward(dy, x, t, dx, half, one, c, a3):
     """dx = dy (1/2 (1 + t) + 1/2 x (1 - t^2) c (1 + 3 a x^2)): flat (S,), NumPy's order."""
     for i in range(x.size):
@@ -101,7 +104,7 @@ def _row_sum_squares(a, m, shift):
     return (s0 + s1) + (s2 + s3)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _layernorm_forward(x, g, b, eps, y, xhat, rstd):
     """Per row of x (M, D): mean, biased variance (two passes, float64), rstd = (var + eps)^-1/2,
     xhat = (x - mean) rstd, y = xhat g + b. Writes y, xhat (M, D) and rstd (M,)."""
@@ -116,7 +119,7 @@ def _layernorm_forward(x, g, b, eps, y, xhat, rstd):
             y[m, j] = xh * g[j] + b[j]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _layernorm_backward(dy, xhat, rstd, g, dx, dg, db):
     """dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy g, per row;
     dg = sum_m dy xhat, db = sum_m dy (float64 accumulators dg, db (D,), rows in order)."""
@@ -154,7 +157,7 @@ def _layernorm_backward(dy, xhat, rstd, g, dx, dg, db):
 
 # ---------------------------------------------------------------- softmax cross-entropy
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _softmax_shift(logits, shifted, row_max, n_max):
     """Per row of logits (R, V): its maximum (NaN if any entry is NaN, as np.max), how
     many entries equal it, and shifted = logits - max in float64 (exact for float32
@@ -179,7 +182,7 @@ def _softmax_shift(logits, shifted, row_max, n_max):
             shifted[m, j] = np.float64(logits[m, j]) - a_max
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _softmax_finish(logits, e, row_max, n_max, probs, lse):
     """From e = exp(logits - max) (R, V) (float64): each row's log-sum-exp by SciPy's
     algorithm (Blanchard, Higham and Higham 2021): the c entries equal to the maximum

@@ -34,7 +34,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from gma_np._numerics import BLOCK_STREAMS
-from gma_np._threads import run_streams
+from gma_np._threads import run_streams, sum_in_order
 from gma_np.nn import _kernels as K
 
 # Standard deviation of the initial weight matrices and embeddings (GPT-2's 0.02).
@@ -73,6 +73,25 @@ STREAM_THREAD_PREFIX = "gma_np"
 # from memory three times.
 GELU_BLOCK = 2 ** 16
 SOFTMAX_BLOCK_ROWS = 128
+# The GELU, the layer norm and the cross-entropy's softmax run as BLOCK_STREAMS pieces
+# on the streams (their kernels release the GIL) from this many elements on: a
+# float32 GELU forward of 2^18 elements takes ~0.3 ms on one core, four to six times
+# what handing work to the streams costs (50-75 us, see MATMUL_SPLIT_MIN_WORK).
+STREAM_MIN_ELEMENTS = 2 ** 18
+
+
+def _in_pieces(n, size, fn):
+    """[fn(piece) for each piece]: BLOCK_STREAMS consecutive pieces of range(n) (slices),
+    taken by the streams at once, when the array holds at least STREAM_MIN_ELEMENTS
+    (size) elements; else one piece, the whole range. The pieces depend on the sizes
+    only (inside a stream they run one after the other), so a partial sum per piece,
+    added in order, is the same bits whatever the thread count."""
+    if size < STREAM_MIN_ELEMENTS or n < BLOCK_STREAMS:
+        return [fn(slice(0, n))]
+    pieces = _pieces(n, BLOCK_STREAMS)
+    if threading.current_thread().name.startswith(STREAM_THREAD_PREFIX):
+        return [fn(piece) for piece in pieces]
+    return run_streams(lambda s: fn(pieces[s]), BLOCK_STREAMS)
 
 
 def _expect(name, ok, expected, got):
@@ -263,8 +282,9 @@ def layernorm_forward(x, g, b):
     y = np.empty(x.shape, dtype=np.result_type(x, g, b))
     xhat = np.empty(x.shape, dtype=x.dtype)
     rstd = np.empty(x.shape[:-1] + (1,), dtype=x.dtype)             # (M..., 1)
-    K._layernorm_forward(x2, g, b, LAYERNORM_EPS, y.reshape(-1, D), xhat.reshape(-1, D),
-                         rstd.reshape(-1))
+    y2, xhat2, rstd1 = y.reshape(-1, D), xhat.reshape(-1, D), rstd.reshape(-1)
+    _in_pieces(x2.shape[0], x2.size, lambda rows: K._layernorm_forward(
+        x2[rows], g, b, LAYERNORM_EPS, y2[rows], xhat2[rows], rstd1[rows]))
     return y, (xhat, rstd, g)
 
 
@@ -278,10 +298,16 @@ def layernorm_backward(dy, cache):
     xhat, rstd, g = cache
     D = xhat.shape[-1]
     dx = np.empty(xhat.shape, dtype=np.result_type(dy, g, xhat))
-    dg = np.zeros(D)                                                # float64 accumulators
-    db = np.zeros(D)
-    # in the forward pass this was: y = xhat * g + b, xhat = (x - mean(x)) * rstd
-    K._layernorm_backward(_rows(dy), _rows(xhat), rstd.reshape(-1), g, dx.reshape(-1, D), dg, db)
+    dy2, xhat2, rstd1, dx2 = _rows(dy), _rows(xhat), rstd.reshape(-1), dx.reshape(-1, D)
+
+    def piece(rows):                                                # float64 accumulators
+        dg, db = np.zeros(D), np.zeros(D)
+        # in the forward pass this was: y = xhat * g + b, xhat = (x - mean(x)) * rstd
+        K._layernorm_backward(dy2[rows], xhat2[rows], rstd1[rows], g, dx2[rows], dg, db)
+        return dg, db
+    partial = _in_pieces(dy2.shape[0], dy2.size, piece)
+    dg = sum_in_order([t[0] for t in partial])                      # (D,)
+    db = sum_in_order([t[1] for t in partial])                      # (D,)
     dtype = np.result_type(dy, xhat)
     return dx, dg.astype(dtype), db.astype(dy.dtype)
 
@@ -325,11 +351,14 @@ def gelu_forward(x):
     t = np.empty_like(x)
     y = np.empty_like(x)
     xf, tf, yf = x.reshape(-1), t.reshape(-1), y.reshape(-1)
-    for s in range(0, xf.size, GELU_BLOCK):
-        blk = slice(s, s + GELU_BLOCK)
-        K._gelu_inner(xf[blk], tf[blk], one(GELU_C), one(GELU_A))
-        np.tanh(tf[blk], out=tf[blk])
-        K._gelu_outer(xf[blk], tf[blk], yf[blk], one(0.5), one(1.0))
+
+    def piece(elements):
+        for s in range(elements.start, elements.stop, GELU_BLOCK):
+            blk = slice(s, min(s + GELU_BLOCK, elements.stop))
+            K._gelu_inner(xf[blk], tf[blk], one(GELU_C), one(GELU_A))
+            np.tanh(tf[blk], out=tf[blk])
+            K._gelu_outer(xf[blk], tf[blk], yf[blk], one(0.5), one(1.0))
+    _in_pieces(xf.size, xf.size, piece)
     return y, (x, t)
 
 
@@ -340,9 +369,10 @@ def gelu_backward(dy, cache):
     one = x.dtype.type
     dy = np.ascontiguousarray(dy, dtype=x.dtype)
     dx = np.empty_like(x)
+    dyf, xf, tf, dxf = dy.reshape(-1), x.reshape(-1), t.reshape(-1), dx.reshape(-1)
     # in the forward pass this was: y = 0.5 x (1 + t), t = tanh(c (x + a x^3))
-    K._gelu_backward(dy.reshape(-1), x.reshape(-1), t.reshape(-1), dx.reshape(-1),
-                     one(0.5), one(1.0), one(GELU_C), one(3.0 * GELU_A))
+    _in_pieces(xf.size, xf.size, lambda s: K._gelu_backward(
+        dyf[s], xf[s], tf[s], dxf[s], one(0.5), one(1.0), one(GELU_C), one(3.0 * GELU_A)))
     return dx
 
 
@@ -474,20 +504,23 @@ def log_softmax_rows(flat):
     M, V = flat.shape
     probs = np.empty((M, V), dtype=flat.dtype)
     lse = np.empty(M)
-    rows = min(M, SOFTMAX_BLOCK_ROWS)
-    row_max = np.empty(rows)
-    n_max = np.empty(rows, dtype=np.int64)
-    scratch = np.empty((rows, V))                                   # float64, one block
-    # inf - inf of an infinite row is NaN, as in SciPy; interpreted (NUMBA_DISABLE_JIT=1)
-    # the loops would warn about it
-    with np.errstate(invalid="ignore"):
-        for s in range(0, M, SOFTMAX_BLOCK_ROWS):
-            blk = slice(s, min(M, s + SOFTMAX_BLOCK_ROWS))
-            r = blk.stop - s
-            K._softmax_shift(flat[blk], scratch[:r], row_max[:r], n_max[:r])
-            np.exp(scratch[:r], out=scratch[:r])
-            K._softmax_finish(flat[blk], scratch[:r], row_max[:r], n_max[:r], probs[blk],
-                              lse[blk])
+
+    def piece(part):                                                # rows part.start .. stop - 1
+        rows = min(part.stop - part.start, SOFTMAX_BLOCK_ROWS)
+        row_max = np.empty(rows)
+        n_max = np.empty(rows, dtype=np.int64)
+        scratch = np.empty((rows, V))                               # float64, one block
+        # inf - inf of an infinite row is NaN, as in SciPy; interpreted (NUMBA_DISABLE_JIT=1)
+        # the loops would warn about it
+        with np.errstate(invalid="ignore"):
+            for s in range(part.start, part.stop, SOFTMAX_BLOCK_ROWS):
+                blk = slice(s, min(part.stop, s + SOFTMAX_BLOCK_ROWS))
+                r = blk.stop - s
+                K._softmax_shift(flat[blk], scratch[:r], row_max[:r], n_max[:r])
+                np.exp(scratch[:r], out=scratch[:r])
+                K._softmax_finish(flat[blk], scratch[:r], row_max[:r], n_max[:r], probs[blk],
+                                  lse[blk])
+    _in_pieces(M, flat.size, piece)
     return lse, probs
 
 
