@@ -240,7 +240,7 @@ def _gma_step_fused(q, k, v, mask, parameters, prepared, means_t, inv_var_t, con
 #     quad = g + m2,  m2[k] = sum_j mu'_kj^2 inv_var_kj                  (the matmul expansion)
 # The kernels below finish the job row by row, in one pass over memory. Those that
 # run once per block of ROUTING_BLOCK tokens (_features, _log_density_expanded,
-# _softmax_rows_shift, _softmax_rows_normalise, _dx_from_gemm, _log_density_backward_rows, _dl_dot_shifted_l)
+# _softmax_rows_shift, _softmax_rows_normalise, _softmax_rows_backward_block, _dx_from_gemm, _log_density_backward_rows, _dl_dot_shifted_l)
 # are serial: a block is small, and waking Numba's thread pool once per block
 # (hundreds of times per call) costs more than it gains (on a loaded 2-core machine,
 # causal fwd+bwd at N=8192: 11 s with 2 threads against 0.5 s with 1;
@@ -519,6 +519,33 @@ def _softmax_rows_backward(dr, r, inv_tau, dl):
                 dot += np.float64(r[p, h, n, k]) * np.float64(dr[p, h, n, k])
             for k in range(K):
                 dl[p, h, n, k] = np.float64(r[p, h, n, k]) * (np.float64(dr[p, h, n, k]) - dot) * s
+
+
+@njit(cache=True, nogil=True)
+def _softmax_rows_backward_block(dr, r, inv_tau, n0, dl):
+    """_softmax_rows_backward for one block of tokens, into the float64 block of dl that
+    the routing backward's GEMMs read (routing.log_density_backward), in the stream
+    that takes the block:
+
+        dl[p,h,n,:] = r (dr - sum_k r dr) / tau      of token n0 + n
+
+    dr, r     (P, H, N, K)   float32 or float64 (one dtype), read in float64
+    inv_tau   (H,)           float64
+    n0        int            first token of the block
+    dl        (P, H, nb, K)  float64, written
+    """
+    P, H, nb, K = dl.shape
+    for ph in prange(P * H):
+        p = ph // H
+        h = ph % H
+        s = inv_tau[h]
+        for n in range(nb):
+            t = n0 + n
+            dot = 0.0
+            for k in range(K):
+                dot += np.float64(r[p, h, t, k]) * np.float64(dr[p, h, t, k])
+            for k in range(K):
+                dl[p, h, n, k] = np.float64(r[p, h, t, k]) * (np.float64(dr[p, h, t, k]) - dot) * s
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)

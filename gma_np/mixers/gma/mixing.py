@@ -201,7 +201,7 @@ def gma_backward(do, cache):
         # in the forward pass this was: rk = mask * r(k)
         dr[B:] *= cache.mask[:, None, :, None]
     # 1. backward through the routing of the stacked (q, k)
-    grads = route_backward(dr, cache.routing, overwrite_dr=True)
+    grads = route_backward(dr, cache.routing)
     dx = grads.pop("x")
     grads["q"] = dx[:B]
     grads["k"] = dx[B:]

@@ -71,6 +71,7 @@ from gma_np.mixers.gma.kernels import (
     _log_density_forward,
     _dl_dot_shifted_l,
     _softmax_rows_backward,
+    _softmax_rows_backward_block,
     _softmax_rows_normalise,
     _softmax_rows_shift,
 )
@@ -344,7 +345,7 @@ def _mixture_grads(dl_sum, dmeans, dquad, mix):
             zip(("means", "log_var", "logits"), (dmeans, dlog_var, dlogits), mix.dtypes)}
 
 
-def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=None):
+def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=None, softmax=None):
     """Gradients of sum(l * dl) for l = log_density(x_parts, mix), by two GEMMs per block.
 
     dl (P, H, N, K), float32 or float64. Returns (dx (P, H, N, d) in dx_dtype, a
@@ -361,6 +362,11 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
                = 1/2 sum_n dl (x' - mu')^2 inv_var
     (d/dx = d/dx', and the centre is a constant of the parameters' own chain:
     the quadratic term does not depend on it, so no gradient flows through it).
+
+    softmax: None, or (r, inv_tau) of r = softmax_k(l / tau) (P, H, N, K), (H,): then dl
+    holds dr, the cotangent of r, and each block's dl = r (dr - sum_k r dr) / tau is
+    taken in float64 by the stream that takes the block (_softmax_rows_backward_block),
+    never as a whole (P, H, N, K) array.
 
     These expansions cancel like the forward's where a token sits close to a mean
     far from the centre: the tokens the forward marked in direct_rows (P, H, N)
@@ -397,7 +403,10 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
                 nb = n1 - n0
                 feats = features(x_parts, mix, n0, n1, feats_buf)  # (P, H, nb, 2d)
                 dl_b = dl_buf[:, :, :nb]                           # (P, H, nb, K) float64
-                dl_b[...] = dl[:, :, n0:n1]
+                if softmax is None:
+                    dl_b[...] = dl[:, :, n0:n1]
+                else:                                              # dl = r (dr - r . dr) / tau
+                    _softmax_rows_backward_block(dl, softmax[0], softmax[1], n0, dl_b)
                 if any_direct:                                     # direct tokens; dl_b rows -> 0
                     _log_density_backward_rows(dl_b, xa, xb, n0, mix.means, mix.inv_var,
                                                mix.const, row_max, direct_rows, dx, *direct,
@@ -515,17 +524,13 @@ def route_forward(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.f
     return r, cache
 
 
-def route_backward(dr, cache, overwrite_dr=False):
-    """Gradients of sum(r * dr) for (r, cache) = route_forward(...). dr (P, H, N, K), dtype of r.
-
-    With overwrite_dr, dr is used as the buffer of dl (the caller's scratch).
-    """
-    dl = dr if overwrite_dr else np.empty_like(dr)
+def route_backward(dr, cache):
+    """Gradients of sum(r * dr) for (r, cache) = route_forward(...). dr (P, H, N, K), dtype of r."""
     with threads_for(_work(cache.x_parts, cache.mix)):
-        # in the forward pass this was: r = softmax_k(a), a = l / tau
-        _softmax_rows_backward(dr, cache.r, 1.0 / cache.tau, dl)
-        dx, grads, dl_dot = log_density_backward(dl, cache.x_parts, cache.mix, cache.x_dtype,
-                                                 cache.direct_rows, cache.shift)
+        # in the forward pass this was: r = softmax_k(a), a = l / tau (block by block there)
+        dx, grads, dl_dot = log_density_backward(dr, cache.x_parts, cache.mix, cache.x_dtype,
+                                                 cache.direct_rows, cache.shift,
+                                                 softmax=(cache.r, 1.0 / cache.tau))
     # dtau = -sum da * a / tau = -sum dl (l - c) / tau   (da = tau dl, a = l / tau; any
     # per-row c, here the row maximum of l, since sum_k dl = 0)
     dtau = -dl_dot / cache.tau                                     # (H,)
@@ -554,7 +559,7 @@ def route_forward_direct(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dty
     return r, cache
 
 
-def route_backward_direct(dr, cache, overwrite_dr=False):
+def route_backward_direct(dr, cache):
     """route_backward by the direct-form kernels, for (r, cache) = route_forward_direct(...):
     the softmax backward, log_density_backward_direct, and dtau = -sum dl (l - c) / tau
     summed entry by entry from l recomputed directly (c = max_k l, as in route_backward)."""
@@ -614,7 +619,7 @@ def responsibilities_backward(dr, cache):
     expected = cache.lead_shape + cache.r.shape[1:]
     dr = check.float_array("dr", dr)
     check.check_shape("dr", dr, expected, "the shape of r")
-    grads = route_backward(dr.reshape(cache.r.shape).astype(cache.r.dtype), cache, overwrite_dr=True)
+    grads = route_backward(dr.reshape(cache.r.shape).astype(cache.r.dtype, copy=False), cache)
     grads["x"] = grads["x"].reshape(cache.lead_shape + grads["x"].shape[1:])
     check_gradients_finite(grads, "dr", dr)
     return grads
