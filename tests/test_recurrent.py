@@ -181,6 +181,22 @@ def test_public_one_token_calls_take_the_fused_kernel(fused_only, norm):
         assert_close(f"unmasked o[{t}]", o3, dense_unmasked[:, :, t], 1e-12)
 
 
+def test_a_token_sliced_from_a_sequence_takes_the_fused_kernel(fused_only):
+    """gma_step(q[:, :, t], ...) with the strided slices of a (B, H, N, d) sequence: the
+    fused kernel (no fallback) and the same bits as with contiguous copies."""
+    rng = np.random.default_rng(23)
+    inputs, _ = make_problem(rng, B=2, H=3, N=5, d=7, e=4, K=5, per_head=True)
+    params = {n: inputs[n] for n in ("means", "log_var", "logits", "temperature")}
+    s_slice = s_copy = None
+    for t in range(5):
+        sliced = tuple(inputs[n][:, :, t] for n in ("q", "k", "v"))
+        assert not sliced[0].flags.c_contiguous
+        o1, s_slice = gma_np.gma_step(*sliced, **params, state=s_slice)
+        o2, s_copy = gma_np.gma_step(*_token(inputs, t), **params, state=s_copy)
+        np.testing.assert_array_equal(o1, o2)
+        np.testing.assert_array_equal(s_slice.S, s_copy.S)
+
+
 def _decode(inputs, N):
     """gma_step token by token over the first N tokens: o (B, H, N, e)."""
     params = {n: inputs[n] for n in ("means", "log_var", "logits", "temperature")}

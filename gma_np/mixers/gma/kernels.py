@@ -143,6 +143,43 @@ def _softmax_row(l, inv_tau, r):
         r[k] = r[k] * inv_total
 
 
+@njit(cache=True, inline="always")
+def _route_token_pair(xq, xk, means_t, inv_var_t, const, tau, lq, lk, rq, rk):
+    """The responsibilities rq, rk = softmax_k(l_k(x) / tau) of one head's q_t and k_t, by
+    the direct form: l_k(x) = const_k - 1/2 sum_j (x_j - mu_kj)^2 iv_kj, each sum in the
+    order j = 0 .. d-1. False (nothing else done) when a log-density is not finite.
+    Shared by the one-token steps (_gma_step_fused here, recurrent._gma_token_step).
+
+    xq, xk              (d,)    float32 or float64
+    means_t, inv_var_t  (d, K)  float64, j-major (the K sums of a point run side by side)
+    const               (K,)    float64;  tau  float64 > 0
+    lq, lk, rq, rk      (K,)    float64 scratch; rq, rk written
+    """
+    d, K = means_t.shape
+    for kk in range(K):
+        lq[kk] = 0.0
+        lk[kk] = 0.0
+    for j in range(d):
+        x_q = xq[j]
+        x_k = xk[j]
+        for kk in range(K):
+            dq = x_q - means_t[j, kk]
+            dk = x_k - means_t[j, kk]
+            lq[kk] += dq * dq * inv_var_t[j, kk]
+            lk[kk] += dk * dk * inv_var_t[j, kk]
+    finite = True
+    for kk in range(K):
+        lq[kk] = const[kk] - 0.5 * lq[kk]
+        lk[kk] = const[kk] - 0.5 * lk[kk]
+        finite &= np.isfinite(lq[kk]) and np.isfinite(lk[kk])
+    if not finite:
+        return False
+    inv_tau = 1.0 / tau
+    _softmax_row(lq, inv_tau, rq)
+    _softmax_row(lk, inv_tau, rk)
+    return True
+
+
 @njit(cache=True)
 def _same_values(a, b):
     """True when a and b (n,) hold the same values (NaN equals nothing). No early exit:
@@ -199,29 +236,10 @@ def _gma_step_fused(q, k, v, mask, parameters, prepared, means_t, inv_var_t, con
     num = np.empty(v.shape[2])
     for b in range(B):
         for h in range(H):
-            # 1. log-densities of q_t and k_t, every one finite
-            for kk in range(K):
-                lq[kk] = 0.0
-                lk[kk] = 0.0
-            for j in range(d):
-                xq = q[b, h, j]
-                xk = k[b, h, j]
-                for kk in range(K):
-                    dq = xq - means_t[h, j, kk]
-                    dk = xk - means_t[h, j, kk]
-                    lq[kk] += dq * dq * inv_var_t[h, j, kk]
-                    lk[kk] += dk * dk * inv_var_t[h, j, kk]
-            finite = True
-            for kk in range(K):
-                lq[kk] = const[h, kk] - 0.5 * lq[kk]
-                lk[kk] = const[h, kk] - 0.5 * lk[kk]
-                finite &= np.isfinite(lq[kk]) and np.isfinite(lk[kk])
-            if not finite:
+            # 1, 2. log-densities of q_t and k_t (every one finite), responsibilities
+            if not _route_token_pair(q[b, h], k[b, h], means_t[h], inv_var_t[h], const[h],
+                                     float(tau[h]), lq, lk, rq, rk):
                 return STEP_CHECK
-            # 2. responsibilities, with the temperature
-            inv_tau = 1.0 / float(tau[h])
-            _softmax_row(lq, inv_tau, rq)
-            _softmax_row(lk, inv_tau, rk)
             # 3. write (r(k_t), v_t) into the memory, read it with r(q_t)
             if not _write_read_head(rq, rk, v[b, h], mask[b], slot, eps, S_in[b, h], z_in[b, h],
                                     S_out[b, h], z_out[b, h], o[b, h], num):

@@ -45,7 +45,7 @@ from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS, SUPPORTED_DTYPES
 from gma_np._threads import threads_for
 from gma_np.memory.scan import _causal_scan_forward
 from gma_np.memory.step import _write_read_head
-from gma_np.mixers.gma.kernels import STEP_DONE, STEP_STALE, _gma_step_fused, _softmax_row
+from gma_np.mixers.gma.kernels import STEP_DONE, STEP_STALE, _gma_step_fused, _route_token_pair
 from gma_np.mixers.gma.mixing import _validate, _z_read, check_output_finite
 from gma_np.mixers.gma.routing import prepare_mixture, route_forward
 
@@ -231,17 +231,20 @@ def _fused_step(q, k, v, means, log_var, logits, state, norm, temperature, eps, 
     """(o (B, H, e), GMAState) of one token through _gma_step_fused, or None when an
     argument is not of the plain kind or the kernel reports a non-finite value: then
     the caller runs the checked path (module docstring)."""
-    # plain C-ordered ndarrays (not subclasses) of one supported dtype, matching shapes
+    # plain ndarrays (not subclasses) of one supported dtype, matching shapes; the mixture
+    # C-ordered (its arrays are compared in place with the prepared values)
     if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray
             and type(means) is np.ndarray and type(log_var) is np.ndarray
             and type(logits) is np.ndarray and q.ndim == 3 and means.ndim == 3
             and q.dtype in SUPPORTED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
             and k.shape == q.shape and v.ndim == 3 and v.shape[:2] == q.shape[:2]
-            and 0 not in q.shape and v.shape[2] > 0 and q.flags.c_contiguous
-            and k.flags.c_contiguous and v.flags.c_contiguous and means.flags.c_contiguous
+            and 0 not in q.shape and v.shape[2] > 0 and means.flags.c_contiguous
             and log_var.flags.c_contiguous and logits.flags.c_contiguous
             and norm in check.NORMS):
         return None
+    # a token sliced out of a sequence, q[:, :, t], is strided: copied (B H d numbers), so
+    # that the kernel has one layout
+    q, k, v = (a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in (q, k, v))
     B, H, d = q.shape
     e = v.shape[2]
     K = means.shape[1]
@@ -335,27 +338,9 @@ def _gma_token_step(q, k, v, means_t, inv_var_t, const, tau, slot, eps, S, z, o,
         t = tau[h]
         if not (t > 0.0 and np.isfinite(t) and np.isfinite(1.0 / t)):
             return False
-        for kk in range(K):
-            lq[kk] = 0.0
-            lk[kk] = 0.0
-        for j in range(d):
-            xq = q[h * d + j]
-            xk = k[h * d + j]
-            for kk in range(K):
-                dq = xq - means_t[h, j, kk]
-                dk = xk - means_t[h, j, kk]
-                lq[kk] += dq * dq * inv_var_t[h, j, kk]
-                lk[kk] += dk * dk * inv_var_t[h, j, kk]
-        finite = True
-        for kk in range(K):
-            lq[kk] = const[h, kk] - 0.5 * lq[kk]
-            lk[kk] = const[h, kk] - 0.5 * lk[kk]
-            finite &= np.isfinite(lq[kk]) and np.isfinite(lk[kk])
-        if not finite:
+        if not _route_token_pair(q[h * d:(h + 1) * d], k[h * d:(h + 1) * d], means_t[h],
+                                 inv_var_t[h], const[h], t, lq, lk, rq, rk):
             return False
-        inv_tau = 1.0 / t
-        _softmax_row(lq, inv_tau, rq)
-        _softmax_row(lk, inv_tau, rk)
         if not _write_read_head(rq, rk, v[h * e:(h + 1) * e], 1.0, slot, eps, S[h], z[h], S[h],
                                 z[h], o[h * e:(h + 1) * e], num):
             return False
