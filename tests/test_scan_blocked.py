@@ -1,7 +1,9 @@
 """The time-blocked causal scan (gma_np.memory.scan, SCAN_TOKENS tokens per pass over the state)
 against the token-by-token scan beside it and the dense N x N reference, forward and backward, at
 sizes that leave ragged edges (N not a multiple of the block, odd K and e); finite differences;
-a forward started from a state; one thread against all, bit for bit."""
+a forward started from a state; one thread against all, bit for bit. Both blocked forward
+kernels (over the rows of S, which the wrappers run up to SCAN_ROWS_MAX_K components, and over
+the columns of S^T above) are held to the same references directly."""
 
 import numba
 import numpy as np
@@ -12,6 +14,7 @@ from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
 from gma_np.memory.ops import memory_backward, memory_forward
 from gma_np.memory.reference import causal_mix_loop, dense_mix_backward, dense_mix_forward
 from gma_np.memory.scan import (
+    SCAN_ROWS_MAX_K,
     SCAN_TOKENS,
     _causal_backward,
     _causal_forward,
@@ -19,6 +22,8 @@ from gma_np.memory.scan import (
     _causal_scan_backward_blocked,
     _causal_scan_forward,
     _causal_scan_forward_blocked,
+    _causal_scan_forward_blocked_rows,
+    _forward_blocked_kernel,
 )
 from tests.conftest import RTOL, assert_close
 
@@ -26,6 +31,7 @@ from tests.conftest import RTOL, assert_close
 SIZES = [(2, 5, 3), (3, 4, 4), (5, 5, 3), (37, 5, 3), (38, 6, 7), (40, 7, 8)]
 SIZE_IDS = [f"N{n}-K{k}-e{e}" for n, k, e in SIZES]
 NAMES = ("o", "drq", "drk", "dv")
+FORWARD_KERNELS = {"rows": _causal_scan_forward_blocked_rows, "columns": _causal_scan_forward_blocked}
 
 
 def softmax_rows(x):
@@ -110,9 +116,64 @@ def test_one_token_matches_token_scan(norm):
         assert_close(f"{name} vs token scan", g, r, 1e-12)
 
 
+def test_the_wrappers_pick_the_forward_kernel_by_K():
+    """Rows of S up to SCAN_ROWS_MAX_K components, columns of S^T above."""
+    assert _forward_blocked_kernel(1) is _causal_scan_forward_blocked_rows
+    assert _forward_blocked_kernel(SCAN_ROWS_MAX_K) is _causal_scan_forward_blocked_rows
+    assert _forward_blocked_kernel(SCAN_ROWS_MAX_K + 1) is _causal_scan_forward_blocked
+
+
+@pytest.mark.parametrize("kernel", list(FORWARD_KERNELS))
 @pytest.mark.parametrize("norm", ["row", "slot"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-def test_blocked_forward_from_a_state_matches_the_loop(dtype, norm):
+@pytest.mark.parametrize("N,K,e", SIZES, ids=SIZE_IDS)
+def test_both_forward_kernels_match_token_scan_and_dense(N, K, e, dtype, norm, kernel):
+    """Each blocked forward kernel called directly (the wrappers run only one per K), P=3,
+    masked keys: the outputs to 1e-12 (float64) or 2e-6 (float32) of the token scan and of
+    the dense reference, and the final state to 1e-12 of the token scan's."""
+    rng = np.random.default_rng(N * 100 + K * 10 + e + 1)
+    rq, rk, v, do = make_mixing(rng, 3, N, K, e, dtype, masked=True)
+    slot = norm == "slot"
+    P = rq.shape[0]
+    S, z, out = np.zeros((P, K, e)), np.zeros((P, K)), np.empty_like(v)
+    FORWARD_KERNELS[kernel](rq, rk, v, slot, DEFAULT_EPS, S, z, out)
+    S_ref, z_ref, out_ref = np.zeros((P, K, e)), np.zeros((P, K)), np.empty_like(v)
+    _causal_scan_forward(rq, rk, v, slot, DEFAULT_EPS, S_ref, z_ref, out_ref)
+    assert out.dtype == dtype
+    assert_close("o vs token scan", out, out_ref, RTOL[dtype])
+    assert_close("o vs dense", out, dense(rq, rk, v, do, slot, DEFAULT_EPS)[0], RTOL[dtype])
+    assert_close("S vs token scan", S, S_ref, 1e-12)
+    assert_close("z vs token scan", z, z_ref, 1e-12)
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["one-row", "two-rows"])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("N,K,e", SIZES, ids=SIZE_IDS)
+def test_both_backward_loop_forms_match_token_scan_and_dense(N, K, e, dtype, norm, pairs):
+    """The blocked backward called directly with one or two state rows per pass (the wrapper
+    takes one by K), P=3, masked keys: drq, drk, dv to 1e-12 (float64) or 2e-6 (float32) of
+    the token scan and of the dense reference."""
+    rng = np.random.default_rng(N * 100 + K * 10 + e + 2)
+    rq, rk, v, do = make_mixing(rng, 3, N, K, e, dtype, masked=True)
+    slot = norm == "slot"
+    P, width = rq.shape[0], (K if slot else 1)
+    got = (np.empty_like(rq), np.empty_like(rk), np.empty_like(v))
+    _causal_scan_backward_blocked(rq, rk, v, do, slot, DEFAULT_EPS, pairs,
+                                  np.empty((P, K + K % 2, e)), np.empty((P, K)),
+                                  np.empty((P, N, width)), np.empty((P, N, width)), *got)
+    for name, g in zip(NAMES[1:], got):
+        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {np.dtype(dtype)}"
+    for name, g, r in zip(NAMES[1:], got, token_scan(rq, rk, v, do, slot, DEFAULT_EPS)[1:]):
+        assert_close(f"{name} vs token scan", g, r, RTOL[dtype])
+    for name, g, r in zip(NAMES[1:], got, dense(rq, rk, v, do, slot, DEFAULT_EPS)[1:]):
+        assert_close(f"{name} vs dense", g, r, RTOL[dtype])
+
+
+@pytest.mark.parametrize("kernel", list(FORWARD_KERNELS))
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_blocked_forward_from_a_state_matches_the_loop(dtype, norm, kernel):
     """Started from a non-zero state (what decoding a chunk does), the outputs and the final
     state are those of the loop over t (gma_np.memory.reference.causal_mix_loop)."""
     rng = np.random.default_rng(7)
@@ -121,7 +182,7 @@ def test_blocked_forward_from_a_state_matches_the_loop(dtype, norm):
     S0 = rng.random((P, K, e))
     z0 = rng.random((P, K)) + 0.5
     S, z, out = S0.copy(), z0.copy(), np.empty_like(v)
-    _causal_scan_forward_blocked(rq, rk, v, norm == "slot", DEFAULT_EPS, S, z, out)
+    FORWARD_KERNELS[kernel](rq, rk, v, norm == "slot", DEFAULT_EPS, S, z, out)
     for p in range(P):
         o_ref, S_ref, z_ref = causal_mix_loop(*(a[p].astype(np.float64) for a in (rq, rk, v)),
                                               norm == "slot", DEFAULT_EPS, S0[p], z0[p])
@@ -160,20 +221,24 @@ def test_blocked_kernels_leave_the_scratch_shapes_alone():
     P, N, K = rq.shape
     e = v.shape[2]
     got = [np.empty_like(rq), np.empty_like(rk), np.empty_like(v)]
-    _causal_scan_backward_blocked(rq, rk, v, do, False, DEFAULT_EPS, np.full((P, K + 1, e), np.nan),
-                                  np.full((P, K), np.nan), np.empty((P, N, 1)), np.empty((P, N, 1)),
-                                  *got)
-    ref = token_scan(rq, rk, v, do, False, DEFAULT_EPS)[1:]
-    for name, g, r in zip(NAMES[1:], got, ref):
-        assert_close(name, g, r, 1e-12)
+    for pairs in (False, True):
+        _causal_scan_backward_blocked(rq, rk, v, do, False, DEFAULT_EPS, pairs,
+                                      np.full((P, K + 1, e), np.nan), np.full((P, K), np.nan),
+                                      np.empty((P, N, 1)), np.empty((P, N, 1)), *got)
+        ref = token_scan(rq, rk, v, do, False, DEFAULT_EPS)[1:]
+        for name, g, r in zip(NAMES[1:], got, ref):
+            assert_close(f"{name}, pairs={pairs}", g, r, 1e-12)
 
 
+@pytest.mark.parametrize("K", [16, SCAN_ROWS_MAX_K + 3], ids=["rows", "columns"])
 @pytest.mark.parametrize("norm", ["row", "slot"])
-def test_thread_count_changes_nothing(norm):
-    """P=4, N=1031, K=e=16: above PARALLEL_MIN_WORK, so the kernels run in parallel; one thread
-    and all threads give bit-identical outputs and gradients (each sequence is one thread's)."""
+def test_thread_count_changes_nothing(norm, K):
+    """P=4, N=1031, e=16, K = 16 (the rows forward kernel, one row per pass backward) or 35
+    (the columns kernel, two rows): above PARALLEL_MIN_WORK, so the kernels run in parallel;
+    one thread and all threads give bit-identical outputs and gradients (each sequence is
+    one thread's)."""
     rng = np.random.default_rng(13)
-    args = make_mixing(rng, 4, 1031, 16, 16, np.float32, masked=True)
+    args = make_mixing(rng, 4, 1031, K, 16, np.float32, masked=True)
     n = numba.get_num_threads()
     results = []
     for threads in (1, n):

@@ -5,7 +5,9 @@ Two versions of each kernel: token by token (_causal_scan_forward, _causal_scan_
 the plainer loops, described first below) and time-blocked (_causal_scan_forward_blocked,
 _causal_scan_backward_blocked: four tokens per pass over the state, the section further
 down), which the wrappers run; tests/test_scan_blocked.py holds one to the other and both
-to the dense reference.
+to the dense reference. The blocked forward has two loop orders, over the columns of S^T
+(_causal_scan_forward_blocked) and over the rows of S (_causal_scan_forward_blocked_rows,
+for K <= SCAN_ROWS_MAX_K), and the blocked backward one or two state rows per pass.
 
 Dimension legend: P = batch x heads (flattened), N tokens, K components, e value size.
 
@@ -324,8 +326,73 @@ def _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out):
         S[p] = ST[:e].T
 
 
+# Up to SCAN_ROWS_MAX_K components the forward runs over the rows of S (K, e) instead, the
+# value axis c innermost: the reads num_u[c] += a_u[k] s are then vector accumulators in
+# memory across the rows k, with no sum over a vector's lanes. The column kernel above ends
+# each pass over k with eight such horizontal sums, whose cost does not shrink with K: at
+# K = 16 it is about as large as the multiply-adds. Measured on one thread, float32, row,
+# process CPU time, medians of 5 x 7 interleaved, two runs (docs/performance.md): rows /
+# columns at (P, N, K, e) = (128, 128, 16, 32) 0.59-0.66, (192, 256, 32, 32) 0.81-0.86,
+# (48, 256, 16, 64) 0.55-0.60, (48, 256, 32, 64) 0.82-0.95; (48, 256, 64, 32) 1.27-1.37,
+# (16, 256, 64, 64) 1.09-1.13. The backward likewise takes one state row per pass up to
+# SCAN_ROWS_MAX_K (its `pairs` argument): eight dot products in flight instead of sixteen,
+# one row / two rows 0.89, 0.80, 0.96, 1.00 and 1.09 at those shapes but (48, 256, 64, 32).
+SCAN_ROWS_MAX_K = 32
+
+
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, dv):
+def _causal_scan_forward_blocked_rows(rq, rk, v, slot, eps, S, z, out):
+    """_causal_scan_forward, SCAN_TOKENS tokens per pass over the state rows (same arguments,
+    same results to rounding); the kernel for K <= SCAN_ROWS_MAX_K (see above).
+
+    Per block of tokens t0 .. t0 + 3 and per row k of S (K, e), the loop over the value
+    axis c holds S[k, c] in a register while the four tokens are written into it in order,
+        s_u = s_{u-1} + w_u[k] v_u[c],   num_u[c] += a_u[k] s_u,
+    and stores it once; num_u (four rows of e) collect the rows k in order.
+    """
+    P, N, K = rq.shape
+    e = v.shape[2]
+    for p in prange(P):
+        Sp = S[p]                               # (K, e) this sequence's memory
+        zp = z[p]                               # (K,)
+        W = np.empty((SCAN_TOKENS, K))          # rk of the block's tokens, float64
+        A = np.empty((SCAN_TOKENS, K))          # their read weights
+        X = np.empty((SCAN_TOKENS, e))          # v of the block's tokens, float64
+        R = np.empty((SCAN_TOKENS, e))          # their outputs, num_u
+        inv = np.empty(SCAN_TOKENS)
+        x0, x1, x2, x3 = X[0], X[1], X[2], X[3]
+        r0, r1, r2, r3 = R[0], R[1], R[2], R[3]
+        for t0 in range(0, N, SCAN_TOKENS):
+            n = min(SCAN_TOKENS, N - t0)
+            _forward_block_weights(rq, rk, v, p, t0, n, slot, eps, zp, W, A, X, inv)
+            R[:, :] = 0.0
+            for k in range(K):
+                w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
+                a0, a1, a2, a3 = A[0, k], A[1, k], A[2, k], A[3, k]
+                Sk = Sp[k]
+                for c in range(e):
+                    s = Sk[c] + w0 * x0[c]
+                    r0[c] += a0 * s
+                    s += w1 * x1[c]
+                    r1[c] += a1 * s
+                    s += w2 * x2[c]
+                    r2[c] += a2 * s
+                    s += w3 * x3[c]
+                    r3[c] += a3 * s
+                    Sk[c] = s
+            for u in range(n):
+                for c in range(e):
+                    out[p, t0 + u, c] = R[u, c] * inv[u]
+
+
+def _forward_blocked_kernel(K):
+    """The blocked forward kernel for K components: over the rows of S up to
+    SCAN_ROWS_MAX_K, over the columns of S^T above (the comment before the rows kernel)."""
+    return _causal_scan_forward_blocked_rows if K <= SCAN_ROWS_MAX_K else _causal_scan_forward_blocked
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, S, z, coef, dzt, drq, drk, dv):
     """_causal_scan_backward, SCAN_TOKENS tokens per pass over the state (same arguments
     and results to rounding, except the state scratch: S (P, K', e) with K' = K + K % 2).
 
@@ -337,6 +404,10 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq
         pass 2:  g = G[k, c] + a_u[k] do_u[c] (u = 3..0); dv_u[c] += w_u[k] g;  drk_u[k] += g v_u[c]
     so that a load of v_u, do_u (and of dv_u's accumulator) serves two rows. The four
     tokens' rows of v and do are copied to float64 once per block.
+
+    pairs  bool  True: two state rows per pass over c, as above; False: one, the same
+                 sums entry by entry with half the dot products in flight (what the
+                 wrapper runs up to SCAN_ROWS_MAX_K components: see there)
     """
     P, N, K = rq.shape
     e = v.shape[2]
@@ -354,6 +425,7 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq
         X = np.empty((T, e))                      # v of the block's tokens, float64
         Y = np.empty((T, e))                      # do of the block's tokens, float64
         DV = np.empty((T, e))                     # pass 2: dv of the block's tokens
+        RK = np.empty((T, Kp))                    # pass 2: G_t[k] . v_t of the block's tokens
         den = np.empty(T)
         # pass 1: forward in t
         for b in range(nblocks):
@@ -380,34 +452,51 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq
                     Y[u, c] = do[p, t, c]
             x0, x1, x2, x3 = X[0], X[1], X[2], X[3]
             y0, y1, y2, y3 = Y[0], Y[1], Y[2], Y[3]
-            for k in range(0, Kp, 2):
-                w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
-                q0, q1, q2, q3 = W[0, k + 1], W[1, k + 1], W[2, k + 1], W[3, k + 1]
-                Sk = Sp[k]
-                Sj = Sp[k + 1]
-                d0 = d1 = d2 = d3 = 0.0           # S_t[k] . do_t
-                f0 = f1 = f2 = f3 = 0.0           # S_t[k + 1] . do_t
-                for c in range(e):
-                    s = Sk[c] + w0 * x0[c]
-                    r = Sj[c] + q0 * x0[c]
-                    d0 += s * y0[c]
-                    f0 += r * y0[c]
-                    s += w1 * x1[c]
-                    r += q1 * x1[c]
-                    d1 += s * y1[c]
-                    f1 += r * y1[c]
-                    s += w2 * x2[c]
-                    r += q2 * x2[c]
-                    d2 += s * y2[c]
-                    f2 += r * y2[c]
-                    s += w3 * x3[c]
-                    r += q3 * x3[c]
-                    d3 += s * y3[c]
-                    f3 += r * y3[c]
-                    Sk[c] = s
-                    Sj[c] = r
-                D[0, k], D[1, k], D[2, k], D[3, k] = d0, d1, d2, d3
-                D[0, k + 1], D[1, k + 1], D[2, k + 1], D[3, k + 1] = f0, f1, f2, f3
+            if not pairs:
+                for k in range(K):
+                    w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
+                    Sk = Sp[k]
+                    d0 = d1 = d2 = d3 = 0.0       # S_t[k] . do_t
+                    for c in range(e):
+                        s = Sk[c] + w0 * x0[c]
+                        d0 += s * y0[c]
+                        s += w1 * x1[c]
+                        d1 += s * y1[c]
+                        s += w2 * x2[c]
+                        d2 += s * y2[c]
+                        s += w3 * x3[c]
+                        d3 += s * y3[c]
+                        Sk[c] = s
+                    D[0, k], D[1, k], D[2, k], D[3, k] = d0, d1, d2, d3
+            else:
+                for k in range(0, Kp, 2):
+                    w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
+                    q0, q1, q2, q3 = W[0, k + 1], W[1, k + 1], W[2, k + 1], W[3, k + 1]
+                    Sk = Sp[k]
+                    Sj = Sp[k + 1]
+                    d0 = d1 = d2 = d3 = 0.0           # S_t[k] . do_t
+                    f0 = f1 = f2 = f3 = 0.0           # S_t[k + 1] . do_t
+                    for c in range(e):
+                        s = Sk[c] + w0 * x0[c]
+                        r = Sj[c] + q0 * x0[c]
+                        d0 += s * y0[c]
+                        f0 += r * y0[c]
+                        s += w1 * x1[c]
+                        r += q1 * x1[c]
+                        d1 += s * y1[c]
+                        f1 += r * y1[c]
+                        s += w2 * x2[c]
+                        r += q2 * x2[c]
+                        d2 += s * y2[c]
+                        f2 += r * y2[c]
+                        s += w3 * x3[c]
+                        r += q3 * x3[c]
+                        d3 += s * y3[c]
+                        f3 += r * y3[c]
+                        Sk[c] = s
+                        Sj[c] = r
+                    D[0, k], D[1, k], D[2, k], D[3, k] = d0, d1, d2, d3
+                    D[0, k + 1], D[1, k + 1], D[2, k + 1], D[3, k + 1] = f0, f1, f2, f3
             # the read's gradients, token by token (D[u] holds s_k of the token kernel)
             for u in range(n):
                 t = t0 + u
@@ -442,15 +531,24 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq
                     Y[u, :] = 0.0
                     continue
                 t = t0 + u
-                for k in range(K):
-                    if slot:
+                # the norm's branch outside the loops over k, so that they vectorise
+                if slot:
+                    for k in range(K):
                         D[u, k] = coef[p, t, k]
-                        zp[k] += dzt[p, t, k]
-                    else:
-                        D[u, k] = np.float64(rq[p, t, k]) * coef[p, t, 0]
-                        zp[k] += np.float64(rq[p, t, k]) * dzt[p, t, 0]
-                    Z[u, k] = zp[k]               # g after token t's write (t and later)
-                    W[u, k] = rk[p, t, k]
+                        zk = zp[k] + dzt[p, t, k]
+                        zp[k] = zk
+                        Z[u, k] = zk              # g after token t's write (t and later)
+                        W[u, k] = rk[p, t, k]
+                else:
+                    ct = coef[p, t, 0]
+                    dt = dzt[p, t, 0]
+                    for k in range(K):
+                        qk = np.float64(rq[p, t, k])
+                        D[u, k] = qk * ct
+                        zk = zp[k] + qk * dt
+                        zp[k] = zk
+                        Z[u, k] = zk
+                        W[u, k] = rk[p, t, k]
                 for c in range(e):
                     X[u, c] = v[p, t, c]
                     Y[u, c] = do[p, t, c]
@@ -458,44 +556,66 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq
             x0, x1, x2, x3 = X[0], X[1], X[2], X[3]
             y0, y1, y2, y3 = Y[0], Y[1], Y[2], Y[3]
             v0, v1, v2, v3 = DV[0], DV[1], DV[2], DV[3]
-            for k in range(0, Kp, 2):
-                w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
-                q0, q1, q2, q3 = W[0, k + 1], W[1, k + 1], W[2, k + 1], W[3, k + 1]
-                a0, a1, a2, a3 = D[0, k], D[1, k], D[2, k], D[3, k]
-                b0, b1, b2, b3 = D[0, k + 1], D[1, k + 1], D[2, k + 1], D[3, k + 1]
-                Gk = Sp[k]
-                Gj = Sp[k + 1]
-                r0 = r1 = r2 = r3 = 0.0           # G_t[k] . v_t
-                h0 = h1 = h2 = h3 = 0.0           # G_t[k + 1] . v_t
-                for c in range(e):
-                    g = Gk[c] + a3 * y3[c]
-                    f = Gj[c] + b3 * y3[c]
-                    v3[c] += w3 * g + q3 * f
-                    r3 += g * x3[c]
-                    h3 += f * x3[c]
-                    g += a2 * y2[c]
-                    f += b2 * y2[c]
-                    v2[c] += w2 * g + q2 * f
-                    r2 += g * x2[c]
-                    h2 += f * x2[c]
-                    g += a1 * y1[c]
-                    f += b1 * y1[c]
-                    v1[c] += w1 * g + q1 * f
-                    r1 += g * x1[c]
-                    h1 += f * x1[c]
-                    g += a0 * y0[c]
-                    f += b0 * y0[c]
-                    v0[c] += w0 * g + q0 * f
-                    r0 += g * x0[c]
-                    h0 += f * x0[c]
-                    Gk[c] = g
-                    Gj[c] = f
-                R = (r0, r1, r2, r3)
-                Hk = (h0, h1, h2, h3)
-                for u in range(n):
-                    drk[p, t0 + u, k] = R[u] + Z[u, k]
-                    if k + 1 < K:
-                        drk[p, t0 + u, k + 1] = Hk[u] + Z[u, k + 1]
+            if not pairs:
+                for k in range(K):
+                    w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
+                    a0, a1, a2, a3 = D[0, k], D[1, k], D[2, k], D[3, k]
+                    Gk = Sp[k]
+                    r0 = r1 = r2 = r3 = 0.0       # G_t[k] . v_t
+                    for c in range(e):
+                        g = Gk[c] + a3 * y3[c]
+                        v3[c] += w3 * g
+                        r3 += g * x3[c]
+                        g += a2 * y2[c]
+                        v2[c] += w2 * g
+                        r2 += g * x2[c]
+                        g += a1 * y1[c]
+                        v1[c] += w1 * g
+                        r1 += g * x1[c]
+                        g += a0 * y0[c]
+                        v0[c] += w0 * g
+                        r0 += g * x0[c]
+                        Gk[c] = g
+                    RK[0, k], RK[1, k], RK[2, k], RK[3, k] = r0, r1, r2, r3
+            else:
+                for k in range(0, Kp, 2):
+                    w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
+                    q0, q1, q2, q3 = W[0, k + 1], W[1, k + 1], W[2, k + 1], W[3, k + 1]
+                    a0, a1, a2, a3 = D[0, k], D[1, k], D[2, k], D[3, k]
+                    b0, b1, b2, b3 = D[0, k + 1], D[1, k + 1], D[2, k + 1], D[3, k + 1]
+                    Gk = Sp[k]
+                    Gj = Sp[k + 1]
+                    r0 = r1 = r2 = r3 = 0.0           # G_t[k] . v_t
+                    h0 = h1 = h2 = h3 = 0.0           # G_t[k + 1] . v_t
+                    for c in range(e):
+                        g = Gk[c] + a3 * y3[c]
+                        f = Gj[c] + b3 * y3[c]
+                        v3[c] += w3 * g + q3 * f
+                        r3 += g * x3[c]
+                        h3 += f * x3[c]
+                        g += a2 * y2[c]
+                        f += b2 * y2[c]
+                        v2[c] += w2 * g + q2 * f
+                        r2 += g * x2[c]
+                        h2 += f * x2[c]
+                        g += a1 * y1[c]
+                        f += b1 * y1[c]
+                        v1[c] += w1 * g + q1 * f
+                        r1 += g * x1[c]
+                        h1 += f * x1[c]
+                        g += a0 * y0[c]
+                        f += b0 * y0[c]
+                        v0[c] += w0 * g + q0 * f
+                        r0 += g * x0[c]
+                        h0 += f * x0[c]
+                        Gk[c] = g
+                        Gj[c] = f
+                    RK[0, k], RK[1, k], RK[2, k], RK[3, k] = r0, r1, r2, r3
+                    RK[0, k + 1], RK[1, k + 1], RK[2, k + 1], RK[3, k + 1] = h0, h1, h2, h3
+            # drk of the block's tokens, a contiguous row each (not two scalars per row pair)
+            for u in range(n):
+                for k in range(K):
+                    drk[p, t0 + u, k] = RK[u, k] + Z[u, k]
             for u in range(n):
                 for c in range(e):
                     dv[p, t0 + u, c] = DV[u, c]
@@ -508,7 +628,7 @@ def _causal_forward(rq, rk, v, slot, eps):
     z = np.zeros((P, K), dtype=ACCUM_DTYPE)
     out = np.empty_like(v)
     with threads_for(P * N * K * v.shape[2]):
-        _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out)
+        _forward_blocked_kernel(K)(rq, rk, v, slot, eps, S, z, out)
     return out
 
 
@@ -525,5 +645,6 @@ def _causal_backward(rq, rk, v, do, slot, eps, drq, drk):
     dzt = np.empty((P, N, width), dtype=ACCUM_DTYPE)
     dv = np.empty_like(v)
     with threads_for(P * N * K * e):
-        _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, dv)
+        _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, K > SCAN_ROWS_MAX_K,
+                                      S, z, coef, dzt, drq, drk, dv)
     return dv
