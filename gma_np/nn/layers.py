@@ -165,18 +165,28 @@ class _Product:
 
     def __init__(self, a, b, bias=None, column_sums=None):
         self.a, self.b, self.bias, self.column_sums = a, b, bias, column_sums
-        M, Nc = a.shape[0], b.shape[1]
+        M, Kc, Nc = a.shape[0], a.shape[1], b.shape[1]
         self.out = np.empty((M, Nc), dtype=np.result_type(a, b))
-        # cut the longer side of the result (column_sums need whole columns)
-        self.split = "rows" if M >= Nc and column_sums is None else "cols"
-        n = min(MATMUL_PIECES, (M if self.split == "rows" else Nc) // MATMUL_PIECE_MIN)
-        self.pieces = (_pieces(M if self.split == "rows" else Nc, n)
-                       if M * a.shape[1] * Nc >= MATMUL_SPLIT_MIN_WORK and n > 1
+        # a weight gradient x^T dy (column_sums: its bias gradient) is cut along its long
+        # contraction, each piece a whole (M, Nc) partial product; any other product along
+        # the longer side of its result
+        self.split = "inner" if column_sums is not None else ("rows" if M >= Nc else "cols")
+        n = min(MATMUL_PIECES, {"rows": M, "cols": Nc, "inner": Kc}[self.split] // MATMUL_PIECE_MIN)
+        self.pieces = (_pieces({"rows": M, "cols": Nc, "inner": Kc}[self.split], n)
+                       if M * Kc * Nc >= MATMUL_SPLIT_MIN_WORK and n > 1
                        else [slice(None)])
+        self.partials = [None] * len(self.pieces)
 
-    def piece(self, s):
-        a, b, out, bias = self.a, self.b, self.out, self.bias
-        if self.split == "rows":
+    def piece(self, i):
+        a, b, out, bias, s = self.a, self.b, self.out, self.bias, self.pieces[i]
+        if self.split == "inner" and len(self.pieces) > 1:       # partial sums, finish() adds
+            self.partials[i] = (np.matmul(a[:, s], b[s]),
+                                None if self.column_sums is None else b[s].sum(axis=0))
+        elif self.split == "inner":                             # one piece: the whole product
+            np.matmul(a, b, out=out)
+            if self.column_sums is not None:
+                np.sum(b, axis=0, out=self.column_sums)
+        elif self.split == "rows":
             np.matmul(a[s], b, out=out[s])
             if bias is not None:
                 out[s] += bias
@@ -184,8 +194,16 @@ class _Product:
             np.matmul(a, b[:, s], out=out[:, s])
             if bias is not None:
                 out[:, s] += bias[s]
+
+    def finish(self):
+        """The output of a product cut along its contraction: its partial products (and
+        column sums) added in piece order, whatever stream computed them."""
+        if self.split == "inner" and len(self.pieces) > 1:
+            self.out[...] = sum_in_order([t[0] for t in self.partials])
             if self.column_sums is not None:
-                np.sum(b[:, s], axis=0, out=self.column_sums[s])
+                self.column_sums[...] = sum_in_order([t[1] for t in self.partials])
+            self.partials = [None] * len(self.pieces)
+        return self.out
 
 
 def _matmuls(*products):
@@ -193,17 +211,22 @@ def _matmuls(*products):
 
     A product a (M, Kc) @ b (Kc, Nc) (+ bias) of at least MATMUL_SPLIT_MIN_WORK
     multiply-adds is cut in up to MATMUL_PIECES pieces of at least MATMUL_PIECE_MIN
-    rows or columns of the result, along its longer side (by columns when column_sums
-    (Nc,) is given: it is then filled with b.sum(axis=0) by the same pieces, a linear
-    layer's bias gradient beside its weight gradient). Each free stream takes the next piece of any product (run_streams:
-    at once when Numba has more than one thread, one after the other otherwise), so the
-    stream that has a core on a loaded machine does more of them. The pieces are fixed by
-    the sizes, not by the threads, and each element of a result is one BLAS product over
-    the whole of Kc: the bits are the same whatever the thread count."""
-    work = [(p, s) for p in products for s in p.pieces]
+    rows or columns of the result, along its longer side, or, when column_sums (Nc,) is
+    given (a linear layer's weight gradient x^T dy beside its bias gradient, which
+    column_sums receives: the column sums of b), along its contraction Kc: each piece
+    then a whole partial product over a range of the M rows of x and dy, the partials
+    (and partial column sums) added in piece order. A thin slice of the columns of dy,
+    the other way, ran at 35-46 GMAC/s one thread against 44-48 for a slice of its rows
+    (float32, the tiny and small presets' shapes; docs/performance.md, section 6).
+    Each free stream takes the next piece of any product (run_streams: at once when
+    Numba has more than one thread, one after the other otherwise), so the stream that
+    has a core on a loaded machine does more of them. The pieces are fixed by the sizes,
+    not by the threads, and so is the order of every sum: the bits are the same
+    whatever the thread count."""
+    work = [(p, i) for p in products for i in range(len(p.pieces))]
     if len(work) == 1 or threading.current_thread().name.startswith(STREAM_THREAD_PREFIX):
-        for p, s in work:                           # one piece, or already inside a stream
-            p.piece(s)
+        for p, i in work:                           # one piece, or already inside a stream
+            p.piece(i)
     else:
         todo = iter(work)
         lock = threading.Lock()
@@ -216,7 +239,7 @@ def _matmuls(*products):
                     return
                 item[0].piece(item[1])
         run_streams(stream, BLOCK_STREAMS)
-    return [p.out for p in products]
+    return [p.finish() for p in products]
 
 
 def linear_forward(x, W, b):
