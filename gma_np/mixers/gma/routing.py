@@ -29,7 +29,8 @@ in float64 whatever the dtype of x, as ONE GEMM [x', x'^2] @ [-2 (mu' inv_var)^T
 inv_var^T]; a fused Numba pass adds the terms and recomputes directly the
 entries where the expansion could lose more than 1 bit against the direct form
 (gma_np._numerics.EXPANSION_CANCELLATION_BOUND), marks the tokens whose gradient
-would (GRADIENT_CANCELLATION_BOUND), and a second pass takes the row softmax with
+would (GRADIENT_CANCELLATION_BOUND, or GRADIENT_CANCELLATION_BOUND_FLOAT32 when every
+gradient is returned in float32: gradient_bound), and a second pass takes the row softmax with
 the algorithm of scipy.special.softmax (softmax_rows_forward). The backward is
 two GEMMs per block, dl @ [mu' inv_var | inv_var] and dl^T @ [x', x'^2], for the
 unmarked tokens, the direct form for the marked ones, and the temperature's sum
