@@ -171,9 +171,9 @@ class _Product:
         # contraction, each piece a whole (M, Nc) partial product; any other product along
         # the longer side of its result
         self.split = "inner" if column_sums is not None else ("rows" if M >= Nc else "cols")
-        n = min(MATMUL_PIECES, {"rows": M, "cols": Nc, "inner": Kc}[self.split] // MATMUL_PIECE_MIN)
-        self.pieces = (_pieces({"rows": M, "cols": Nc, "inner": Kc}[self.split], n)
-                       if M * Kc * Nc >= MATMUL_SPLIT_MIN_WORK and n > 1
+        length = {"rows": M, "cols": Nc, "inner": Kc}[self.split]      # of the cut axis
+        n = min(MATMUL_PIECES, length // MATMUL_PIECE_MIN)
+        self.pieces = (_pieces(length, n) if M * Kc * Nc >= MATMUL_SPLIT_MIN_WORK and n > 1
                        else [slice(None)])
         self.partials = [None] * len(self.pieces)
 
@@ -215,9 +215,8 @@ def _matmuls(*products):
     given (a linear layer's weight gradient x^T dy beside its bias gradient, which
     column_sums receives: the column sums of b), along its contraction Kc: each piece
     then a whole partial product over a range of the M rows of x and dy, the partials
-    (and partial column sums) added in piece order. A thin slice of the columns of dy,
-    the other way, ran at 35-46 GMAC/s one thread against 44-48 for a slice of its rows
-    (float32, the tiny and small presets' shapes; docs/performance.md, section 6).
+    (and partial column sums) added in piece order (a slice of the rows keeps BLAS
+    faster than a thin slice of the columns of dy: docs/performance.md, section 6).
     Each free stream takes the next piece of any product (run_streams: at once when
     Numba has more than one thread, one after the other otherwise), so the stream that
     has a core on a loaded machine does more of them. The pieces are fixed by the sizes,
