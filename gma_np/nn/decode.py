@@ -143,6 +143,10 @@ def _head(x, emb, h, row, logits):
 # state (updated in place), logits (B, n, V) written. True when every token went
 # through; False at the first non-finite value or failed check (the state is then
 # partly updated, and the caller recomputes it: module docstring).
+# The loops differ only in the mixer's one-token step, and are written out once per mixer
+# on purpose: one loop taking the step as an argument, or built by a factory closing
+# over it, is a cache miss for Numba in every new process (numba 0.68, measured), so
+# each `gma-np sample` would compile the whole decode again before its first token.
 
 @njit(cache=True)
 def _buffers(emb, blocks, n_q, n_v):
