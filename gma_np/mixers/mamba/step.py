@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import njit
 
-from gma_np.nn._step_kernels import _add_bias, _matvec, _sigmoid, _softplus
+from gma_np.nn._step_kernels import _add_bias, _conv_step, _matvec, _sigmoid, _softplus
 
 # The order of token_step_arrays' tuple, which _mamba_token_step unpacks.
 STEP_PARAMETERS = ("W_in", "conv_w", "conv_b", "W_dt_down", "W_dt_up", "b_dt", "W_B", "W_C",
@@ -43,7 +43,6 @@ def _mamba_token_step(x, p, h, history, out, work):
     W_in, conv_w, conv_b, W_dt_down, W_dt_up, b_dt, W_B, W_C, A, D_skip, W_out = p
     M, S = A.shape
     R = W_dt_down.shape[1]
-    W = conv_w.shape[0]
     xz = work[:2 * M]
     x_c = work[2 * M:3 * M]
     delta = work[3 * M:4 * M]
@@ -53,17 +52,12 @@ def _mamba_token_step(x, p, h, history, out, work):
     Ct = work[5 * M + R + S:5 * M + R + 2 * S]
     # 1. [x_in, z] = x W_in
     _matvec(x, W_in, xz)
-    # 3. x_c = silu(conv(x_in) + conv_b), taps in order s = 0..W-1
+    # 3. x_c = silu(conv(x_in) + conv_b), taps in order s = 0..W-1 (the model's own
+    # convolution step, which also moves the history on)
+    x_c[:] = xz[:M]
+    _conv_step(x_c, conv_w, history)
     for m in range(M):
-        u = xz[m]
-        acc = np.float64(conv_w[0, m]) * u
-        for s in range(1, W):
-            acc += np.float64(conv_w[s, m]) * history[W - 1 - s, m]
-        for s in range(W - 2):
-            history[s, m] = history[s + 1, m]
-        if W > 1:
-            history[W - 2, m] = u
-        v = acc + np.float64(conv_b[m])
+        v = x_c[m] + np.float64(conv_b[m])
         x_c[m] = v * _sigmoid(v)
     # 4. delta = softplus(x_c W_dt_down W_dt_up + b_dt)
     _matvec(x_c, W_dt_down, dt_low)
