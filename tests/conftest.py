@@ -28,6 +28,16 @@ def assert_close(name, got, ref, rtol, atol_scale=True):
                          f"got {got[worst]!r}, reference {ref[worst]!r}")
 
 
+def assert_results_close(names, got, dtype, **references):
+    """Every result of got (a sequence, named by names) is in dtype and within RTOL[dtype]
+    of the same result of each reference (label=its sequence of results)."""
+    for name, g in zip(names, got):
+        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {np.dtype(dtype)}"
+    for label, ref in references.items():
+        for name, g, r in zip(names, got, ref):
+            assert_close(f"{name} vs {label}", g, r, RTOL[dtype])
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

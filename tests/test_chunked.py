@@ -9,7 +9,7 @@ from gma_np._numerics import DEFAULT_EPS
 from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
 from gma_np.memory.reference import dense_mix_backward, dense_mix_forward
 from gma_np.memory.scan import _causal_backward, _causal_forward
-from tests.conftest import RTOL, assert_close
+from tests.conftest import assert_close, assert_results_close
 
 P, N, K, E = 4, 37, 5, 3
 CHUNKS = (1, 4, 16, 37, 64)
@@ -71,13 +71,8 @@ def test_matches_dense_and_scan(dtype, norm, masked, chunk):
     rng = np.random.default_rng(11)
     args = make_mixing(rng, masked=masked, dtype=dtype, empty_start=True)
     slot = norm == "slot"
-    got = chunked(*args, slot, DEFAULT_EPS, chunk)
-    for name, g in zip(NAMES, got):
-        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {np.dtype(dtype)}"
-    for name, g, r in zip(NAMES, got, dense(*args, slot, DEFAULT_EPS)):
-        assert_close(f"{name} vs dense", g, r, RTOL[dtype])
-    for name, g, r in zip(NAMES, got, scan(*args, slot, DEFAULT_EPS)):
-        assert_close(f"{name} vs scan", g, r, RTOL[dtype])
+    assert_results_close(NAMES, chunked(*args, slot, DEFAULT_EPS, chunk), dtype,
+                         dense=dense(*args, slot, DEFAULT_EPS), scan=scan(*args, slot, DEFAULT_EPS))
 
 
 @pytest.mark.parametrize("norm", ["row", "slot"])

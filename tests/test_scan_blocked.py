@@ -25,7 +25,7 @@ from gma_np.memory.scan import (
     _causal_scan_forward_blocked_rows,
     _forward_blocked_kernel,
 )
-from tests.conftest import RTOL, assert_close
+from tests.conftest import RTOL, assert_close, assert_results_close
 
 # (N, K, e): N below, at and past a block, not a multiple of it; odd and even K and e
 SIZES = [(2, 5, 3), (3, 4, 4), (5, 5, 3), (37, 5, 3), (38, 6, 7), (40, 7, 8)]
@@ -96,13 +96,9 @@ def test_blocked_matches_token_scan_and_dense(N, K, e, dtype, norm, masked):
     rng = np.random.default_rng(N * 100 + K * 10 + e)
     args = make_mixing(rng, 3, N, K, e, dtype, masked)
     slot = norm == "slot"
-    got = blocked_scan(*args, slot, DEFAULT_EPS)
-    for name, g in zip(NAMES, got):
-        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {np.dtype(dtype)}"
-    for name, g, r in zip(NAMES, got, token_scan(*args, slot, DEFAULT_EPS)):
-        assert_close(f"{name} vs token scan", g, r, RTOL[dtype])
-    for name, g, r in zip(NAMES, got, dense(*args, slot, DEFAULT_EPS)):
-        assert_close(f"{name} vs dense", g, r, RTOL[dtype])
+    assert_results_close(NAMES, blocked_scan(*args, slot, DEFAULT_EPS), dtype,
+                         token_scan=token_scan(*args, slot, DEFAULT_EPS),
+                         dense=dense(*args, slot, DEFAULT_EPS))
 
 
 @pytest.mark.parametrize("norm", ["row", "slot"])
@@ -162,12 +158,9 @@ def test_both_backward_loop_forms_match_token_scan_and_dense(N, K, e, dtype, nor
     _causal_scan_backward_blocked(rq, rk, v, do, slot, DEFAULT_EPS, pairs,
                                   np.empty((P, K + K % 2, e)), np.empty((P, K)),
                                   np.empty((P, N, width)), np.empty((P, N, width)), *got)
-    for name, g in zip(NAMES[1:], got):
-        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {np.dtype(dtype)}"
-    for name, g, r in zip(NAMES[1:], got, token_scan(rq, rk, v, do, slot, DEFAULT_EPS)[1:]):
-        assert_close(f"{name} vs token scan", g, r, RTOL[dtype])
-    for name, g, r in zip(NAMES[1:], got, dense(rq, rk, v, do, slot, DEFAULT_EPS)[1:]):
-        assert_close(f"{name} vs dense", g, r, RTOL[dtype])
+    assert_results_close(NAMES[1:], got, dtype,
+                         token_scan=token_scan(rq, rk, v, do, slot, DEFAULT_EPS)[1:],
+                         dense=dense(rq, rk, v, do, slot, DEFAULT_EPS)[1:])
 
 
 @pytest.mark.parametrize("kernel", list(FORWARD_KERNELS))
