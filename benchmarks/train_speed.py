@@ -24,8 +24,9 @@ and each timed step starts from its own steady state (as in bench_gma.py). The t
 gives the median time per step, tokens/s (B x N tokens per step) and the ratio of
 gma_np's tokens/s to the fastest twin's (above 1: gma_np is faster).
 
-Where the time goes: `--profile-steps` steps of this checkout's gma_np, in the parent,
-run with the layers' functions wrapped by a timer (gma_np.nn.layers, the attention shell, the mixer's op and
+Where the time goes: `--profile-steps` steps of this checkout's gma_np, in the parent
+(after PROFILE_WARMUP untimed steps), run with the layers' functions wrapped by a timer
+(gma_np.nn.layers, the attention shell, the mixer's op and
 its routing/memory stages, the head, the optimiser), and the table gives each one's
 forward and backward milliseconds per step, nested as they are called; "(rest)" is the
 part of a row that none of its children account for (Python glue, residual adds,
@@ -58,6 +59,10 @@ from gma_np.train.config import preset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)                # this checkout, the one timed first
+# Untimed steps of a fresh copy of the model before the profiled ones: the first steps
+# of a process are not yet its steady state (a tiny-preset step took 194-206 ms after one
+# step, 128-141 after five, the profiler's wrappers costing nothing measurable either way).
+PROFILE_WARMUP = 5
 
 
 def parse_args(argv=None):
@@ -411,18 +416,19 @@ def race(cfg, args, workers, repeats, label):
     result = {"tokens": tokens, "median_s": med}
 
     if args.profile_steps:
-        # in this process: this checkout's gma_np, after a warm-up step
+        # in this process: this checkout's gma_np, after PROFILE_WARMUP untimed steps
         b = args.blas_threads[0]
         m, o = copy_run(cfg, model)
         prof = Profiler()
         t_total = 0.0
         with blas_threads(b):
-            gma_np_step(cfg, task, m, o, batches[0], 0)
+            for i in range(PROFILE_WARMUP):
+                gma_np_step(cfg, task, m, o, batches[i % len(batches)], i)
             prof.instrument(cfg.model.mixer)
             try:
-                for i in range(1, 1 + args.profile_steps):
+                for i in range(PROFILE_WARMUP, PROFILE_WARMUP + args.profile_steps):
                     t0 = time.perf_counter()
-                    gma_np_step(cfg, task, m, o, batches[i], i, prof)
+                    gma_np_step(cfg, task, m, o, batches[i % len(batches)], i, prof)
                     t_total += time.perf_counter() - t0
             finally:
                 prof.unpatch()
