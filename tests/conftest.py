@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from gma_np.memory.reference import dense_mix_backward, dense_mix_forward
+from gma_np.memory.scan import _causal_backward, _causal_forward
 from gma_np.selfcheck import make_problem  # noqa: F401  (re-exported for the tests)
 
 collect_ignore = ["mutation"]      # tests/mutation/: the mutation check, a tool (docs/testing.md)
@@ -26,6 +28,23 @@ def assert_close(name, got, ref, rtol, atol_scale=True):
     worst = np.unravel_index(np.argmax(err / scale), err.shape) if err.ndim else ()
     assert rel <= rtol, (f"{name}: relative error {rel:.3e} > {rtol:g} at {worst}: "
                          f"got {got[worst]!r}, reference {ref[worst]!r}")
+
+
+def causal_dense(rq, rk, v, do, slot, eps):
+    """(out, drq, drk, dv) of the causal memory by the N x N reference in float64,
+    sequence by sequence: rq, rk (P, N, K), v, do (P, N, e)."""
+    rq, rk, v, do = (a.astype(np.float64) for a in (rq, rk, v, do))
+    out = np.stack([dense_mix_forward(rq[p], rk[p], v[p], True, slot, eps) for p in range(len(rq))])
+    grads = [dense_mix_backward(do[p], rq[p], rk[p], v[p], True, slot, eps) for p in range(len(rq))]
+    return (out,) + tuple(np.stack(g) for g in zip(*grads))
+
+
+def causal_scan(rq, rk, v, do, slot, eps):
+    """(out, drq, drk, dv) of the causal memory by the scan's wrappers (gma_np.memory.scan)."""
+    out = _causal_forward(rq, rk, v, slot, eps)
+    drq, drk = np.empty_like(rq), np.empty_like(rk)
+    dv = _causal_backward(rq, rk, v, do, slot, eps, drq, drk)
+    return out, drq, drk, dv
 
 
 def assert_results_close(names, got, dtype, **references):

@@ -7,9 +7,9 @@ import pytest
 
 from gma_np._numerics import DEFAULT_EPS
 from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
-from gma_np.memory.reference import dense_mix_backward, dense_mix_forward
-from gma_np.memory.scan import _causal_backward, _causal_forward
 from tests.conftest import assert_close, assert_results_close
+from tests.conftest import causal_dense as dense
+from tests.conftest import causal_scan as scan
 
 P, N, K, E = 4, 37, 5, 3
 CHUNKS = (1, 4, 16, 37, 64)
@@ -41,21 +41,6 @@ def chunked(rq, rk, v, do, slot, eps, chunk):
     out = causal_chunked_forward(rq, rk, v, slot, eps, chunk)
     drq, drk = np.empty_like(rq), np.empty_like(rk)
     dv = causal_chunked_backward(rq, rk, v, do, slot, eps, chunk, drq, drk)
-    return out, drq, drk, dv
-
-
-def dense(rq, rk, v, do, slot, eps):
-    """The N x N reference in float64, sequence by sequence."""
-    rq, rk, v, do = (a.astype(np.float64) for a in (rq, rk, v, do))
-    out = np.stack([dense_mix_forward(rq[p], rk[p], v[p], True, slot, eps) for p in range(len(rq))])
-    grads = [dense_mix_backward(do[p], rq[p], rk[p], v[p], True, slot, eps) for p in range(len(rq))]
-    return (out,) + tuple(np.stack(g) for g in zip(*grads))
-
-
-def scan(rq, rk, v, do, slot, eps):
-    out = _causal_forward(rq, rk, v, slot, eps)
-    drq, drk = np.empty_like(rq), np.empty_like(rk)
-    dv = _causal_backward(rq, rk, v, do, slot, eps, drq, drk)
     return out, drq, drk, dv
 
 

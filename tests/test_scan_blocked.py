@@ -12,12 +12,10 @@ import pytest
 import gma_np
 from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
 from gma_np.memory.ops import memory_backward, memory_forward
-from gma_np.memory.reference import causal_mix_loop, dense_mix_backward, dense_mix_forward
+from gma_np.memory.reference import causal_mix_loop
 from gma_np.memory.scan import (
     SCAN_ROWS_MAX_K,
     SCAN_TOKENS,
-    _causal_backward,
-    _causal_forward,
     _causal_scan_backward,
     _causal_scan_backward_blocked,
     _causal_scan_forward,
@@ -26,6 +24,8 @@ from gma_np.memory.scan import (
     _forward_blocked_kernel,
 )
 from tests.conftest import RTOL, assert_close, assert_results_close
+from tests.conftest import causal_dense as dense
+from tests.conftest import causal_scan as blocked_scan   # the wrappers run the blocked kernels
 
 # (N, K, e): N below, at and past a block, not a multiple of it; odd and even K and e
 SIZES = [(2, 5, 3), (3, 4, 4), (5, 5, 3), (37, 5, 3), (38, 6, 7), (40, 7, 8)]
@@ -64,21 +64,6 @@ def token_scan(rq, rk, v, do, slot, eps):
     _causal_scan_backward(rq, rk, v, do, slot, eps, np.empty((P, K, e)), np.empty((P, K)),
                           np.empty((P, N, width)), np.empty((P, N, width)), drq, drk, dv)
     return out, drq, drk, dv
-
-
-def blocked_scan(rq, rk, v, do, slot, eps):
-    """The wrappers, which run the blocked kernels."""
-    out = _causal_forward(rq, rk, v, slot, eps)
-    drq, drk = np.empty_like(rq), np.empty_like(rk)
-    dv = _causal_backward(rq, rk, v, do, slot, eps, drq, drk)
-    return out, drq, drk, dv
-
-
-def dense(rq, rk, v, do, slot, eps):
-    rq, rk, v, do = (a.astype(np.float64) for a in (rq, rk, v, do))
-    out = np.stack([dense_mix_forward(rq[p], rk[p], v[p], True, slot, eps) for p in range(len(rq))])
-    grads = [dense_mix_backward(do[p], rq[p], rk[p], v[p], True, slot, eps) for p in range(len(rq))]
-    return (out,) + tuple(np.stack(g) for g in zip(*grads))
 
 
 def test_the_kernels_are_written_for_four_tokens():
