@@ -105,6 +105,12 @@ PARALLEL_MIN_WORK = 2 ** 20
 # N=1024: 27 -> 30 ms, N=2048: 55 -> 59 ms (128 -> 32 tokens).
 ROUTING_BLOCK = 128
 
+# Rows (sequences x heads x tokens) per block of the routing at most: a block takes as
+# many of the stacked sequences as keep p_count * H * tokens within this (at least one
+# sequence), so that its float64 temporaries stay in L2 whatever P * H is. 1024 is what
+# a block of the op's shape holds (P * H = 8 sequences of 128 tokens at N >= 4096).
+ROUTING_ROWS = 1024
+
 # The blocks of tokens of the routing and of the bidirectional mixing are dealt
 # round-robin to this many streams, which run on Python threads when Numba has more
 # than one thread (gma_np._threads.run_streams), each with BLAS on one thread.

@@ -32,7 +32,7 @@ from numba import njit, prange
 
 from gma_np.memory.step import _write_read_head
 
-# For the per-token sums of the backward (_dl_dot_shifted_l): reassociation lets LLVM
+# For the per-token sums of the backward (_dx_and_sums_from_gemm): reassociation lets LLVM
 # keep a sum over K or d in vector lanes instead of one chain of dependent adds (the
 # latency of an add per term: 1.23 ms a block of 12288 tokens, K = 32, d = 32, against
 # 0.24), and contract fuses multiply-adds. It changes the rounding of a sum, never
@@ -257,8 +257,10 @@ def _gma_step_fused(q, k, v, mask, parameters, prepared, means_t, inv_var_t, con
 # with x2 = x'^2 @ inv_var^T, cross = x' @ (mu' inv_var)^T, and then
 #     quad = g + m2,  m2[k] = sum_j mu'_kj^2 inv_var_kj                  (the matmul expansion)
 # The kernels below finish the job row by row, in one pass over memory. Those that
-# run once per block of ROUTING_BLOCK tokens (_features, _log_density_expanded,
-# _softmax_rows_shift, _softmax_rows_normalise, _softmax_rows_backward_block, _dx_from_gemm, _log_density_backward_rows, _dl_dot_shifted_l)
+# run once per block of the routing (sequences x tokens, up to ROUTING_ROWS rows:
+# _features, _log_density_expanded,
+# _softmax_rows_shift, _softmax_rows_normalise, _softmax_rows_backward_block,
+# _log_density_backward_rows, _dx_and_sums_from_gemm)
 # are serial: a block is small, and waking Numba's thread pool once per block
 # (hundreds of times per call) costs more than it gains (on a loaded 2-core machine,
 # causal fwd+bwd at N=8192: 11 s with 2 threads against 0.5 s with 1;
@@ -371,32 +373,69 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
             direct_rows[p, h, n0 + n] = marks > 0
 
 
-@njit(cache=True, nogil=True)
-def _dx_from_gemm(g, feats, n0, direct_rows, dx):
-    """dx of the points from the backward GEMM of one block of tokens:
-    dx[p,h,n0+n,j] = g[p,h,n,j] - x'[p,h,n,j] g[p,h,n,d+j].
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _dx_and_sums_from_gemm(dl, g, feats, const, m2, shift, n0, direct_rows, with_dot, dx,
+                           dl_sum, dl_dot):
+    """What the backward takes from the GEMM g = dl @ [mu' inv_var | inv_var] of one block of
+    tokens, in one pass over the block's dl, g and feats, row by row while a row is in L1:
 
-    With g = dl @ [mu' inv_var | inv_var] this is
-    sum_k dl_k (mu'_kj - x'_j) inv_var_kj, the gradient of
-    l = const - 1/2 sum_j (x'_j - mu'_kj)^2 inv_var_kj (gma_np.mixers.gma.routing.log_density_backward).
+        dx[p,h,n0+n,j] = g[j] - x'_j g[d+j]
+        dl_sum[h,k]   += dl[p,h,n,k]
+        dl_dot[h]     += sum_k dl_k (l_k - shift[p,h,n0+n])          (if with_dot)
 
-    g            (P, H, nb, 2d)  float64
+    dx: g[j] - x'_j g[d+j] = sum_k dl_k (mu'_kj - x'_j) inv_var_kj, the gradient of
+    l = const - 1/2 sum_j (x'_j - mu'_kj)^2 inv_var_kj (routing.log_density_backward).
+
+    dl_dot, the sum behind the temperature gradient -sum dl (l - c) / tau
+    (route_backward), from the same GEMM: with l = const - quad / 2,
+        sum_k dl_k quad_k = sum_j (x'_j^2 g[d + j] - 2 x'_j g[j]) + sum_k dl_k m2_k
+    per token, so that
+        sum_k dl_k (l_k - c) = sum_k dl_k (const_k - c - m2_k / 2) - 1/2 sum_j (...),
+    c = shift = max_k l_k. Summed token by token, not from the sums over the tokens
+    (sum_k const_k sum_n dl - sum dquad): those would cancel the common part of l
+    across tokens, which is large far from the mixture (hundreds and more), where each
+    token's own sum loses no more than its rounding of l.
+
+    The rows marked in direct_rows are left alone: _log_density_backward_rows wrote
+    their dx, took their sums and zeroed their dl. Every sum runs over h, then p, then
+    n, in order: the same bits at every thread count.
+
+    dl           (P, H, nb, K)   float64 block of dl
+    g            (P, H, nb, 2d)  float64 dl @ [mu' inv_var | inv_var]
     feats        (P, H, nb, 2d)  float64 [x', x'^2] of the block
+    const, m2    (H, K)          float64
+    shift        (P, H, N)       float64 max_k l, from routing.softmax_rows_forward (read
+                                 only if with_dot)
     n0           int             first token of the block
-    direct_rows  (P, H, N)       uint8: rows marked 1 are left alone (_log_density_backward_rows
-                                 writes them)
-    dx           (P, H, N, d)    float32 or float64, the other rows n0 .. n0 + nb - 1 written
+    direct_rows  (P, H, N)       uint8
+    with_dot     bool            take dl_dot
+    dx           (P, H, N, d)    float32 or float64, the unmarked rows n0 .. n0 + nb - 1 written
+    dl_sum       (H, K)          float64, accumulated
+    dl_dot       (H,)            float64, accumulated if with_dot
     """
-    P, H, nb, d2 = g.shape
-    d = d2 // 2
-    for ph in prange(P * H):
-        p = ph // H
-        h = ph % H
-        for n in range(nb):
-            if direct_rows[p, h, n0 + n]:
-                continue
-            for j in range(d):
-                dx[p, h, n0 + n, j] = g[p, h, n, j] - feats[p, h, n, j] * g[p, h, n, d + j]
+    P, H, nb, K = dl.shape
+    d = feats.shape[3] // 2
+    for h in range(H):
+        acc = 0.0
+        for p in range(P):
+            for n in range(nb):
+                if direct_rows[p, h, n0 + n]:
+                    continue
+                for j in range(d):
+                    dx[p, h, n0 + n, j] = g[p, h, n, j] - feats[p, h, n, j] * g[p, h, n, d + j]
+                for k in range(K):
+                    dl_sum[h, k] += dl[p, h, n, k]
+                if with_dot:
+                    c = shift[p, h, n0 + n]
+                    lin = 0.0                          # sum_k dl_k (const_k - c - m2_k / 2)
+                    for k in range(K):
+                        lin += dl[p, h, n, k] * (const[h, k] - c - 0.5 * m2[h, k])
+                    sq = 0.0                           # sum_j x'_j^2 g[d + j] - 2 x'_j g[j]
+                    for j in range(d):
+                        sq += (feats[p, h, n, d + j] * g[p, h, n, d + j]
+                               - 2.0 * feats[p, h, n, j] * g[p, h, n, j])
+                    acc += lin - 0.5 * sq
+        dl_dot[h] += acc
 
 
 @njit(cache=True, nogil=True)
@@ -412,7 +451,7 @@ def _log_density_backward_rows(dl, xa, xb, n0, means, inv_var, const, shift, dir
         dquad[k, j]  += 1/2 sum over the marked n of dl[n, k] (x[n, j] - mu[k, j]) w[k, j]
         dl_sum[k]    += sum over the marked n of dl[n, k]
         dl_dot       += sum over the marked n of sum_k dl[n, k] (l[n, k] - shift[n])
-                        (l = const - quad / 2 in the direct form; see _dl_dot_shifted_l)
+                        (l = const - quad / 2 in the direct form; see _dx_and_sums_from_gemm)
 
     dl           (P, H, nb, K)  float64 block of dl; marked rows zeroed
     xa, xb       the points as passed, as in _log_density_expanded
@@ -520,7 +559,7 @@ def _softmax_rows_backward(dr, r, inv_tau, dl):
         dl = da / tau
     The temperature gradient, -sum da * a / tau = -sum dl (l - c) / tau for any
     per-row c, is summed entry by entry with l recomputed block by block in the
-    log-density backward (_dl_dot_shifted_l).
+    log-density backward (_dx_and_sums_from_gemm).
 
     dr, r     (P, H, N, K)  float32 or float64 (one dtype), read in float64
     inv_tau   (H,)          float64
@@ -565,43 +604,3 @@ def _softmax_rows_backward_block(dr, r, inv_tau, n0, dl):
             for k in range(K):
                 dl[p, h, n, k] = np.float64(r[p, h, t, k]) * (np.float64(dr[p, h, t, k]) - dot) * s
 
-
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _dl_dot_shifted_l(dl, g, feats, const, m2, shift, n0, out):
-    """out[h] += sum_{p, n, k} dl[p,h,n,k] (l[p,h,n,k] - shift[p,h,n0+n]) for one block of
-    tokens, row by row from the backward GEMM of the block: the sum behind the
-    temperature gradient, -sum dl (l - c) / tau (route_backward).
-
-    With g = dl @ [mu' inv_var | inv_var] (the GEMM of dx) and l = const - quad / 2,
-        sum_k dl_k quad_k = sum_j (x'_j^2 g[d + j] - 2 x'_j g[j]) + sum_k dl_k m2_k
-    per token, so that
-        sum_k dl_k (l_k - c) = sum_k dl_k (const_k - c) - 1/2 sum_k dl_k quad_k,
-    c = shift = max_k l_k. Summed token by token, not from the sums over the tokens
-    (sum_k const_k sum_n dl - sum dquad): those would cancel the common part of l
-    across tokens, which is large far from the mixture (hundreds and more), where each
-    token's own sum loses no more than its rounding of l.
-
-    dl     (P, H, nb, K)   float64 block of dl, as stored
-    g      (P, H, nb, 2d)  float64 dl @ [mu' inv_var | inv_var]
-    feats  (P, H, nb, 2d)  float64 [x', x'^2] of the block
-    const, m2 (H, K)       float64
-    shift  (P, H, N)       float64 max_k l, from routing.softmax_rows_forward
-    n0     int             first token of the block
-    out    (H,)            float64, accumulated
-    """
-    P, H, nb, K = dl.shape
-    d = feats.shape[3] // 2
-    for ph in prange(P * H):
-        p = ph // H
-        h = ph % H
-        acc = 0.0
-        for n in range(nb):
-            c = shift[p, h, n0 + n]
-            lin = 0.0                                  # sum_k dl_k (const_k - c - m2_k / 2)
-            for k in range(K):
-                lin += dl[p, h, n, k] * (const[h, k] - c - 0.5 * m2[h, k])
-            sq = 0.0                                   # sum_j x'_j^2 g[d + j] - 2 x'_j g[j]
-            for j in range(d):
-                sq += feats[p, h, n, d + j] * g[p, h, n, d + j] - 2.0 * feats[p, h, n, j] * g[p, h, n, j]
-            acc += lin - 0.5 * sq
-        out[h] += acc

@@ -47,6 +47,7 @@ float64 whatever the input dtype
 (gma_np._numerics.ACCUM_DTYPE); r and dx come back in the dtype of x.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,16 +62,16 @@ from gma_np._numerics import (
     GRADIENT_CANCELLATION_BOUND_FLOAT32,
     LOG_2PI,
     ROUTING_BLOCK,
+    ROUTING_ROWS,
 )
 from gma_np._threads import blas_single_thread, run_streams, sum_in_order, threads_for
 from gma_np.mixers.gma.kernels import (
-    _dx_from_gemm,
+    _dx_and_sums_from_gemm,
     _log_density_backward,
     _log_density_backward_rows,
     _features,
     _log_density_expanded,
     _log_density_forward,
-    _dl_dot_shifted_l,
     _softmax_rows_backward,
     _softmax_rows_backward_block,
     _softmax_rows_normalise,
@@ -175,13 +176,32 @@ def _parts(x_parts):
     return (x_parts,) if isinstance(x_parts, np.ndarray) else tuple(x_parts)
 
 
-def _blocks(N):
-    """Token ranges [n0, n1) of ROUTING_BLOCK tokens (a quarter of that below
-    N = 32 ROUTING_BLOCK, where the float64 block temporaries would be a large share of
-    the memory): every routing temporary is per block."""
+def _blocks(P, H, N):
+    """Blocks (p0, p1, n0, n1) of the stacked sequences p0 .. p1 - 1 and tokens n0 .. n1 - 1,
+    in the order the streams deal them: every routing temporary is per block, and the
+    blocks (so every sum's order) depend on the sizes only.
+
+    Tokens: ROUTING_BLOCK a block (a quarter of that below N = 32 ROUTING_BLOCK, where
+    the float64 block temporaries would be a large share of the memory). Sequences: as
+    many as keep the block's rows, p_count H tokens, within ROUTING_ROWS (at least one),
+    so that a block's features, GEMM results and dl stay in L2 whatever P H is."""
     size = ROUTING_BLOCK if N >= 32 * ROUTING_BLOCK else max(1, ROUTING_BLOCK // 4)
-    for n0 in range(0, N, size):
-        yield n0, min(N, n0 + size)
+    size = min(size, N)
+    p_count = max(1, min(P, ROUTING_ROWS // (H * size)))
+    for p0 in range(0, P, p_count):
+        for n0 in range(0, N, size):
+            yield p0, min(P, p0 + p_count), n0, min(N, n0 + size)
+
+
+def _block_parts(xa, xb, two, p0, p1):
+    """The points of the stacked sequences p0 .. p1 - 1 as (xa', xb') views, the kernels'
+    (xa, xb) for one block: feats[p] of the block comes from xa'[p] for p < len(xa'), from
+    xb'[p - len(xa')] after. two: x_parts is (xa, xb) (e.g. (q, k)), else xa is xb."""
+    if not two:
+        part = xa[p0:p1]
+        return part, part
+    Pa = xa.shape[0]
+    return xa[min(p0, Pa):min(p1, Pa)], xb[max(p0 - Pa, 0):max(p1 - Pa, 0)]
 
 
 def softmax_rows_forward(l, inv_tau, n0, r, shift):
@@ -204,7 +224,7 @@ def softmax_rows_forward(l, inv_tau, n0, r, shift):
     r        (P, H, N, K)   float32 or float64, rows n0 .. n0 + nb - 1 written
     shift    (P, H, N)      float64, rows n0 .. written: m tau = max_k l, the common part
                             of the row that the temperature gradient takes out
-                            (_dl_dot_shifted_l); NaN for a row whose r is not finite (every
+                            (_dx_and_sums_from_gemm); NaN for a row whose r is not finite (every
                             l_k = -inf, or a NaN l_k), which the wrappers report
     """
     _softmax_rows_shift(l, inv_tau, n0, shift)
@@ -219,27 +239,34 @@ def features(x_parts, mix, n0, n1, out=None):
     operand of every routing GEMM.
 
     x_parts: one array (P, H, N, d) or a tuple of them (e.g. (q, k)), stacked
-    along the first axis. out: a float64 buffer (P, H, >= n1 - n0, 2d) to write
-    into (its first n1 - n0 rows are returned), or None for a new array.
+    along the first axis. out: a flat float64 scratch buffer of at least
+    P H (n1 - n0) 2d entries (_block_buffers) to write into, or None for a new array.
     """
     x_parts = _parts(x_parts)
     P = sum(a.shape[0] for a in x_parts)
     _, H, N, d = x_parts[0].shape
-    if out is None:
-        out = np.empty((P, H, n1 - n0, 2 * d), dtype=ACCUM_DTYPE)
-    out = out[:, :, :n1 - n0]
+    out = _block_view(out, (P, H, n1 - n0, 2 * d))
     start = 0
     for a in x_parts:
-        _features(a, mix.center, n0, out[start:start + a.shape[0]])
+        if a.shape[0]:
+            _features(a, mix.center, n0, out[start:start + a.shape[0]])
         start += a.shape[0]
     return out
 
 
-def _block_buffers(P, H, N, widths):
-    """One float64 scratch array (P, H, block, w) per width: what a stream of routing
-    blocks reuses from block to block instead of allocating per block."""
-    size = next(_blocks(N))[1]
-    return [np.empty((P, H, size, w), dtype=ACCUM_DTYPE) for w in widths]
+def _block_buffers(blocks, H, widths):
+    """One flat float64 scratch array per width, for the largest of the blocks: what a
+    stream of routing blocks reuses from block to block instead of allocating per block."""
+    rows = max(((p1 - p0) * (n1 - n0) for p0, p1, n0, n1 in blocks), default=0) * H
+    return tuple(np.empty(rows * w, dtype=ACCUM_DTYPE) for w in widths)
+
+
+def _block_view(buf, shape):
+    """The C-contiguous array `shape` at the start of the flat buffer buf (None: a new one),
+    so that the kernels and GEMMs of a short block see one layout, not a strided slice."""
+    if buf is None:
+        return np.empty(shape, dtype=ACCUM_DTYPE)
+    return buf[:math.prod(shape)].reshape(shape)
 
 
 def log_density_direct(x4, mix):
@@ -272,27 +299,31 @@ def _route_blocks(x_parts, mix, inv_tau, r, direct_rows, shift=None, grad_bound=
     (_log_density_expanded, with grad_bound; None: GRADIENT_CANCELLATION_BOUND)."""
     if grad_bound is None:
         grad_bound = GRADIENT_CANCELLATION_BOUND
-    xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
+    two = len(x_parts) == 2
+    xa, xb = x_parts if two else (x_parts[0], x_parts[0])
     P, H, N, K = r.shape
     d = xa.shape[3]
-    blocks = list(_blocks(N))
+    blocks = list(_blocks(P, H, N))
 
     def stream(s):                                                 # blocks s, s + S, s + 2S, ...
-        feats_buf, g_buf = _block_buffers(P, H, N, (2 * d, K))
+        mine = blocks[s::BLOCK_STREAMS]
+        feats_buf, g_buf = _block_buffers(mine, H, (2 * d, K))
         # overflowing features give inf and NaN in the GEMM: _log_density_expanded takes
         # those entries in the direct form, and the wrappers report what still overflows
         with np.errstate(over="ignore", invalid="ignore"):
-            for n0, n1 in blocks[s::BLOCK_STREAMS]:
-                feats = features(x_parts, mix, n0, n1, feats_buf)  # (P, H, nb, 2d)
-                g = np.matmul(feats, mix.w_forward, out=g_buf[:, :, :n1 - n0])   # (P, H, nb, K)
+            for p0, p1, n0, n1 in mine:
+                pa, pb = _block_parts(xa, xb, two, p0, p1)         # sequences p0 .. p1 - 1
+                feats = features((pa, pb) if two else (pa,), mix, n0, n1, feats_buf)  # (Pb, H, nb, 2d)
+                g = np.matmul(feats, mix.w_forward,                # (Pb, H, nb, K)
+                              out=_block_view(g_buf, feats.shape[:3] + (K,)))
                 # g += m2, -1/2, + const, and the direct form where the expansion cancels: g = l
-                _log_density_expanded(g, feats, xa, xb, n0, mix.means, mix.inv_var_max, mix.m2,
+                _log_density_expanded(g, feats, pa, pb, n0, mix.means, mix.inv_var_max, mix.m2,
                                       mix.const, mix.inv_var, EXPANSION_CANCELLATION_BOUND,
-                                      grad_bound, g, direct_rows)
+                                      grad_bound, g, direct_rows[p0:p1])
                 if inv_tau is None:
-                    r[:, :, n0:n1] = g
-                else:
-                    softmax_rows_forward(g, inv_tau, n0, r, shift)    # r = softmax_k(l / tau)
+                    r[p0:p1, :, n0:n1] = g
+                else:                                              # r = softmax_k(l / tau)
+                    softmax_rows_forward(g, inv_tau, n0, r[p0:p1], shift[p0:p1])
 
     with blas_single_thread():                                     # small GEMMs: see _threads
         run_streams(stream, BLOCK_STREAMS)
@@ -301,7 +332,7 @@ def _route_blocks(x_parts, mix, inv_tau, r, direct_rows, shift=None, grad_bound=
 
 def log_density(x_parts, mix, direct_rows=None):
     """l (P, H, N, K) float64 of the points x_parts (one array, or a tuple stacked along P),
-    by one GEMM per block of ROUTING_BLOCK tokens.
+    by one GEMM per block (_blocks: sequences x tokens).
 
     Fast path of the module docstring: [x', x'^2] @ [-2 (mu' inv_var)^T ; inv_var^T]
     gives quad - m2, and one fused pass adds m2 and the constants and recomputes
@@ -375,7 +406,7 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
     instead (_log_density_backward_rows), and their sums are added to the GEMMs'.
 
     The sum for the temperature is taken token by token from the GEMM of dx
-    (_dl_dot_shifted_l): the same sum from the sums over the tokens,
+    (_dx_and_sums_from_gemm): the same sum from the sums over the tokens,
     sum_k const_k sum_n dl - sum dquad, would cancel the common part of l across
     tokens, which is large far from the mixture, and lose the digits that the direct
     form keeps.
@@ -385,7 +416,8 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
     P, H, N, K = dl.shape
     d = mix.means.shape[2]
     dx = np.empty((P, H, N, d), dtype=dx_dtype)
-    blocks = list(_blocks(N))
+    two = len(x_parts) == 2
+    blocks = list(_blocks(P, H, N))
     any_direct = direct_rows is not None and direct_rows.any()
     if not any_direct:
         direct_rows = np.zeros((P, H, N), dtype=np.uint8)
@@ -397,28 +429,31 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
         # dmeans, dquad (H, K, d) and sum_{p,n} dl (H, K) of the direct tokens, summed
         direct = (np.zeros((H, K, d)), np.zeros((H, K, d)), np.zeros((H, K)))
         dl_dot = np.zeros(H)                                       # sum dl (l - shift), summed
-        feats_buf, g_buf, dl_buf = _block_buffers(P, H, N, (2 * d, 2 * d, K))
+        mine = blocks[s::BLOCK_STREAMS]
+        feats_buf, g_buf, dl_buf = _block_buffers(mine, H, (2 * d, 2 * d, K))
         # an overflow gives inf or NaN gradients, which the public backward functions report
         with np.errstate(over="ignore", invalid="ignore"):
-            for n0, n1 in blocks[s::BLOCK_STREAMS]:
-                nb = n1 - n0
-                feats = features(x_parts, mix, n0, n1, feats_buf)  # (P, H, nb, 2d)
-                dl_b = dl_buf[:, :, :nb]                           # (P, H, nb, K) float64
+            for p0, p1, n0, n1 in mine:
+                pa, pb = _block_parts(xa, xb, two, p0, p1)         # sequences p0 .. p1 - 1
+                feats = features((pa, pb) if two else (pa,), mix, n0, n1, feats_buf)  # (Pb, H, nb, 2d)
+                Pb, _, nb, _ = feats.shape
+                dl_b = _block_view(dl_buf, (Pb, H, nb, K))         # float64
                 if softmax is None:
-                    dl_b[...] = dl[:, :, n0:n1]
+                    dl_b[...] = dl[p0:p1, :, n0:n1]
                 else:                                              # dl = r (dr - r . dr) / tau
-                    _softmax_rows_backward_block(dl, softmax[0], softmax[1], n0, dl_b)
+                    _softmax_rows_backward_block(dl[p0:p1], softmax[0][p0:p1], softmax[1], n0, dl_b)
                 if any_direct:                                     # direct tokens; dl_b rows -> 0
-                    _log_density_backward_rows(dl_b, xa, xb, n0, mix.means, mix.inv_var,
-                                               mix.const, row_max, direct_rows, dx, *direct,
-                                               dl_dot)
-                g = np.matmul(dl_b, mix.w_backward, out=g_buf[:, :, :nb])   # 'phnk,hkf->phnf'
-                _dx_from_gemm(g, feats, n0, direct_rows, dx)       # dx = g[:d] - x' * g[d:]
-                if shift is not None:                              # sum dl (l - shift), by token
-                    _dl_dot_shifted_l(dl_b, g, feats, mix.const, mix.m2, shift, n0, dl_dot)
-                for p in range(P):                                 # 'phnk,phnf->hkf', one p at a
+                    _log_density_backward_rows(dl_b, pa, pb, n0, mix.means, mix.inv_var,
+                                               mix.const, row_max[p0:p1], direct_rows[p0:p1],
+                                               dx[p0:p1], *direct, dl_dot)
+                g = np.matmul(dl_b, mix.w_backward,                # 'phnk,hkf->phnf'
+                              out=_block_view(g_buf, (Pb, H, nb, 2 * d)))
+                # dx = g[:d] - x' * g[d:], sum dl (l - shift) and sum dl, by token
+                _dx_and_sums_from_gemm(dl_b, g, feats, mix.const, mix.m2, row_max[p0:p1], n0,
+                                       direct_rows[p0:p1], shift is not None, dx[p0:p1],
+                                       dl_sum, dl_dot)
+                for p in range(Pb):                                # 'phnk,phnf->hkf', one p at a
                     dl_f += np.matmul(dl_b[p].transpose(0, 2, 1), feats[p])  # time: no (P,H,K,2d)
-                dl_sum += dl_b.sum(axis=(0, 2))
         return dl_f, dl_sum, direct, dl_dot
 
     with blas_single_thread():                                     # small GEMMs: see _threads
