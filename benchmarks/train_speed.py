@@ -40,9 +40,11 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 
+import numba
 import numpy as np
 
 try:
@@ -248,28 +250,36 @@ class Profiler:
     """Inclusive times of wrapped functions, keyed by the path of enclosing wrapped calls.
 
     A wrapped function is a forward ("fwd") or backward ("bwd") row by its name, or takes
-    the phase of the call it runs in (phase "inherit": split/merge of heads)."""
+    the phase of the call it runs in (phase "inherit": split/merge of heads). Each thread
+    keeps its own stack of calls under way (the batch's shards run on threads of their
+    own), and the rows add up the threads' times. clock: time.perf_counter (wall) or
+    time.thread_time (the CPU time of the calling thread, which with shards on threads of
+    their own is what each row cost its core)."""
 
-    def __init__(self):
-        self.stack = []                     # [(label, phase)] of the calls under way
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.local = threading.local()      # .stack: [(label, phase)] of this thread's calls
+        self.lock = threading.Lock()
         self.times = OrderedDict()          # path -> {"fwd": s, "bwd": s, "calls": n}
         self.patches = []
 
     @contextlib.contextmanager
     def region(self, label, phase):
+        stack = self.local.__dict__.setdefault("stack", [])
         if phase == "inherit":
-            phase = self.stack[-1][1] if self.stack else "fwd"
-        self.stack.append((label, phase))
-        path = tuple(lab for lab, _ in self.stack)
-        t0 = time.perf_counter()
+            phase = stack[-1][1] if stack else "fwd"
+        stack.append((label, phase))
+        path = tuple(lab for lab, _ in stack)
+        t0 = self.clock()
         try:
             yield
         finally:
-            dt = time.perf_counter() - t0
-            self.stack.pop()
-            row = self.times.setdefault(path, {"fwd": 0.0, "bwd": 0.0, "calls": 0})
-            row[phase] += dt
-            row["calls"] += 1
+            dt = self.clock() - t0
+            stack.pop()
+            with self.lock:
+                row = self.times.setdefault(path, {"fwd": 0.0, "bwd": 0.0, "calls": 0})
+                row[phase] += dt
+                row["calls"] += 1
 
     def wrap(self, owner, attr, label, phase=None):
         """Replace owner.attr by a timed version (restored by unpatch)."""
@@ -419,21 +429,28 @@ def race(cfg, args, workers, repeats, label):
         # in this process: this checkout's gma_np, after PROFILE_WARMUP untimed steps
         b = args.blas_threads[0]
         m, o = copy_run(cfg, model)
-        prof = Profiler()
-        t_total = 0.0
+        # with the batch's shards on threads of their own (gma_np.train.loop, BATCH_SHARDS),
+        # wall times of concurrent calls would overlap: then the rows are each thread's CPU
+        # time, and the total is the process's
+        sharded = numba.get_num_threads() > 1 and len(loop._shards(batches[0])) > 1
+        prof = Profiler(time.thread_time if sharded else time.perf_counter)
+        total_clock = time.process_time if sharded else time.perf_counter
+        t_total, t_wall = 0.0, 0.0
         with blas_threads(b):
             for i in range(PROFILE_WARMUP):
                 gma_np_step(cfg, task, m, o, batches[i % len(batches)], i)
             prof.instrument(cfg.model.mixer)
             try:
                 for i in range(PROFILE_WARMUP, PROFILE_WARMUP + args.profile_steps):
-                    t0 = time.perf_counter()
+                    t0, w0 = total_clock(), time.perf_counter()
                     gma_np_step(cfg, task, m, o, batches[i % len(batches)], i, prof)
-                    t_total += time.perf_counter() - t0
+                    t_total += total_clock() - t0
+                    t_wall += time.perf_counter() - w0
             finally:
                 prof.unpatch()
+        unit = "CPU ms of the thread running each call, summed over the shards" if sharded else "ms"
         print(f"  where gma_np's step goes (blas={b}, mean of {args.profile_steps} profiled steps, "
-              f"ms per step):")
+              f"{unit} per step; {t_wall / args.profile_steps * 1e3:.1f} ms wall a step):")
         for line in prof.table(args.profile_steps, t_total):
             print(line)
     return result
@@ -473,7 +490,6 @@ def main(argv=None):
             except ImportError as err:
                 print(f"PyTorch twin: not available ({err}); gma_np alone")
                 break
-        import numba
         print(f"gma_np: Numba {numba.get_num_threads()} threads; BLAS threads per row; "
               f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
         for name in args.presets:

@@ -11,6 +11,8 @@
   BLAS on one thread around an op's block loop, cheap enough to run per call.
 - run_streams(fn, n), sum_in_order(terms): the block loops' streams on Python
   threads, and sums over them that are the same bit for bit at any thread count.
+- run_shards(fn, n): the shards of a training batch, one Python thread each, every
+  shard with its share of Numba's threads and BLAS on one thread.
 - _quiet_openmp_workers(): Numba's OpenMP workers sleep when idle, which no
   library sets for one pool only (see below).
 """
@@ -211,3 +213,46 @@ def sum_in_order(terms):
     for t in terms[1:]:
         total = total + t
     return total
+
+
+# ---------------------------------------------------------------------------------------
+# Shards of a training batch on Python threads.
+#
+# The trainer cuts its batch into a fixed number of shards (gma_np.train.loop,
+# BATCH_SHARDS) and runs each shard's forward and backward on a thread of its own,
+# with the calling thread's Numba threads divided among the shards. Within an op the
+# streams and pieces wait for each other dozens of times a step (every product, every
+# row layer); whole shards meet only once, at the sum of their gradients. Which shards
+# there are, and the order of that sum, depend on the batch only, so the gradients are
+# the same bits whether the shards run concurrently or one after the other.
+# ---------------------------------------------------------------------------------------
+
+_SHARD_POOLS = {}                                       # n_shards -> ThreadPoolExecutor
+
+
+def _shard_in_worker(fn, threads, i):
+    before = numba.get_num_threads()                    # per thread: the pool's are reused
+    numba.set_num_threads(threads)
+    try:
+        with blas_single_thread():
+            return fn(i)
+    finally:
+        numba.set_num_threads(before)
+
+
+def run_shards(fn, n_shards):
+    """[fn(0), ..., fn(n_shards - 1)]: concurrently, one thread per shard, when Numba has
+    at least two threads in the calling thread, else in order in the calling thread.
+
+    Each shard runs with numba.get_num_threads() // n_shards Numba threads (at least
+    one; its streams run in order when that is one) and BLAS on one thread."""
+    _quiet_openmp_workers()
+    total = numba.get_num_threads()
+    if n_shards <= 1 or total <= 1:
+        return [fn(i) for i in range(n_shards)]
+    if n_shards not in _SHARD_POOLS:
+        from concurrent.futures import ThreadPoolExecutor
+        _SHARD_POOLS[n_shards] = ThreadPoolExecutor(max_workers=n_shards,
+                                                    thread_name_prefix="gma_np_shard")
+    work = functools.partial(_shard_in_worker, fn, max(1, total // n_shards))
+    return list(_SHARD_POOLS[n_shards].map(work, range(n_shards)))

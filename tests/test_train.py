@@ -738,3 +738,98 @@ def test_other_mixers_log_no_routing_usage(tmp_path):
     _run(preset("test", steps=4, eval_interval=2, mixer="linear"), tmp_path)
     evals = [json.loads(l) for l in open(tmp_path / "log.jsonl") if "val_bpb" in l]
     assert evals and not any("eff_components" in l for l in evals)
+
+
+# ---------------------------------------------------------------- the batch's shards
+
+def _task_model(name, dtype="float64", seed=0):
+    kw = {} if name == "lm" else dict(task=name, task_params=TASK_ARGS[name])
+    cfg = preset("test", seed=seed, **kw)
+    cfg.model.dtype = dtype
+    task = loop_module.build_task(cfg)
+    model, _ = loop_module.build(cfg, task.head)
+    return task, model
+
+
+def _assert_grads_close(got, ref, rtol, what):
+    assert got.keys() == ref.keys(), what
+    for name in ref:
+        assert got[name].dtype == ref[name].dtype, f"{what}: {name} dtype"
+        scale = max(float(np.abs(ref[name]).max()), 1e-300)
+        err = float(np.abs(got[name] - ref[name]).max()) / scale
+        assert err <= rtol, f"{what}: {name} off by {err:.2e} of its largest entry"
+
+
+@pytest.mark.parametrize("name", ["lm", "listops", "recall", "copying"])
+def test_the_sharded_step_is_the_whole_batchs_step(name):
+    """loss_and_grads cuts an odd batch (5 rows: shards of 2 and 3) into BATCH_SHARDS
+    shards; in float64 its loss and every gradient are the whole batch's
+    (_shard_loss_and_grads with dloss 1) to 1e-12 of each gradient's largest entry, on the
+    language model, the classifier (listops, a key mask) and the masked tasks."""
+    task, model = _task_model(name)
+    batch = task.sample_batch("train", 5, np.random.default_rng(1))
+    assert len(loop_module._shards(batch)) == loop_module.BATCH_SHARDS == 2
+    loss, grads = loop_module.loss_and_grads(model, task, batch)
+    ref_loss, ref_grads = loop_module._shard_loss_and_grads(model, task, batch, 1.0)
+    assert loss == pytest.approx(ref_loss, rel=1e-13)
+    _assert_grads_close(grads, ref_grads, 1e-12, name)
+
+
+def test_shards_scoring_unequal_counts_are_weighted_by_them():
+    """A loss mask scoring 1 target in one shard and 9 in the other: each shard's mean
+    counts by its share of the targets (a plain average of the two means would not)."""
+    task, model = _task_model("lm")
+    batch = task.sample_batch("train", 4, np.random.default_rng(2))
+    mask = np.zeros(batch.tokens.shape, dtype=bool)
+    mask[0, 3] = True                                   # shard 0 (rows 0, 1): one target
+    mask[2, :5] = mask[3, 7:11] = True                  # shard 1 (rows 2, 3): nine
+    masked = batch._replace(loss_mask=mask)
+    loss, grads = loop_module.loss_and_grads(model, task, masked)
+    ref_loss, ref_grads = loop_module._shard_loss_and_grads(model, task, masked, 1.0)
+    assert loss == pytest.approx(ref_loss, rel=1e-13)
+    _assert_grads_close(grads, ref_grads, 1e-12, "unequal shards")
+    halves = [loop_module._shard_loss_and_grads(model, task, masked._replace(
+        **{f: getattr(masked, f)[r] for f in ("tokens", "targets", "loss_mask")}), 1.0)[0]
+        for r in (slice(0, 2), slice(2, 4))]
+    assert abs(0.5 * sum(halves) - ref_loss) > 1e-3     # the weights matter here
+
+
+def test_a_shard_without_scored_targets_leaves_the_batch_whole():
+    """Rows 0 and 1 score nothing: a shard of them would be 0 / 0, so the batch is one
+    shard, and a one-row batch is one shard too."""
+    task, model = _task_model("lm")
+    batch = task.sample_batch("train", 4, np.random.default_rng(3))
+    mask = np.zeros(batch.tokens.shape, dtype=bool)
+    mask[2:] = True
+    masked = batch._replace(loss_mask=mask)
+    assert loop_module._shards(masked) == [slice(0, 4)]
+    loss, grads = loop_module.loss_and_grads(model, task, masked)
+    assert np.isfinite(loss)
+    ref_loss, ref_grads = loop_module._shard_loss_and_grads(model, task, masked, 1.0)
+    assert loss == ref_loss
+    for g in ref_grads:
+        np.testing.assert_array_equal(grads[g], ref_grads[g])
+    one = task.sample_batch("train", 1, np.random.default_rng(4))
+    assert loop_module._shards(one) == [slice(0, 1)]
+
+
+def test_the_sharded_step_is_the_same_bits_at_one_and_two_threads():
+    """The shards run concurrently when Numba has two threads and one after the other on
+    one: the same loss and gradients, bit for bit (float32, the trainer's dtype)."""
+    import numba
+    if min(2, numba.config.NUMBA_NUM_THREADS) < 2 or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one thread or one core: the shards cannot run concurrently here")
+    task, model = _task_model("lm", dtype="float32")
+    batch = task.sample_batch("train", 6, np.random.default_rng(5))
+    runs = []
+    threads = numba.get_num_threads()
+    try:
+        for n in (1, 2):
+            numba.set_num_threads(n)
+            runs.append(loop_module.loss_and_grads(model, task, batch))
+    finally:
+        numba.set_num_threads(threads)
+    (l1, g1), (l2, g2) = runs
+    assert l1 == l2
+    for name in g1:
+        np.testing.assert_array_equal(g1[name], g2[name], err_msg=name)

@@ -24,10 +24,11 @@ Contracts (the wrappers check them, the kernels do not):
   the convolution's dc; sums of squares) accumulate in float64 in a fixed order, so
   they are as accurate as a float64 NumPy sum or more, and the same whatever the
   thread count. They are serial loops, and waking Numba's thread pool for one would
-  cost more than it gains on a loaded machine; the largest (GELU, layer norm, the
-  softmax of the cross-entropy) release the GIL (nogil) instead, so that the
-  wrappers can hand a large array to the streams in pieces fixed by its size
-  (gma_np.nn.layers._in_pieces), their partial sums added in a fixed order.
+  cost more than it gains on a loaded machine; every kernel releases the GIL (nogil)
+  instead, so that the wrappers can hand a large array to the streams in pieces fixed
+  by its size (gma_np.nn.layers._in_pieces: GELU, layer norm, the softmax of the
+  cross-entropy), their partial sums added in a fixed order, and so that the
+  trainer's shards (gma_np.train.loop, BATCH_SHARDS) never wait for each other's.
 Every body is plain Python over NumPy arrays and runs with NUMBA_DISABLE_JIT=1.
 """
 
@@ -210,7 +211,7 @@ def _softmax_finish(logits, e, row_max, n_max, probs, lse):
             probs[m, j] = e[m, j] * inv
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _cross_entropy_backward(probs, targets, scale, dlogits, one):
     """dlogits[m] = (probs[m] - onehot(targets[m])) scale[m]: (M, V), in the dtype of probs
     (one = 1 in it), NumPy's order: the target's entry less one, then the product."""
@@ -225,7 +226,7 @@ def _cross_entropy_backward(probs, targets, scale, dlogits, one):
 
 # ---------------------------------------------------------------- embeddings, convolution
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _embedding_backward(idx, dout, dW):
     """dW[idx[i]] += dout[i] for i in order (np.add.at's order): idx (M,), dout (M, D)."""
     M, D = dout.shape
@@ -235,7 +236,7 @@ def _embedding_backward(idx, dout, dW):
             dW[r, j] += dout[i, j]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _causal_conv_forward(xp, c, out):
     """out[b, t] = sum_s c[s] xp[b, t + w - 1 - s], taps added in order s = 0..w-1 from
     zero (NumPy's order): xp (B, w-1+T, D), c (w, D), out (B, T, D)."""
@@ -250,7 +251,7 @@ def _causal_conv_forward(xp, c, out):
                     out[bb, t, j] += c[s, j] * xp[bb, t + w - 1 - s, j]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _causal_conv_backward(xp, c, dout, dx, dc):
     """dx[b, t] = sum_s c[s] dout[b, t + s] (t + s < T, taps in order), dc[s] = sum_{b,t}
     dout[b, t] xp[b, t + w - 1 - s] (float64 accumulator dc (w, D), tokens in order)."""
@@ -270,7 +271,7 @@ def _causal_conv_backward(xp, c, dout, dx, dc):
 
 # ---------------------------------------------------------------- the optimiser
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sum_squares(g):
     """sum of g^2 over a flat array (S,), accumulated in float64 in order."""
     s = 0.0
@@ -280,7 +281,7 @@ def _sum_squares(g):
     return s
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _adamw_update(p, g, m, v, keep, beta1, one_minus_beta1, beta2, one_minus_beta2,
                   bc2, eps, step):
     """One AdamW update of a flat parameter (S,) in place, in its dtype and NumPy's order:

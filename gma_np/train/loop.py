@@ -53,9 +53,9 @@ import numpy as np
 
 from gma_np.nn.heads import add_head_grads
 from gma_np.nn.model import LanguageModel, body_backward, body_forward, parameter_shapes
-from gma_np._threads import with_blas_threads
+from gma_np._threads import run_shards, sum_in_order, with_blas_threads
 from gma_np.optim import AdamW, clip_grad_norm, lr_at
-from gma_np.tasks import body_causal, default_cache_dir, get_task
+from gma_np.tasks import Batch, body_causal, default_cache_dir, get_task
 from gma_np.train import checkpoint as ckpt
 from gma_np.train.config import (BOOKKEEPING_FIELDS, SCHEDULE_FIELDS, ConfigError, TrainConfig,
                                   config_differences)
@@ -108,16 +108,63 @@ def build(cfg, head=None):
     return model, _optimizer(cfg, model)
 
 
-def loss_and_grads(model, task, batch):
-    """(loss in nats, gradient dict) of one batch: the body (causal or not, the batch's key
-    mask), the task's head and loss, then back through both (docs/tasks.md, "One training
-    step"). The head's gradient of a shared parameter (the tied wte) adds to the body's."""
+# Shards of a training batch (gma_np._threads.run_shards): the batch's rows cut into this
+# many shards, each run forward and backward on a thread of its own, their gradients
+# summed in shard order. Within one op the two cores meet at every product and row layer
+# (~50 times a step); two shards meet once. The tiny preset's step, interleaved in one
+# process, medians (docs/performance.md section 6): see there for the figures.
+BATCH_SHARDS = 2
+
+
+def _shards(batch):
+    """Row ranges of the batch's shards: BATCH_SHARDS near-equal ranges, or the whole
+    batch when it has fewer rows than that or a shard would score no target (its loss
+    would be 0 / 0). A function of the batch alone, never of the thread count."""
+    B = batch.tokens.shape[0]
+    n = min(BATCH_SHARDS, B)
+    rows = [slice(i * B // n, (i + 1) * B // n) for i in range(n)]
+    if n > 1 and batch.loss_mask is not None and not all(batch.loss_mask[r].any() for r in rows):
+        rows = [slice(0, B)]
+    return rows
+
+
+def _scored(batch, rows):
+    """The targets of batch's rows that the loss scores: the count the head's mean is over."""
+    if batch.loss_mask is not None:
+        return int(batch.loss_mask[rows].sum())
+    return int(batch.targets[rows].size)
+
+
+def _shard_loss_and_grads(model, task, batch, dloss):
     arrays, cfg = model.arrays(), model.cfg
     h, c_body = body_forward(arrays, batch.tokens, cfg, causal=body_causal(task, cfg.mixer),
                              key_mask=batch.key_mask)                       # (B, N, D)
     loss, c_head, _ = task.head_forward(h, arrays, batch, cfg)
-    dh, g_head = task.head_backward(c_head)
+    dh, g_head = task.head_backward(c_head, dloss)
     return loss, add_head_grads(body_backward(dh, c_body), g_head)
+
+
+def loss_and_grads(model, task, batch):
+    """(loss in nats, gradient dict) of one batch: the body (causal or not, the batch's key
+    mask), the task's head and loss, then back through both (docs/tasks.md, "One training
+    step"). The head's gradient of a shared parameter (the tied wte) adds to the body's.
+
+    The batch runs as shards of rows (_shards, BATCH_SHARDS), concurrently
+    (gma_np._threads.run_shards). The loss is a mean over the scored targets, so shard s,
+    scoring n_s of the batch's n, contributes (n_s / n) times its own mean: its head's
+    backward gets dloss = n_s / n, and the loss and the gradients are the sums over the
+    shards, in shard order."""
+    rows = _shards(batch)
+    if len(rows) == 1:
+        return _shard_loss_and_grads(model, task, batch, 1.0)
+    total = sum(_scored(batch, r) for r in rows)
+    weights = [_scored(batch, r) / total for r in rows]
+    parts = [Batch(*(None if a is None else a[r] for a in batch)) for r in rows]
+    results = run_shards(lambda i: _shard_loss_and_grads(model, task, parts[i], weights[i]),
+                         len(rows))
+    loss = sum_in_order([w * l for w, (l, _) in zip(weights, results)])
+    grads = {name: sum_in_order([g[name] for _, g in results]) for name in results[0][1]}
+    return float(loss), grads
 
 
 def restore(run_dir):
