@@ -1,0 +1,156 @@
+"""The routing's blocks over sequences and tokens (gma_np.mixers.gma.routing._blocks).
+
+A block is a range of the stacked sequences (e.g. q then k) times a range of tokens,
+of at most ROUTING_ROWS rows. Here the block sizes are shrunk so that, at odd sizes
+(B = 7, H = 3, N = 37), the block boundaries fall inside the P axis and across the
+boundary between the q and k parts, and tokens taken in the direct form sit in
+several blocks of both parts; the fast path is held to its direct-form twin
+(route_forward_direct, route_backward_direct), to finite differences, and to itself
+at 1 and 2 Numba threads, bit for bit.
+"""
+
+import numba
+import numpy as np
+import pytest
+
+import gma_np
+from gma_np import _threads
+from gma_np._numerics import GRADIENT_CANCELLATION_BOUND, RTOL_EXACT
+from gma_np.mixers.gma import routing
+from tests.conftest import assert_close
+
+B, H, N, K, d = 7, 3, 37, 5, 3
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 4 tokens (37 tokens: 9 blocks of 4 and one of 1) and 3 sequences
+    (14 stacked sequences: 0-3, 3-6, 6-9 across q | k at 7, 9-12, 12-14)."""
+    monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)             # N < 32 * 16: a quarter, 4
+    monkeypatch.setattr(routing, "ROUTING_ROWS", 3 * H * 4)
+
+
+def problem(rng, dtype, per_head=True):
+    """(q, k) (B, H, N, d) and a mixture whose components are far apart and sharp: the
+    points drawn next to a component have their gradient taken in the direct form
+    (size >> quad), those drawn near the centre of the means do not."""
+    means = 3.0 * rng.standard_normal((H, K, d))
+    log_var = 2 * np.log(0.3) + 0.2 * rng.standard_normal((H, K, d))
+    logits = 0.5 * rng.standard_normal((H, K))
+    near = rng.random((2, B, H, N)) < 0.5                         # half next to a component
+    comp = rng.integers(0, K, size=(2, B, H, N))
+    h = np.arange(H)[None, None, :, None]
+    x = np.where(near[..., None],
+                 means[h, comp] + 0.3 * rng.standard_normal((2, B, H, N, d)),
+                 means.mean(axis=1)[None, None, :, None, :]
+                 + 0.5 * rng.standard_normal((2, B, H, N, d)))
+    q, k = x.astype(dtype)
+    params = tuple(a.astype(dtype) for a in (means, log_var, logits))
+    tau = rng.uniform(0.5, 1.5, H) if per_head else np.full(H, 0.8)
+    return (q, k), params, tau
+
+
+def route(xs, params, tau, dr, direct=False):
+    mix = routing.prepare_mixture(*params)
+    tau_dtype = np.dtype(params[0].dtype)
+    fwd, bwd = ((routing.route_forward_direct, routing.route_backward_direct) if direct
+                else (routing.route_forward, routing.route_backward))
+    r, cache = fwd(xs, mix, tau, True, tau_dtype, names=("q", "k"))
+    return r, cache, bwd(dr, cache)
+
+
+def test_blocks_cover_each_entry_once_within_the_rows(monkeypatch):
+    monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)
+    for rows in (1, 12, 36, 100, 10 ** 6):
+        monkeypatch.setattr(routing, "ROUTING_ROWS", rows)
+        for P, H_, N_ in [(14, 3, 37), (1, 4, 5), (64, 4, 128), (5, 1, 1)]:
+            seen = np.zeros((P, N_), dtype=int)
+            blocks = list(routing._blocks(P, H_, N_))
+            for p0, p1, n0, n1 in blocks:
+                assert 0 <= p0 < p1 <= P and 0 <= n0 < n1 <= N_
+                # at least one sequence a block; more only within the rows
+                assert p1 - p0 == 1 or (p1 - p0) * H_ * (n1 - n0) <= rows
+                seen[p0:p1, n0:n1] += 1
+            assert (seen == 1).all(), (rows, P, H_, N_)
+            assert blocks == list(routing._blocks(P, H_, N_))     # sizes only decide them
+
+
+def test_small_blocks_split_the_stacked_sequences_across_q_and_k(small_blocks):
+    blocks = list(routing._blocks(2 * B, H, N))
+    starts = sorted({(p0, p1) for p0, p1, _, _ in blocks})
+    assert starts == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 14)]  # (6, 9) holds q[6], k[0:2]
+    assert sorted({(n0, n1) for _, _, n0, n1 in blocks})[-1] == (36, 37)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_blocked_routing_matches_the_direct_form(rng, small_blocks, dtype, monkeypatch):
+    # float32 too takes the tokens next to a component in the direct form (its own bound
+    # would take none of these)
+    monkeypatch.setattr(routing, "GRADIENT_CANCELLATION_BOUND_FLOAT32", GRADIENT_CANCELLATION_BOUND)
+    xs, params, tau = problem(rng, dtype)
+    dr = rng.standard_normal((2 * B, H, N, K)).astype(dtype)
+    r, cache, grads = route(xs, params, tau, dr)
+    # direct-form tokens in blocks of both parts, and GEMM tokens beside them
+    marked = cache.direct_rows.astype(bool)
+    assert marked[:B].any() and marked[B:].any() and not marked.all()
+    assert marked[6:9].any() and (~marked[6:9]).any()             # the block across q | k
+    # the direct form on the same values, all in one piece (no blocks)
+    r_ref, _, ref = route(xs, params, tau, dr, direct=True)
+    rtol = RTOL_EXACT[np.dtype(dtype)]
+    assert r.dtype == dtype
+    assert_close("r", r, r_ref, rtol)
+    for name in ("means", "log_var", "logits", "temperature"):
+        assert np.asarray(grads[name]).dtype == dtype, name
+        assert_close(name, grads[name], ref[name], 10 * rtol)
+    assert_close("x", grads["x"], ref["x"], 10 * rtol)
+
+
+def test_blocked_routing_gives_the_same_bits_at_one_and_two_threads(rng, small_blocks,
+                                                                   monkeypatch):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba has one thread here")                  # nothing to compare
+    monkeypatch.setattr(_threads, "PARALLEL_MIN_WORK", 0)         # two streams on two threads
+    xs, params, tau = problem(rng, np.float64)
+    dr = rng.standard_normal((2 * B, H, N, K))
+    results = []
+    n = numba.get_num_threads()
+    for threads in (1, 2):
+        numba.set_num_threads(threads)
+        try:
+            results.append(route(xs, params, tau, dr))
+        finally:
+            numba.set_num_threads(n)
+    (r1, c1, g1), (r2, c2, g2) = results
+    assert np.array_equal(r1, r2) and np.array_equal(c1.direct_rows, c2.direct_rows)
+    assert c1.direct_rows.any()
+    for name in g1:
+        assert np.array_equal(g1[name], g2[name]), name
+
+
+def test_blocked_routing_gradcheck(monkeypatch):
+    """Finite differences through route_forward of stacked (q, k), blocks of 2 tokens and
+    one sequence, so that every block boundary is inside a part or between them."""
+    monkeypatch.setattr(routing, "ROUTING_BLOCK", 8)              # 2 tokens a block
+    monkeypatch.setattr(routing, "ROUTING_ROWS", 1)               # one sequence a block
+    rng = np.random.default_rng(7)
+    b, h, n, kk, dd = 2, 2, 5, 3, 2
+    inputs = dict(q=rng.standard_normal((b, h, n, dd)), k=rng.standard_normal((b, h, n, dd)),
+                  means=rng.standard_normal((h, kk, dd)),
+                  log_var=0.3 * rng.standard_normal((h, kk, dd)),
+                  logits=0.5 * rng.standard_normal((h, kk)), temperature=rng.uniform(0.5, 1.5, h))
+
+    def fun(q, k, means, log_var, logits, temperature):
+        mix = routing.prepare_mixture(means, log_var, logits)
+        return routing.route_forward((q, k), mix, temperature, True, names=("q", "k"))[0]
+
+    def grad(dr, q, k, means, log_var, logits, temperature):
+        mix = routing.prepare_mixture(means, log_var, logits)
+        _, cache = routing.route_forward((q, k), mix, temperature, True, names=("q", "k"))
+        g = routing.route_backward(dr, cache)
+        x = g.pop("x")                                            # (2b, h, n, d): q then k
+        g["q"], g["k"] = x[:b], x[b:]
+        return g
+
+    report = gma_np.gradcheck(fun, grad, inputs, mode="full")
+    assert report.ok, report
+    assert {c.name for c in report.inputs} == set(inputs)
