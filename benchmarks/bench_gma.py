@@ -21,7 +21,11 @@ expanded responsibilities, chunked causal read-out, autograd backward) is
 timed in the same run, interleaved repeat by repeat with gma_np so that both
 see the same machine load, and the table shows the ratio gma_np / torch
 (below 1 means gma_np is faster). Softmax attention (torch SDPA, quadratic)
-is timed too, up to --sdpa-max-n.
+is timed too, up to --sdpa-max-n. PyTorch runs in a subprocess of its own
+(TorchWorker), handed each point and asked for each timed call in turn, and
+this process never imports it: torch bundles a libgomp with the soname of
+Numba's, and in one process Numba's OpenMP pool would be torch's, spinning after
+every parallel region instead of sleeping (docs/performance.md, section 1).
 
 It then times recurrent decoding: gma_step at positions 100 and 4000
 (tokens/s for the whole (B, H) batch), and writes a log-log PNG of time and
@@ -41,6 +45,7 @@ default (all cores).
 import argparse
 import json
 import os
+import pickle
 import sys
 import time
 
@@ -66,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--plot", default="bench_gma.png", help="PNG path ('' to skip)")
     p.add_argument("--json", default="", help="also write the rows as JSON to this path")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: child process
+    p.add_argument("--serve-torch", action="store_true", help=argparse.SUPPRESS)  # internal: TorchWorker
     args = p.parse_args(argv)
     if args.quick:
         args.n = args.n or [1024, 4096]
@@ -91,12 +97,20 @@ except ImportError:                                     # run from a checkout wi
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import gma_np  # noqa: E402
 
-try:                                                    # optional baseline
-    import torch  # noqa: E402
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import torch_gma  # noqa: E402
-except ImportError:
-    torch = None
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _import_torch():
+    """(torch, torch_gma): imported only in the TorchWorker's process and a memory child."""
+    import torch
+    sys.path.insert(0, HERE)
+    import torch_gma
+    return torch, torch_gma
+
+
+def torch_available():
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -176,6 +190,7 @@ def gma_np_runners(inputs, causal, norm):
 
 
 def torch_runners(inputs, causal, norm):
+    torch, torch_gma = _import_torch()
     t = {n: torch.tensor(a, requires_grad=True) for n, a in inputs.items()}
 
     def fwd():
@@ -191,6 +206,7 @@ def torch_runners(inputs, causal, norm):
 
 
 def sdpa_runner(inputs, causal):
+    torch, torch_gma = _import_torch()
     q, k, v = (torch.tensor(inputs[n], requires_grad=True) for n in ("q", "k", "v"))
 
     def fwd_bwd():
@@ -207,50 +223,116 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
-def interleaved_medians(fns, repeats):
-    """Median wall time of each fn, timed in turn within each repeat (same load for all).
-
-    Each timed call comes right after an untimed call of the same fn: the timed one
-    sees that implementation's steady state (its threads awake, its buffers paged in),
-    as in a training loop, not the state the other implementation left. OpenMP pools
-    spin-wait after a parallel region before they sleep (libgomp: 300,000 pauses, ~10
-    ms on recent CPUs), so a call timed straight after the other implementation would
-    share the cores with its spinning workers; a pause before each timed call would
-    avoid that but time cold caches and sleeping threads instead (docs/performance.md,
-    section 1)."""
-    for fn in fns:                                       # warm-up (Numba compile, allocators)
+def steady_timer(fn):
+    """A timer: fn once untimed, then the seconds of one timed call. Each timed call comes
+    right after an untimed call of the same fn, so it sees that implementation's steady
+    state (its threads awake, its buffers paged in), as in a training loop, not the state
+    the other implementation left; a pause before each timed call would time cold caches
+    and sleeping threads instead (docs/performance.md, section 1)."""
+    def timer():
         fn()
-    times = [[] for _ in fns]
+        return timed(fn)
+    return timer
+
+
+class TorchWorker:
+    """The PyTorch baseline in a subprocess of its own (this script with --serve-torch):
+    handed a point, it builds the same inputs (make_problem, same seed) and runs a timer
+    (steady_timer) of one of its calls on request, returning the seconds it measured."""
+
+    def __init__(self, args):
+        import subprocess
+        cmd = [sys.executable, os.path.abspath(__file__), "--serve-torch", "--B", str(args.B),
+               "--H", str(args.H)]
+        if args.threads is not None:
+            cmd += ["--threads", str(args.threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.info = self.call("info")
+
+    def call(self, *request):
+        pickle.dump(request, self.proc.stdin)
+        self.proc.stdin.flush()
+        status, value = pickle.load(self.proc.stdout)
+        if status != "ok":
+            raise RuntimeError(f"torch worker: {value}")
+        return value
+
+    def timers(self, point):
+        """(names, timers) of the torch calls of point (N, d, K, config, dtype)."""
+        names = self.call("point", point)
+        return names, [lambda name=name: self.call("time", name) for name in names]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def serve_torch(args):
+    """The TorchWorker's loop: requests on stdin, (status, value) replies on stdout."""
+    torch, _ = _import_torch()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr                              # prints must not reach the pipe
+    timers = {}
+    while True:
+        try:
+            request = pickle.load(inp)
+        except EOFError:
+            return
+        try:
+            if request[0] == "info":
+                value = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+            elif request[0] == "point":
+                N, d, K, config, dtype = request[1]
+                causal, norm = config.startswith("causal"), config.split("-")[1]
+                inputs = make_problem(N, d, K, d, args.B, args.H, dtype)
+                fns = dict(zip(("torch_fwd", "torch_fwd_bwd"), torch_runners(inputs, causal, norm)))
+                if N <= args.sdpa_max_n and norm == "row":
+                    fns["sdpa_fwd_bwd"] = sdpa_runner(inputs, causal)
+                timers = {name: steady_timer(fn) for name, fn in fns.items()}
+                value = list(fns)
+            else:                                        # ("time", name)
+                value = timers[request[1]]()
+            reply = ("ok", value)
+        except Exception as err:                         # reported by the parent
+            reply = ("error", f"{type(err).__name__}: {err}")
+        pickle.dump(reply, out)
+        out.flush()
+
+
+def interleaved_medians(timers, repeats):
+    """Median seconds of each timer (steady_timer, or a TorchWorker's), run in turn within
+    each repeat, so that all see the same machine load."""
+    for timer in timers:                                 # warm-up (Numba compile, allocators)
+        timer()
+    times = [[] for _ in timers]
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            fn()
-            times[i].append(timed(fn))
+        for i, timer in enumerate(timers):
+            times[i].append(timer())
     return [float(np.median(t)) for t in times]
 
 
 # ----------------------------------------------------------------------------- the table
 
 def _runners(N, d, K, config, dtype, args):
-    """The timed functions of one point: names and callables (gma_np, then torch and SDPA)."""
+    """The gma_np calls of one point: names and callables."""
     causal = config.startswith("causal")
     norm = config.split("-")[1]
     inputs = make_problem(N, d, K, d, args.B, args.H, dtype)
-    fns = list(gma_np_runners(inputs, causal, norm))
-    names = ["fwd", "fwd_bwd"]
-    if torch is not None and not args.no_torch and N <= args.torch_max_n:
-        fns += list(torch_runners(inputs, causal, norm))
-        names += ["torch_fwd", "torch_fwd_bwd"]
-        if N <= args.sdpa_max_n and norm == "row":
-            fns.append(sdpa_runner(inputs, causal))
-            names.append("sdpa_fwd_bwd")
-    return names, fns
+    return ["fwd", "fwd_bwd"], list(gma_np_runners(inputs, causal, norm))
 
 
-def time_point(N, d, K, config, dtype, args):
-    """Medians of the interleaved repeats of one point (glibc's default allocator settings)."""
+def time_point(N, d, K, config, dtype, args, worker=None):
+    """Medians of the interleaved repeats of one point (glibc's default allocator settings):
+    gma_np's calls here, torch's in the worker (None: no torch)."""
     names, fns = _runners(N, d, K, config, dtype, args)
+    timers = [steady_timer(fn) for fn in fns]
+    if worker is not None and N <= args.torch_max_n:
+        torch_names, torch_timers = worker.timers((N, d, K, config, dtype))
+        names, timers = names + torch_names, timers + torch_timers
     row = dict(config=config, dtype=dtype, N=N, d=d, K=K, e=d, B=args.B, H=args.H)
-    row.update(zip(names, interleaved_medians(fns, args.repeats)))
+    row.update(zip(names, interleaved_medians(timers, args.repeats)))
     row["gflops"] = flops_model(N, d, K, d, args.H, args.B) / row["fwd_bwd"] / 1e9
     if "torch_fwd_bwd" in row:
         row["ratio"] = row["fwd_bwd"] / row["torch_fwd_bwd"]
@@ -284,8 +366,14 @@ def _memory_child(point, args):
     """In a fresh process: one warm-up call (Numba's cache, first-touch), then the peak
     resident memory of one more fwd+bwd call, printed in MB."""
     _fixed_mmap_threshold()
-    names, fns = _runners(point["N"], point["d"], point["K"], point["config"], point["dtype"], args)
-    fn = dict(zip(names, fns))["fwd_bwd" if point["impl"] == "gma_np" else "torch_fwd_bwd"]
+    N, d, K, config, dtype = (point[k] for k in ("N", "d", "K", "config", "dtype"))
+    if point["impl"] == "gma_np":
+        fn = _runners(N, d, K, config, dtype, args)[1][1]
+    else:
+        if args.threads is not None:
+            _import_torch()[0].set_num_threads(args.threads)
+        inputs = make_problem(N, d, K, d, args.B, args.H, dtype)
+        fn = torch_runners(inputs, config.startswith("causal"), config.split("-")[1])[1]
     fn()
     _fixed_mmap_threshold()                              # trim what the warm-up left free
     print(f"{peak_memory_mb(fn):.3f}")
@@ -377,15 +465,15 @@ def plot(rows, path):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    if args.threads is not None:
-        import numba
-        numba.set_num_threads(args.threads)
-        if torch is not None:
-            torch.set_num_threads(args.threads)
     import numba
+    if args.threads is not None:
+        numba.set_num_threads(args.threads)
+    worker = None
+    if not args.no_torch and torch_available():
+        worker = TorchWorker(args)
     print(f"gma_np {gma_np.__version__}, numpy {np.__version__}, numba {numba.__version__}"
-          f" ({numba.get_num_threads()} threads), torch "
-          f"{torch.__version__ + f' ({torch.get_num_threads()} threads)' if torch is not None else 'not installed'}")
+          f" ({numba.get_num_threads()} threads), "
+          f"{worker.info + ' in a subprocess' if worker is not None else 'torch not installed'}")
     print(f"B={args.B} H={args.H}, e = d; medians of {args.repeats} interleaved repeats; "
           f"ratio = gma_np f+b / torch f+b\n")
     points = [(N, d, K, config, dtype) for config in args.configs for dtype in args.dtypes
@@ -399,7 +487,7 @@ def main(args):
     print("timing ...", flush=True)
     rows = []
     for pt in points:
-        rows.append(time_point(*pt, args))
+        rows.append(time_point(*pt, args, worker))
         r = rows[-1]
         print(f"  timed {r['config']} {r['dtype']} N={r['N']} K={r['K']} d={r['d']}: "
               f"f+b {1e3 * r['fwd_bwd']:.1f} ms" + (f", torch {1e3 * r['torch_fwd_bwd']:.1f} ms"
@@ -425,6 +513,8 @@ def main(args):
         for pos, r in decode.items():
             print(f"  position {pos:>5}: {r['us_per_step']:8.1f} us/step, "
                   f"{r['tokens_per_s']:9.0f} tokens/s ({r['head_tokens_per_s']:.0f} head-tokens/s)")
+    if worker is not None:
+        worker.close()
     if args.plot:
         plot(rows, args.plot)
     if args.json:
@@ -437,5 +527,7 @@ def main(args):
 if __name__ == "__main__":
     if ARGS.memory_of:
         _memory_child(json.loads(ARGS.memory_of), ARGS)
+    elif ARGS.serve_torch:
+        serve_torch(ARGS)
     else:
         main(ARGS)

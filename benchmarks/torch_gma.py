@@ -5,8 +5,8 @@ K components, C chunk length.
 
 This is the baseline of the speed figures in docs/performance.md, written the
 way a PyTorch user would first write it, and NOT part of gma_np (PyTorch is
-never a dependency; bench_gma.py imports this module only when torch is
-installed):
+never a dependency; bench_gma.py imports this module only in the subprocess
+that times PyTorch, when torch is installed):
 
 - responsibilities by the matmul expansion of the quadratic term,
       sum_j (x_j - mu_kj)^2 / s2_kj = (x^2) @ (1/s2)^T - 2 x @ (mu/s2)^T + sum_j mu^2/s2,
