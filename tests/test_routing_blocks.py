@@ -24,10 +24,11 @@ B, H, N, K, d = 7, 3, 37, 5, 3
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 4 tokens (37 tokens: 9 blocks of 4 and one of 1) and 3 sequences
-    (14 stacked sequences: 0-3, 3-6, 6-9 across q | k at 7, 9-12, 12-14)."""
-    monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)             # N < 32 * 16: a quarter, 4
-    monkeypatch.setattr(routing, "ROUTING_ROWS", 3 * H * 4)
+    """Blocks of 16 tokens (37 tokens: 16, 16, 5) and 3 sequences (14 stacked sequences:
+    0-3, 3-6, 6-9 across q | k at 7, 9-12, 12-14). A quarter of 16 tokens of every
+    sequence is more than the rows, so the blocks take all 16 tokens."""
+    monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)
+    monkeypatch.setattr(routing, "ROUTING_ROWS", 3 * H * 16)
 
 
 def problem(rng, dtype, per_head=True):
@@ -61,7 +62,7 @@ def route(xs, params, tau, dr, direct=False):
 
 def test_blocks_cover_each_entry_once_within_the_rows(monkeypatch):
     monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)
-    for rows in (1, 12, 36, 100, 10 ** 6):
+    for rows in (1, 12, 36, 100, 144, 10 ** 6):
         monkeypatch.setattr(routing, "ROUTING_ROWS", rows)
         for P, H_, N_ in [(14, 3, 37), (1, 4, 5), (64, 4, 128), (5, 1, 1)]:
             seen = np.zeros((P, N_), dtype=int)
@@ -73,13 +74,16 @@ def test_blocks_cover_each_entry_once_within_the_rows(monkeypatch):
                 seen[p0:p1, n0:n1] += 1
             assert (seen == 1).all(), (rows, P, H_, N_)
             assert blocks == list(routing._blocks(P, H_, N_))     # sizes only decide them
+            # the token blocks: a quarter while every sequence's quarter fits the rows
+            quarter = P * H_ * 4 <= rows and N_ < 32 * 16
+            assert blocks[0][3] - blocks[0][2] == min(N_, 4 if quarter else 16)
 
 
 def test_small_blocks_split_the_stacked_sequences_across_q_and_k(small_blocks):
     blocks = list(routing._blocks(2 * B, H, N))
     starts = sorted({(p0, p1) for p0, p1, _, _ in blocks})
     assert starts == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 14)]  # (6, 9) holds q[6], k[0:2]
-    assert sorted({(n0, n1) for _, _, n0, n1 in blocks})[-1] == (36, 37)
+    assert sorted({(n0, n1) for _, _, n0, n1 in blocks}) == [(0, 16), (16, 32), (32, 37)]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
@@ -130,7 +134,7 @@ def test_blocked_routing_gives_the_same_bits_at_one_and_two_threads(rng, small_b
 def test_blocked_routing_gradcheck(monkeypatch):
     """Finite differences through route_forward of stacked (q, k), blocks of 2 tokens and
     one sequence, so that every block boundary is inside a part or between them."""
-    monkeypatch.setattr(routing, "ROUTING_BLOCK", 8)              # 2 tokens a block
+    monkeypatch.setattr(routing, "ROUTING_BLOCK", 2)              # 2 tokens a block
     monkeypatch.setattr(routing, "ROUTING_ROWS", 1)               # one sequence a block
     rng = np.random.default_rng(7)
     b, h, n, kk, dd = 2, 2, 5, 3, 2

@@ -181,11 +181,16 @@ def _blocks(P, H, N):
     in the order the streams deal them: every routing temporary is per block, and the
     blocks (so every sum's order) depend on the sizes only.
 
-    Tokens: ROUTING_BLOCK a block (a quarter of that below N = 32 ROUTING_BLOCK, where
-    the float64 block temporaries would be a large share of the memory). Sequences: as
-    many as keep the block's rows, p_count H tokens, within ROUTING_ROWS (at least one),
-    so that a block's features, GEMM results and dl stay in L2 whatever P H is."""
-    size = ROUTING_BLOCK if N >= 32 * ROUTING_BLOCK else max(1, ROUTING_BLOCK // 4)
+    Tokens: ROUTING_BLOCK a block; a quarter of that below N = 32 ROUTING_BLOCK, where the
+    float64 block temporaries of every sequence at once would be a large share of the
+    memory, unless even a quarter of every sequence is more than ROUTING_ROWS rows: the
+    sequences are split then, which bounds the temporaries anyway, and the longer runs
+    of tokens make each sequence's GEMMs larger. Sequences: as many as keep a block's
+    rows, p_count H tokens, within ROUTING_ROWS (at least one), so that its features,
+    GEMM results and dl stay in L2 whatever P H is."""
+    size = ROUTING_BLOCK
+    if N < 32 * ROUTING_BLOCK and P * H * max(1, ROUTING_BLOCK // 4) <= ROUTING_ROWS:
+        size = max(1, ROUTING_BLOCK // 4)
     size = min(size, N)
     p_count = max(1, min(P, ROUTING_ROWS // (H * size)))
     for p0 in range(0, P, p_count):
