@@ -24,13 +24,36 @@ exceeds max_norm, every gradient is scaled by max_norm / ||g||.
 The update of a parameter is one pass over its elements (gma_np.nn._kernels._adamw_update),
 every operation that of the NumPy form `adamw_update_naive` in its order and dtype,
 so the same bits; the sums of squares of the norm are one float64 pass per gradient.
+From ADAMW_STREAM_MIN_ELEMENTS elements the parameters go to the two streams
+(gma_np._threads.run_streams) as two runs of near-equal size: each parameter's update
+is its own, so the bits are the same on one thread or two.
 """
 
 import math
 
 import numpy as np
 
+from gma_np._threads import run_streams
 from gma_np.nn import _kernels as K
+
+# Parameters below this many elements in all are updated on one thread: handing two
+# groups to the streams costs ~50-75 us (docs/performance.md, section 6), what the
+# update of ~10^5 elements takes.
+ADAMW_STREAM_MIN_ELEMENTS = 2 ** 17
+
+
+def _halves(names, sizes):
+    """names cut into two runs of near-equal total size (one run below
+    ADAMW_STREAM_MIN_ELEMENTS): the groups of AdamW.step's two streams."""
+    total = sum(sizes)
+    if total < ADAMW_STREAM_MIN_ELEMENTS or len(names) < 2:
+        return [names]
+    acc = 0
+    for i, size in enumerate(sizes):
+        if acc + size / 2 >= total / 2:
+            return [names[:max(i, 1)], names[max(i, 1):]]
+        acc += size
+    return [names[:-1], names[-1:]]
 
 
 def lr_at(step, base_lr, warmup, total, min_ratio=0.1):
@@ -106,20 +129,29 @@ class AdamW:
         self.t += 1
         bc1 = 1.0 - self.beta1 ** self.t
         bc2 = 1.0 - self.beta2 ** self.t
-        for name, p in params.items():
-            m, v = self.m[name], self.v[name]
-            if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
-                # a strided view is updated in place too, by the NumPy form
-                adamw_update_naive(p, grads[name], m, v, lr, self.t, self.beta1, self.beta2,
-                                   self.eps, self.weight_decay, self.decay[name])
-                continue
-            one = p.dtype.type
-            g = np.ascontiguousarray(grads[name], dtype=p.dtype)
-            keep = one(1.0 - lr * self.weight_decay) if (self.decay[name] and self.weight_decay > 0) \
-                else one(1.0)
-            K._adamw_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), keep, one(self.beta1),
-                            one(1.0 - self.beta1), one(self.beta2), one(1.0 - self.beta2),
-                            one(bc2), one(self.eps), one(lr / bc1))
+        names = list(params)
+        groups = _halves(names, [params[n].size for n in names])
+
+        def update(s):                                      # one group of parameters
+            for name in groups[s]:
+                self._update(name, params[name], grads[name], lr, bc1, bc2)
+        # each parameter's update is its own: the same bits on one thread or two
+        run_streams(update, len(groups))
+
+    def _update(self, name, p, grad, lr, bc1, bc2):
+        m, v = self.m[name], self.v[name]
+        if not (p.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+            # a strided view is updated in place too, by the NumPy form
+            adamw_update_naive(p, grad, m, v, lr, self.t, self.beta1, self.beta2,
+                               self.eps, self.weight_decay, self.decay[name])
+            return
+        one = p.dtype.type
+        g = np.ascontiguousarray(grad, dtype=p.dtype)
+        keep = one(1.0 - lr * self.weight_decay) if (self.decay[name] and self.weight_decay > 0) \
+            else one(1.0)
+        K._adamw_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), keep, one(self.beta1),
+                        one(1.0 - self.beta1), one(self.beta2), one(1.0 - self.beta2),
+                        one(bc2), one(self.eps), one(lr / bc1))
 
     def state_arrays(self):
         """The state as a flat dict of arrays (for a checkpoint): "m/<name>", "v/<name>", "t"."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gma_np.nn import ModelConfig, decays
-from gma_np.optim import AdamW, clip_grad_norm, global_norm, lr_at
+from gma_np.optim import AdamW, adamw_update_naive, clip_grad_norm, global_norm, lr_at
 
 RTOL = {np.float64: 1e-12, np.float32: 1e-6}
 
@@ -100,3 +100,37 @@ def test_adamw_rejects_bad_arguments():
     opt = AdamW({"w": np.zeros(2)})
     with pytest.raises(ValueError, match="grads"):
         opt.step({"w": np.zeros(2)}, {}, 0.1)
+
+
+def test_adamw_in_two_streams_is_the_naive_update_bit_for_bit(rng, monkeypatch):
+    """Every parameter updated in one of two groups on the streams (threshold 0, five
+    parameters of odd sizes, float32 and float64, decayed or not): the same bits as
+    adamw_update_naive parameter by parameter, at one Numba thread and at two."""
+    import numba
+    from gma_np import optim
+    monkeypatch.setattr(optim, "ADAMW_STREAM_MIN_ELEMENTS", 0)
+    sizes = {"a": (3, 7), "b": (11,), "c": (5, 2, 3), "d": (1,), "e": (13, 4)}
+    assert len(optim._halves(list(sizes), [int(np.prod(s)) for s in sizes.values()])) == 2
+    for dtype in (np.float32, np.float64):
+        p0 = {n: rng.standard_normal(s).astype(dtype) for n, s in sizes.items()}
+        gs = [{n: rng.standard_normal(s).astype(dtype) for n, s in sizes.items()} for _ in range(3)]
+        decay = {n: n in ("a", "c") for n in sizes}
+        runs = []
+        threads = numba.get_num_threads()
+        try:
+            for t in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+                numba.set_num_threads(t)
+                params = {n: p.copy() for n, p in p0.items()}
+                opt = AdamW(params, weight_decay=0.1, decay=decay)
+                for step, g in enumerate(gs):
+                    opt.step(params, g, 1e-2 * (step + 1))
+                runs.append(params)
+        finally:
+            numba.set_num_threads(threads)
+        for n in sizes:
+            p, m, v = p0[n].copy(), np.zeros_like(p0[n]), np.zeros_like(p0[n])
+            for step, g in enumerate(gs):
+                adamw_update_naive(p, g[n], m, v, 1e-2 * (step + 1), step + 1, 0.9, 0.99, 1e-8,
+                                   0.1, decay[n])
+            for run in runs:
+                np.testing.assert_array_equal(run[n], p, err_msg=f"{n} {np.dtype(dtype).name}")
