@@ -382,7 +382,8 @@ def _mixture_grads(dl_sum, dmeans, dquad, mix):
             zip(("means", "log_var", "logits"), (dmeans, dlog_var, dlogits), mix.dtypes)}
 
 
-def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=None, softmax=None):
+def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=None, softmax=None,
+                         row_scale=None):
     """Gradients of sum(l * dl) for l = log_density(x_parts, mix), by two GEMMs per block.
 
     dl (P, H, N, K), float32 or float64. Returns (dx (P, H, N, d) in dx_dtype, a
@@ -404,6 +405,10 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
     holds dr, the cotangent of r, and each block's dl = r (dr - sum_k r dr) / tau is
     taken in float64 by the stream that takes the block (_softmax_rows_backward_block),
     never as a whole (P, H, N, K) array.
+
+    row_scale: None, or a (P, H, N) float64 factor per token: then dl holds the
+    (P, H, N, K) float64 rows that it scales, and each block's dl = row_scale * dl
+    is formed in the block (the log-likelihood's dll * posterior), never as a whole.
 
     These expansions cancel like the forward's where a token sits close to a mean
     far from the centre: the tokens the forward marked in direct_rows (P, H, N)
@@ -443,10 +448,12 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
                 feats = features((pa, pb) if two else (pa,), mix, n0, n1, feats_buf)  # (Pb, H, nb, 2d)
                 Pb, _, nb, _ = feats.shape
                 dl_b = _block_view(dl_buf, (Pb, H, nb, K))         # float64
-                if softmax is None:
-                    dl_b[...] = dl[p0:p1, :, n0:n1]
-                else:                                              # dl = r (dr - r . dr) / tau
+                if softmax is not None:                            # dl = r (dr - r . dr) / tau
                     _softmax_rows_backward_block(dl[p0:p1], softmax[0][p0:p1], softmax[1], n0, dl_b)
+                elif row_scale is not None:                        # dl = row_scale * rows
+                    np.multiply(row_scale[p0:p1, :, n0:n1, None], dl[p0:p1, :, n0:n1], out=dl_b)
+                else:
+                    dl_b[...] = dl[p0:p1, :, n0:n1]
                 if any_direct:                                     # direct tokens; dl_b rows -> 0
                     _log_density_backward_rows(dl_b, pa, pb, n0, mix.means, mix.inv_var,
                                                mix.const, row_max[p0:p1], direct_rows[p0:p1],
@@ -711,8 +718,8 @@ def log_likelihood_backward(dll, cache):
     check.check_shape("dll", dll, expected, "the shape of the log-likelihood")
     dll = dll.reshape(cache.posterior.shape[:3]).astype(ACCUM_DTYPE)
     with threads_for(_work((cache.x4,), cache.mix)):
-        dx4, grads, _ = log_density_backward(dll[..., None] * cache.posterior, cache.x4,
-                                             cache.mix, cache.x_dtype, cache.direct_rows)
+        dx4, grads, _ = log_density_backward(cache.posterior, cache.x4, cache.mix, cache.x_dtype,
+                                             cache.direct_rows, row_scale=dll)
     grads["x"] = dx4.reshape(cache.lead_shape + dx4.shape[1:])
     check_gradients_finite(grads, "dll", dll)
     return grads
