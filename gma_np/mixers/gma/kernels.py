@@ -258,10 +258,12 @@ def _gma_step_fused(q, k, v, mask, parameters, prepared, means_t, inv_var_t, con
 #     quad = g + m2,  m2[k] = sum_j mu'_kj^2 inv_var_kj                  (the matmul expansion)
 # The kernels below finish the job row by row, in one pass over memory. Those that
 # run once per block of the routing (sequences x tokens, up to ROUTING_ROWS rows:
-# _features, _log_density_expanded,
-# _softmax_rows_shift, _softmax_rows_normalise, _softmax_rows_backward_block,
-# _log_density_backward_rows, _dx_and_sums_from_gemm)
-# are serial: a block is small, and waking Numba's thread pool once per block
+# _features, _log_density_expanded, _softmax_rows_shift, _softmax_rows_normalise,
+# _softmax_rows_backward_block, _log_density_backward_rows, _dx_and_sums_from_gemm)
+# see the block's sequences only: P in their shapes is the block's, the (P, H, N, ...)
+# arrays are the whole arrays' rows p0 .. p1 - 1 (C-contiguous views), and xa, xb the
+# block's share of each stacked part (routing._block_parts). They are serial: a block
+# is small, and waking Numba's thread pool once per block
 # (hundreds of times per call) costs more than it gains (on a loaded 2-core machine,
 # causal fwd+bwd at N=8192: 11 s with 2 threads against 0.5 s with 1;
 # docs/performance.md). Their `prange` is then a plain range.
