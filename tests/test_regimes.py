@@ -91,7 +91,9 @@ def direct_form(monkeypatch):
         parts = routing._parts(x_parts)
         return routing.log_density_direct(np.concatenate(parts) if len(parts) > 1 else parts[0], mix)
 
-    def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None):
+    def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, row_scale=None):
+        if row_scale is not None:                                  # dl = row_scale * rows
+            dl = row_scale[..., None] * dl
         dx, grads = routing.log_density_backward_direct(dl, routing._parts(x_parts)[0], mix)
         return dx.astype(dx_dtype), grads, None
 

@@ -188,6 +188,8 @@ def _blocks(P, H, N):
     of tokens make each sequence's GEMMs larger. Sequences: as many as keep a block's
     rows, p_count H tokens, within ROUTING_ROWS (at least one), so that its features,
     GEMM results and dl stay in L2 whatever P H is."""
+    if P == 0 or H == 0 or N == 0:                                 # nothing to route
+        return
     size = ROUTING_BLOCK
     if N < 32 * ROUTING_BLOCK and P * H * max(1, ROUTING_BLOCK // 4) <= ROUTING_ROWS:
         size = max(1, ROUTING_BLOCK // 4)
