@@ -32,11 +32,19 @@ from numba import njit, prange
 
 from gma_np.memory.step import _write_read_head
 
-# For the per-token sums of the backward (_dx_and_sums_from_gemm): reassociation lets LLVM
-# keep a sum over K or d in vector lanes instead of one chain of dependent adds (the
-# latency of an add per term: 1.23 ms a block of 12288 tokens, K = 32, d = 32, against
-# 0.24), and contract fuses multiply-adds. It changes the rounding of a sum, never
-# which terms enter it, and the same code gives the same bits on every thread count.
+# For the per-token sums of the block kernels (_dx_and_sums_from_gemm, |x'|^2 and the
+# direct form in _log_density_expanded, the softmax's sum in _softmax_rows_normalise):
+# reassociation lets LLVM keep a sum over K or d in vector lanes instead of one chain of
+# dependent adds (the latency of an add per term: 1.23 ms a block of 12288 tokens,
+# K = 32, d = 32, against 0.24; per block of the op's shape, 1024 rows, d = K = 64:
+# _log_density_expanded 87 -> 53 us, _softmax_rows_normalise 45 -> 24), and contract
+# fuses multiply-adds. It changes the rounding of a sum, never which terms enter it (no
+# nnan/ninf: the NaN and inf tests stand), and the same code gives the same bits on
+# every thread count. Not on _softmax_rows_shift (slower), nor on
+# _softmax_rows_backward_block: its sum_k r dr must round as the direct form's
+# (_softmax_rows_backward) does, where r dr - r sum_k r dr cancels for a nearly one-hot
+# r; summed in another order, the gradient of x came out up to 16 times the direct
+# form's error in tests/test_regimes.py (60-digit oracle).
 _FASTMATH = {"reassoc", "contract"}
 
 
@@ -293,7 +301,7 @@ def _features(x, center, n0, out):
                 out[p, h, n, d + j] = xc * xc
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, inv_var, bound,
                           grad_bound, out, direct_rows):
     """l[p,h,n,k] = const[h,k] - 1/2 quad, quad = g + m2 or, where that cancels, directly,
@@ -525,7 +533,7 @@ def _softmax_rows_shift(l, inv_tau, n0, shift):
             shift[p, h, n0 + n] = m
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _softmax_rows_normalise(u, n0, r, shift):
     """The last pass of routing.softmax_rows_forward: r[p,h,n0+n,:] = u / sum_k u, the sum in
     float64, for one block of tokens u = exp((l - m) / tau); shift[p,h,n0+n] set to NaN
