@@ -14,6 +14,7 @@ from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
 from gma_np.memory.ops import memory_backward, memory_forward
 from gma_np.memory.reference import causal_mix_loop
 from gma_np.memory.scan import (
+    SCAN_RECOMPUTE_TOKENS,
     SCAN_ROWS_MAX_K,
     SCAN_TOKENS,
     _causal_scan_backward,
@@ -67,8 +68,10 @@ def token_scan(rq, rk, v, do, slot, eps):
 
 
 def test_the_kernels_are_written_for_four_tokens():
-    """The loop bodies unroll four tokens by hand; the constant names that, nothing else."""
+    """The loop bodies unroll four tokens by hand (eight in the backward's pass 1); the
+    constants name that, nothing else."""
     assert SCAN_TOKENS == 4
+    assert SCAN_RECOMPUTE_TOKENS == 8
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
@@ -171,12 +174,13 @@ def test_blocked_forward_from_a_state_matches_the_loop(dtype, norm, kernel):
 
 @pytest.mark.parametrize("norm", ["row", "slot"])
 def test_blocked_backward_by_finite_differences(norm):
-    """Full central differences in float64 through the memory op, form "scan": N = 6
-    (a block and a ragged one), K = 3, e = 2, a padding key (after the first token)."""
+    """Full central differences in float64 through the memory op, form "scan": N = 10
+    (pass 2: two blocks of four and a ragged one; pass 1: a block of eight and a ragged
+    one), K = 3, e = 2, a padding key (after the first token)."""
     rng = np.random.default_rng(5)
     # features away from 0: the slot read divides by z_t + eps, which at t = 0 is one key's
     # feature, and a finite-difference step on a tiny one would measure its curvature
-    rq, rk, v = rng.random((2, 6, 3)) + 0.5, rng.random((2, 6, 3)) + 0.5, rng.standard_normal((2, 6, 2))
+    rq, rk, v = rng.random((2, 10, 3)) + 0.5, rng.random((2, 10, 3)) + 0.5, rng.standard_normal((2, 10, 2))
     rk[0, 2] = 0.0
     slot = norm == "slot"
 

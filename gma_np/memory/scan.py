@@ -3,8 +3,8 @@ and their wrappers (_causal_forward, _causal_backward: allocate, then run a kern
 
 Two versions of each kernel: token by token (_causal_scan_forward, _causal_scan_backward,
 the plainer loops, described first below) and time-blocked (_causal_scan_forward_blocked,
-_causal_scan_backward_blocked: four tokens per pass over the state, the section further
-down), which the wrappers run; tests/test_scan_blocked.py holds one to the other and both
+_causal_scan_backward_blocked: four tokens per pass over the state, eight in the backward's
+forward pass, the section further down), which the wrappers run; tests/test_scan_blocked.py holds one to the other and both
 to the dense reference. The blocked forward has two loop orders, over the columns of S^T
 (_causal_scan_forward_blocked) and over the rows of S (_causal_scan_forward_blocked_rows,
 for K <= SCAN_ROWS_MAX_K), and the blocked backward one or two state rows per pass.
@@ -391,23 +391,40 @@ def _forward_blocked_kernel(K):
     return _causal_scan_forward_blocked_rows if K <= SCAN_ROWS_MAX_K else _causal_scan_forward_blocked
 
 
+# Pass 1 of the blocked backward (the forward write again, and the dot products
+# S_t[k] . do_t) takes eight tokens per pass over each state row, one row at a time: eight
+# dot products in flight, one load and store of S[k, c] per eight tokens. Measured,
+# float32, row norm, one thread, medians of 21 interleaved rounds of the paired ratio, the
+# backward kernel against the same kernel with pass 1 in blocks of four (one row up to
+# SCAN_ROWS_MAX_K, two above): 0.91 at (P, N, K, e) = (4, 1024, 64, 64), 1.00 at
+# (128, 128, 16, 32), 1.02 at (192, 256, 32, 32). The loop alone on a 64 x 64 state in
+# cache: 130 ps per entry and token, against 152 (one row, four tokens) and 171 (two rows,
+# four tokens). Pass 2 keeps SCAN_TOKENS: with eight tokens its loop carries three rows of
+# eight (v, do and dv's accumulator) besides the state, and the same loop test ran 5.4x
+# slower (1152 ps per entry and token against 214 with four). docs/performance.md has the
+# wrappers' figures.
+SCAN_RECOMPUTE_TOKENS = 8   # the loop body below is written for 8
+
+
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, S, z, coef, dzt, drq, drk, dv):
-    """_causal_scan_backward, SCAN_TOKENS tokens per pass over the state (same arguments
+    """_causal_scan_backward, blocks of tokens per pass over the state (same arguments
     and results to rounding, except the state scratch: S (P, K', e) with K' = K + K % 2).
 
-    Pass 1 (forward in t) and pass 2 (backward in t) are those of the token kernel; per
-    block of four tokens and per pair of state rows (k, k + 1), the loop over the value
-    axis c holds S[k, c], S[k + 1, c] (pass 2: the suffix sums G) in registers while the
-    four tokens go through them in order, and stores each once:
-        pass 1:  s = S[k, c] + w_u[k] v_u[c];             sdot_u[k] += s do_u[c]
+    Pass 1 (forward in t) and pass 2 (backward in t) are those of the token kernel. Pass 1
+    takes SCAN_RECOMPUTE_TOKENS = 8 tokens per block: per state row k, the loop over the
+    value axis c holds S[k, c] in a register while the eight tokens go through it in order,
+    and stores it once:
+        pass 1:  s = S[k, c] + w_u[k] v_u[c] (u = 0..7);  sdot_u[k] += s do_u[c]
+    Pass 2 takes SCAN_TOKENS = 4 tokens per block and, with `pairs`, two state rows
+    (k, k + 1) per pass over c, the suffix sums G[k, c], G[k + 1, c] in registers:
         pass 2:  g = G[k, c] + a_u[k] do_u[c] (u = 3..0); dv_u[c] += w_u[k] g;  drk_u[k] += g v_u[c]
-    so that a load of v_u, do_u (and of dv_u's accumulator) serves two rows. The four
-    tokens' rows of v and do are copied to float64 once per block.
+    so that a load of v_u, do_u (and of dv_u's accumulator) serves two rows. The block's
+    rows of v and do are copied to float64 once per block.
 
-    pairs  bool  True: two state rows per pass over c, as above; False: one, the same
-                 sums entry by entry with half the dot products in flight (what the
-                 wrapper runs up to SCAN_ROWS_MAX_K components: see there)
+    pairs  bool  pass 2 only. True: two state rows per pass over c, as above; False: one,
+                 the same sums entry by entry with half the dot products in flight (what
+                 the wrapper runs up to SCAN_ROWS_MAX_K components: see there)
     """
     P, N, K = rq.shape
     e = v.shape[2]
@@ -420,100 +437,91 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, S, z, coef, d
         Sp[:, :] = 0.0
         zp[:] = 0.0
         W = np.zeros((T, Kp))                     # rk of the block's tokens, float64
-        Z = np.empty((T, K))                      # pass 1: z after each token; pass 2: g
-        D = np.zeros((T, Kp))                     # pass 1: S_t[k] . do_t; pass 2: a_u[k]
-        X = np.empty((T, e))                      # v of the block's tokens, float64
-        Y = np.empty((T, e))                      # do of the block's tokens, float64
+        Z = np.empty((T, K))                      # pass 2: g after each token
+        D = np.zeros((T, Kp))                     # pass 2: a_u[k]
+        X = np.empty((T, e))                      # pass 2: v of the block's tokens, float64
+        Y = np.empty((T, e))                      # pass 2: do of the block's tokens, float64
         DV = np.empty((T, e))                     # pass 2: dv of the block's tokens
         RK = np.empty((T, Kp))                    # pass 2: G_t[k] . v_t of the block's tokens
-        den = np.empty(T)
-        # pass 1: forward in t
-        for b in range(nblocks):
-            t0 = b * T
-            n = min(T, N - t0)
-            for u in range(T):
+        # pass 1: forward in t, SCAN_RECOMPUTE_TOKENS = 8 tokens per pass over each state row
+        # (the comment before the kernel); U, Z1, D1, X1, Y1 hold the block's tokens
+        U = SCAN_RECOMPUTE_TOKENS
+        W1 = np.zeros((U, K))                     # rk of the block's tokens, float64
+        Z1 = np.empty((U, K))                     # z after each token
+        D1 = np.empty((U, K))                     # S_t[k] . do_t
+        X1 = np.zeros((U, e))                     # v of the block's tokens, float64
+        Y1 = np.zeros((U, e))                     # do of the block's tokens, float64
+        den = np.empty(U)
+        for b in range((N + U - 1) // U):
+            t0 = b * U
+            n = min(U, N - t0)
+            for u in range(U):
                 if u >= n:
-                    W[u, :] = 0.0
-                    X[u, :] = 0.0
-                    Y[u, :] = 0.0
+                    W1[u, :] = 0.0
+                    X1[u, :] = 0.0
+                    Y1[u, :] = 0.0
                     continue
                 t = t0 + u
+                # loops of two or three arrays each: they vectorise (one loop over all of
+                # them needs more runtime overlap checks than LLVM makes)
+                for k in range(K):
+                    W1[u, k] = rk[p, t, k]
+                for k in range(K):
+                    zk = zp[k] + W1[u, k]
+                    zp[k] = zk
+                    Z1[u, k] = zk
                 dd = eps
                 for k in range(K):
-                    wk = np.float64(rk[p, t, k])
-                    zk = zp[k] + wk
-                    zp[k] = zk
-                    Z[u, k] = zk
-                    W[u, k] = wk
-                    dd += np.float64(rq[p, t, k]) * zk
+                    dd += np.float64(rq[p, t, k]) * Z1[u, k]
                 den[u] = dd
                 for c in range(e):
-                    X[u, c] = v[p, t, c]
-                    Y[u, c] = do[p, t, c]
-            x0, x1, x2, x3 = X[0], X[1], X[2], X[3]
-            y0, y1, y2, y3 = Y[0], Y[1], Y[2], Y[3]
-            if not pairs:
-                for k in range(K):
-                    w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
-                    Sk = Sp[k]
-                    d0 = d1 = d2 = d3 = 0.0       # S_t[k] . do_t
-                    for c in range(e):
-                        s = Sk[c] + w0 * x0[c]
-                        d0 += s * y0[c]
-                        s += w1 * x1[c]
-                        d1 += s * y1[c]
-                        s += w2 * x2[c]
-                        d2 += s * y2[c]
-                        s += w3 * x3[c]
-                        d3 += s * y3[c]
-                        Sk[c] = s
-                    D[0, k], D[1, k], D[2, k], D[3, k] = d0, d1, d2, d3
-            else:
-                for k in range(0, Kp, 2):
-                    w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
-                    q0, q1, q2, q3 = W[0, k + 1], W[1, k + 1], W[2, k + 1], W[3, k + 1]
-                    Sk = Sp[k]
-                    Sj = Sp[k + 1]
-                    d0 = d1 = d2 = d3 = 0.0           # S_t[k] . do_t
-                    f0 = f1 = f2 = f3 = 0.0           # S_t[k + 1] . do_t
-                    for c in range(e):
-                        s = Sk[c] + w0 * x0[c]
-                        r = Sj[c] + q0 * x0[c]
-                        d0 += s * y0[c]
-                        f0 += r * y0[c]
-                        s += w1 * x1[c]
-                        r += q1 * x1[c]
-                        d1 += s * y1[c]
-                        f1 += r * y1[c]
-                        s += w2 * x2[c]
-                        r += q2 * x2[c]
-                        d2 += s * y2[c]
-                        f2 += r * y2[c]
-                        s += w3 * x3[c]
-                        r += q3 * x3[c]
-                        d3 += s * y3[c]
-                        f3 += r * y3[c]
-                        Sk[c] = s
-                        Sj[c] = r
-                    D[0, k], D[1, k], D[2, k], D[3, k] = d0, d1, d2, d3
-                    D[0, k + 1], D[1, k + 1], D[2, k + 1], D[3, k + 1] = f0, f1, f2, f3
-            # the read's gradients, token by token (D[u] holds s_k of the token kernel)
+                    X1[u, c] = v[p, t, c]
+                for c in range(e):
+                    Y1[u, c] = do[p, t, c]
+            x0, x1, x2, x3, x4, x5, x6, x7 = X1[0], X1[1], X1[2], X1[3], X1[4], X1[5], X1[6], X1[7]
+            y0, y1, y2, y3, y4, y5, y6, y7 = Y1[0], Y1[1], Y1[2], Y1[3], Y1[4], Y1[5], Y1[6], Y1[7]
+            for k in range(K):
+                w0, w1, w2, w3 = W1[0, k], W1[1, k], W1[2, k], W1[3, k]
+                w4, w5, w6, w7 = W1[4, k], W1[5, k], W1[6, k], W1[7, k]
+                Sk = Sp[k]
+                d0 = d1 = d2 = d3 = d4 = d5 = d6 = d7 = 0.0           # S_t[k] . do_t
+                for c in range(e):
+                    s = Sk[c] + w0 * x0[c]
+                    d0 += s * y0[c]
+                    s += w1 * x1[c]
+                    d1 += s * y1[c]
+                    s += w2 * x2[c]
+                    d2 += s * y2[c]
+                    s += w3 * x3[c]
+                    d3 += s * y3[c]
+                    s += w4 * x4[c]
+                    d4 += s * y4[c]
+                    s += w5 * x5[c]
+                    d5 += s * y5[c]
+                    s += w6 * x6[c]
+                    d6 += s * y6[c]
+                    s += w7 * x7[c]
+                    d7 += s * y7[c]
+                    Sk[c] = s
+                D1[0, k], D1[1, k], D1[2, k], D1[3, k] = d0, d1, d2, d3
+                D1[4, k], D1[5, k], D1[6, k], D1[7, k] = d4, d5, d6, d7
+            # the read's gradients, token by token (D1[u] holds s_k of the token kernel)
             for u in range(n):
                 t = t0 + u
                 if slot:
                     for k in range(K):
-                        inv = 1.0 / (Z[u, k] + eps)
-                        drq[p, t, k] = D[u, k] * inv
+                        inv = 1.0 / (Z1[u, k] + eps)
+                        drq[p, t, k] = D1[u, k] * inv
                         coef[p, t, k] = rq[p, t, k] * inv
-                        dzt[p, t, k] = -rq[p, t, k] * D[u, k] * inv * inv
+                        dzt[p, t, k] = -rq[p, t, k] * D1[u, k] * inv * inv
                 else:
                     inv = 1.0 / den[u]
                     do_dot_num = 0.0
                     for k in range(K):
-                        do_dot_num += rq[p, t, k] * D[u, k]
+                        do_dot_num += rq[p, t, k] * D1[u, k]
                     dden = -do_dot_num * inv * inv
                     for k in range(K):
-                        drq[p, t, k] = D[u, k] * inv + Z[u, k] * dden
+                        drq[p, t, k] = D1[u, k] * inv + Z1[u, k] * dden
                     coef[p, t, 0] = inv
                     dzt[p, t, 0] = dden
         # pass 2: backward in t, Sp and zp now hold the suffix sums G and g
@@ -543,14 +551,16 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, S, z, coef, d
                     ct = coef[p, t, 0]
                     dt = dzt[p, t, 0]
                     for k in range(K):
-                        qk = np.float64(rq[p, t, k])
-                        D[u, k] = qk * ct
-                        zk = zp[k] + qk * dt
+                        D[u, k] = np.float64(rq[p, t, k]) * ct
+                    for k in range(K):
+                        zk = zp[k] + np.float64(rq[p, t, k]) * dt
                         zp[k] = zk
                         Z[u, k] = zk
+                    for k in range(K):
                         W[u, k] = rk[p, t, k]
                 for c in range(e):
                     X[u, c] = v[p, t, c]
+                for c in range(e):
                     Y[u, c] = do[p, t, c]
             DV[:, :] = 0.0
             x0, x1, x2, x3 = X[0], X[1], X[2], X[3]
