@@ -111,7 +111,7 @@ ROUTING_BLOCK = 128
 # a block of the op's shape holds (P * H = 8 sequences of 128 tokens at N >= 4096).
 # Routing of stacked (q, k), float32, one thread, tiny preset's shape (P = 64, H = 4,
 # N = 128, d = 32, K = 16), fwd + bwd, interleaved medians of 7: 12.4 ms (512 rows),
-# 11.1 (1024), 12.3 (2048), 13.2 (4096); before the sequences were split (a block =
+# 11.1 (1024), 12.3 (2048), 13.2 (4096); the routing before the split (a block =
 # 32 tokens of all 256 sequences, 4 MB of features) 25 ms in the same run.
 ROUTING_ROWS = 1024
 
