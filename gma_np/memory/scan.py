@@ -462,8 +462,8 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, S, z, coef, d
                     Y1[u, :] = 0.0
                     continue
                 t = t0 + u
-                # loops of two or three arrays each: they vectorise (one loop over all of
-                # them needs more runtime overlap checks than LLVM makes)
+                # one loop per array written, as in pass 2 (measured no slower than one
+                # fused loop, and at some shapes faster: docs/performance.md)
                 for k in range(K):
                     W1[u, k] = rk[p, t, k]
                 for k in range(K):
