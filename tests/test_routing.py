@@ -136,3 +136,25 @@ def test_float32_direct_form_survives_far_offsets(rng):
     r64 = gma_np.responsibilities(x32.astype(np.float64), means32.astype(np.float64), log_var, logits)
     assert r32.dtype == np.float32
     np.testing.assert_allclose(r32, r64, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 4), (2, 2, 0, 4), (2, 3, 2, 0, 4), (0, 2, 5, 4)],
+                         ids=["N0", "lead-N0", "two-lead-N0", "lead0"])
+def test_no_points_give_empty_outputs_and_zero_parameter_gradients(shape):
+    """N = 0 or an empty leading axis: r and log p of shape (..., 0 ...), and every
+    parameter gradient zero (nothing was routed), not a reshape error."""
+    H, K, d = 2, 3, 4
+    rng = np.random.default_rng(0)
+    means, log_var, logits = (rng.standard_normal((H, K, d)), 0.1 * rng.standard_normal((H, K, d)),
+                              rng.standard_normal((H, K)))
+    x = np.zeros(shape)
+    r, cache = gma_np.responsibilities_forward(x, means, log_var, logits, temperature=0.7)
+    assert r.shape == shape[:-1] + (K,)
+    g = gma_np.responsibilities_backward(np.ones(r.shape), cache)
+    assert g["x"].shape == shape and g["temperature"] == 0.0
+    ll, cache = gma_np.log_likelihood_forward(x, means, log_var, logits)
+    assert ll.shape == shape[:-1]
+    g2 = gma_np.log_likelihood_backward(np.ones(ll.shape), cache)
+    for grads in (g, g2):
+        for name in ("means", "log_var", "logits"):
+            np.testing.assert_array_equal(grads[name], np.zeros_like(grads[name]), err_msg=name)

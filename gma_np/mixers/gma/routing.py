@@ -630,7 +630,8 @@ def _points(x, mix):
     x = check.float_array("x", x, min_ndim=3)
     check.mixture_matches("x", x.shape[-3], x.shape[-1], mix.means)
     lead = x.shape[:-3]
-    return x.reshape((-1,) + x.shape[-3:]), lead
+    # math.prod, not -1: a -1 cannot be solved for when another axis is 0 (N = 0)
+    return x.reshape((math.prod(lead),) + x.shape[-3:]), lead
 
 
 def responsibilities_forward(x, means, log_var, logits, temperature=1.0):
