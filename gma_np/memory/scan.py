@@ -37,7 +37,10 @@ N (docs/numerics.md). Nothing of size N x K x e is ever allocated; the only
 N-sized buffers (the per-token read coefficients of the backward) are
 allocated by the wrappers, so that Python's tracemalloc sees them.
 
-Kernels are plain loops that also run with NUMBA_DISABLE_JIT=1.
+Kernels are plain loops that also run with NUMBA_DISABLE_JIT=1. They release the GIL
+(nogil): the trainer runs two shards of its batch on two Python threads, each calling
+these kernels on one Numba thread (gma_np.train.loop, BATCH_SHARDS), and a kernel that
+held the GIL would stop the other shard's Python between its own calls.
 """
 
 import numpy as np
@@ -78,7 +81,7 @@ def _suffix_row(G_k, do_t, a, w, v_t, dv_acc):
     return acc
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
 def _causal_scan_forward(rq, rk, v, slot, eps, S, z, out):
     """Causal read-out of a K-slot memory written token by token.
 
@@ -125,7 +128,7 @@ def _causal_scan_forward(rq, rk, v, slot, eps, S, z, out):
         S[p] = ST.T
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
 def _causal_scan_backward(rq, rk, v, do, slot, eps, S, z, coef, dzt, drq, drk, dv):
     """Gradient of sum(out * do) for _causal_scan_forward started from a zero state.
 
@@ -263,7 +266,7 @@ def _forward_block_weights(rq, rk, v, p, t0, n, slot, eps, zp, W, A, X, inv):
             X[u, c] = v[p, t, c]
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
 def _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out):
     """_causal_scan_forward, SCAN_TOKENS tokens per pass over the state (same arguments,
     same results to rounding).
@@ -340,7 +343,7 @@ def _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out):
 SCAN_ROWS_MAX_K = 32
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
 def _causal_scan_forward_blocked_rows(rq, rk, v, slot, eps, S, z, out):
     """_causal_scan_forward, SCAN_TOKENS tokens per pass over the state rows (same arguments,
     same results to rounding); the kernel for K <= SCAN_ROWS_MAX_K (see above).
@@ -406,7 +409,7 @@ def _forward_blocked_kernel(K):
 SCAN_RECOMPUTE_TOKENS = 8   # the loop body below is written for 8
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
 def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, S, z, coef, dzt, drq, drk, dv):
     """_causal_scan_backward, blocks of tokens per pass over the state (same arguments
     and results to rounding, except the state scratch: S (P, K', e) with K' = K + K % 2).

@@ -48,7 +48,7 @@ from gma_np.memory.step import _write_read_head
 _FASTMATH = {"reassoc", "contract"}
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _log_density_forward(x, means, inv_var, const, out):
     """l[p,h,n,k] = const[h,k] - 1/2 sum_j (x[p,h,n,j] - means[h,k,j])^2 * inv_var[h,k,j].
 
@@ -72,7 +72,7 @@ def _log_density_forward(x, means, inv_var, const, out):
                 out[p, h, n, k] = const[h, k] - 0.5 * acc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _log_density_backward(dl, x, means, inv_var, dx, dmeans_part, dquad_part):
     """Gradient of the quadratic term of the log-density, given dl = dL/dl.
 
@@ -560,7 +560,7 @@ def _softmax_rows_normalise(u, n0, r, shift):
                 shift[p, h, n0 + n] = np.nan
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _softmax_rows_backward(dr, r, inv_tau, dl):
     """Backward of routing.softmax_rows_forward: dl = d/dl of sum(r * dr).
 

@@ -51,7 +51,9 @@ from numba import njit, prange
 _FASTMATH = {"reassoc", "contract"}
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+# nogil: the trainer runs two shards of its batch on two Python threads
+# (gma_np.train.loop, BATCH_SHARDS); a kernel holding the GIL would stall the other.
+@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
 def _selective_scan_forward(x, delta, A, B, C, D, h0, chunk, block, y, h_last, checkpoints,
                             states):
     """The selective scan from h0, writing y, the last state and the backward's states.
@@ -112,7 +114,7 @@ def _selective_scan_forward(x, delta, A, B, C, D, h0, chunk, block, y, h_last, c
                 h_last[b, m, s] = h[m - m0, s]
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
 def _selective_scan_backward(dy, x, delta, A, B, C, D, h0, chunk, checkpoints, states,
                              dx, ddelta, dA_part, dB_part, dC_part, dD_part, dh0):
     """Reverse scan: every gradient of sum(y * dy) (naive.selective_scan_backward_naive).

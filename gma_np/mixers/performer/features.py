@@ -97,7 +97,9 @@ def feature_shift(W):
     return float(np.max(np.einsum("hmd,hmd->hm", W, W)))
 
 
-@njit(cache=True, parallel=True)
+# nogil: the trainer runs two shards of its batch on two Python threads
+# (gma_np.train.loop, BATCH_SHARDS); a kernel holding the GIL would stall the other.
+@njit(cache=True, parallel=True, nogil=True)
 def _features_forward(x, W, scale, shift, inv_sqrt_m, out):
     """out[p, n, r] = exp(W[h, r] . x' - |x'|^2 / 2 - shift) * inv_sqrt_m,  x' = scale x[p, n].
 
@@ -123,7 +125,7 @@ def _features_forward(x, W, scale, shift, inv_sqrt_m, out):
                 out[p, n, r] = np.exp(dot - 0.5 * sq - shift) * inv_sqrt_m
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _features_backward(x, W, scale, phi, dphi, dx):
     """dx of sum(phi * dphi) for phi = _features_forward(x, W, scale, ...):
 
