@@ -15,7 +15,10 @@ path); the PyTorch twin (benchmarks/torch_model.py: the same parameters copied f
 the gma_np model, autograd, torch.optim.AdamW, clip_grad_norm_, float32) with
 `--torch-threads` threads. So no library's thread pools (Numba's OpenMP, torch's
 OpenMP and MKL) share a process with another's, and each process is alike (the same
-code measured in the parent and in a subprocess differed by 15% in one run).
+code measured in the parent and in a subprocess differed by 15% in one run). A gma_np
+process gets what train() sets in its own before the first step, the C allocator keeping
+freed blocks (gma_np._allocator); the twin runs as a PyTorch user runs it, unless
+--twin-keeps-freed-memory gives it the same setting.
 
 Timing: every implementation (gma_np at each of `--blas-threads`, torch) steps its own
 copy of the model through the same batches. Within each of `--repeats` rounds each
@@ -65,6 +68,8 @@ ROOT = os.path.dirname(HERE)                # this checkout, the one timed first
 # of a process are not yet its steady state (a tiny-preset step took 194-206 ms after one
 # step, 128-141 after five, the profiler's wrappers costing nothing measurable either way).
 PROFILE_WARMUP = 5
+# set in the twin's environment by --twin-keeps-freed-memory
+TWIN_ALLOCATOR_ENV = "GMA_NP_BENCH_TWIN_KEEPS_FREED_MEMORY"
 
 
 def parse_args(argv=None):
@@ -90,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--unsplit-too", action="store_true",
                    help="also time this checkout with every matrix product whole "
                         "(gma_np.nn.layers.MATMUL_SPLIT_MIN_WORK out of reach)")
+    p.add_argument("--twin-keeps-freed-memory", action="store_true",
+                   help="give the torch twin's process the C allocator setting train() gives its "
+                        "own (gma_np._allocator); by default the twin runs as a PyTorch user runs it")
     p.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -101,8 +109,10 @@ class Worker:
     (the gma_np of another checkout, --compare). Messages are pickled over its stdin and
     stdout; the subprocess prints to stderr."""
 
-    def __init__(self, kind, arg):
+    def __init__(self, kind, arg, keep_freed_memory=False):
         env = dict(os.environ)
+        if keep_freed_memory:
+            env[TWIN_ALLOCATOR_ENV] = "1"
         if kind in ("gma_np", "gma_np-unsplit"):      # that checkout's gma_np first on the path
             env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(arg)] +
                                                  env.get("PYTHONPATH", "").split(os.pathsep))
@@ -173,12 +183,16 @@ def _serve(kind, arg):
                 return
             if msg[0] == "init" and kind == "torch":      # (key, ModelConfig, params, TrainConfig)
                 _, key, mcfg, params, tcfg = msg
+                if os.environ.get(TWIN_ALLOCATOR_ENV) == "1":
+                    from gma_np._allocator import keep_freed_memory
+                    keep_freed_memory()
                 runs[key] = TorchTwin(LanguageModel(mcfg, params=params), torch.float32)
                 runs[key].optimizer(tcfg)
                 send(True, None)
             elif msg[0] == "init":                        # (key, TrainConfig dict, blas threads)
                 _, key, cfg_dict, blas = msg
                 from gma_np.train.config import TrainConfig
+                _trainer_process()
                 cfg = TrainConfig.from_dict(cfg_dict)
                 runs[key] = (cfg, blas) + build_run(cfg)
                 send(True, None)
@@ -207,6 +221,16 @@ def _serve(kind, arg):
 
 
 # ----------------------------------------------------------------------------- gma_np's step
+
+def _trainer_process():
+    """What train() sets in its process before the first step: the C allocator keeps freed
+    blocks (gma_np._allocator; an older checkout without it: nothing)."""
+    try:
+        from gma_np._allocator import keep_freed_memory
+    except ImportError:
+        return
+    keep_freed_memory()
+
 
 def build_run(cfg):
     """(task, model, optimizer, batches source) as train() builds them for a fresh run."""
@@ -429,6 +453,7 @@ def race(cfg, args, workers, repeats, label):
         # in this process: this checkout's gma_np, after PROFILE_WARMUP untimed steps
         b = args.blas_threads[0]
         m, o = copy_run(cfg, model)
+        _trainer_process()
         # with the batch's shards on threads of their own (gma_np.train.loop, BATCH_SHARDS),
         # wall times of concurrent calls would overlap: then the rows are each thread's CPU
         # time, and the total is the process's
@@ -485,7 +510,7 @@ def main(argv=None):
             print(f"timed: {w.info} (a subprocess)")
         for threads in ([] if args.no_torch else args.torch_threads):
             try:
-                workers["torch"].append(Worker("torch", threads))
+                workers["torch"].append(Worker("torch", threads, args.twin_keeps_freed_memory))
                 print(f"PyTorch twin: {workers['torch'][-1].info} (a subprocess)")
             except ImportError as err:
                 print(f"PyTorch twin: not available ({err}); gma_np alone")

@@ -833,3 +833,18 @@ def test_the_sharded_step_is_the_same_bits_at_one_and_two_threads():
     assert l1 == l2
     for name in g1:
         np.testing.assert_array_equal(g1[name], g2[name], err_msg=name)
+
+
+def test_train_keeps_freed_memory_where_glibc_allows(tmp_path, monkeypatch):
+    """train() sets the C allocator to keep freed blocks (gma_np._allocator) before its first
+    step; on glibc both thresholds are accepted, and a second call is a no-op."""
+    import platform
+    from gma_np import _allocator
+    calls = []
+    real = loop_module.keep_freed_memory
+    monkeypatch.setattr(loop_module, "keep_freed_memory", lambda: calls.append(1) or real())
+    _run(preset("test", steps=1), tmp_path)
+    assert calls == [1]
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert _allocator.keep_freed_memory() is True
+        assert _allocator._APPLIED == [True]

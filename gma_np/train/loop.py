@@ -53,6 +53,7 @@ import numpy as np
 
 from gma_np.nn.heads import add_head_grads
 from gma_np.nn.model import LanguageModel, body_backward, body_forward, parameter_shapes
+from gma_np._allocator import keep_freed_memory
 from gma_np._threads import run_shards, sum_in_order, with_blas_threads
 from gma_np.optim import AdamW, clip_grad_norm, lr_at
 from gma_np.tasks import Batch, body_causal, default_cache_dir, get_task
@@ -235,9 +236,13 @@ def train(cfg, run_dir, *, resume=False, stop_after=None, quiet=None, print_fn=_
     blas_threads : BLAS threads for the run (None = leave as is); the caller's come back
         when train returns or raises (gma_np._threads.with_blas_threads).
     cache_dir : where a task keeps generated splits (None: gma_np.tasks.default_cache_dir()).
+
+    The process's C allocator is set to keep freed blocks for reuse (gma_np._allocator:
+    glibc only, for the rest of the process).
     """
     if cfg is not None and not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig or None, got {type(cfg).__name__}")
+    keep_freed_memory()                  # the steps' arrays reused, not re-faulted: _allocator
     if stop_after is not None and (not isinstance(stop_after, int) or isinstance(stop_after, bool)
                                    or stop_after < 1):
         raise ValueError(f"stop_after: expected a positive integer or None, got {stop_after!r}")
