@@ -55,8 +55,26 @@ def float_array(name, x, ndim=None, min_ndim=None):
     return np.ascontiguousarray(x)
 
 
+def all_finite(x):
+    """True iff every entry of the float array x is finite.
+
+    First by the sum of x, which is finite only when every entry is (a NaN or an inf
+    makes it NaN or inf; a sum that overflows with finite entries falls through to the
+    entry-by-entry test): one pass and no temporary, where np.isfinite(x).all() writes a
+    boolean array of x's size, whose fresh pages a process pays for as page faults on
+    every call once glibc has given freed memory back (gma_backward at B=1 H=4 N=8192
+    d=K=e=64 float32: ~500 faults for each check of a (4, 8192, 64) array;
+    docs/performance.md, section 2)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(x, axis=None)):
+            return True
+    return bool(np.isfinite(x).all())
+
+
 def first_nonfinite(x):
     """The index (a tuple) of the first NaN or inf entry of x, or None."""
+    if all_finite(x):
+        return None
     finite = np.isfinite(x)
     if finite.all():
         return None
@@ -73,7 +91,7 @@ def cache(name, value, expected_type, made_by):
 
 def check_finite(name, x):
     """Raise ValueError naming the first NaN or inf entry of x."""
-    if not np.isfinite(x).all():
+    if not all_finite(x):
         bad = np.argwhere(~np.isfinite(x))[0]
         where = tuple(int(i) for i in bad)
         raise ValueError(

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import gma_np
+from gma_np import _validation as check
 from tests.conftest import make_problem
 
 B, H, N, d, e, K = 2, 3, 5, 4, 2, 3
@@ -297,3 +298,20 @@ def test_a_wrong_state_gets_a_type_error(problem, state):
     with pytest.raises(TypeError, match=rf"state: expected a GMAState \(see init_state\) or None, got {came}"):
         gma_np.gma_step(problem["q"][:, :, 0], problem["k"][:, :, 0], problem["v"][:, :, 0],
                         **_mixture_of(problem), state=state)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_is_the_entry_by_entry_test(dtype):
+    """all_finite (a sum first, no boolean temporary) answers as np.isfinite(x).all():
+    finite entries whose sum overflows, one NaN, one inf, an inf and a -inf (sum NaN),
+    an empty array, a strided view."""
+    rng = np.random.default_rng(0)
+    cases = [np.full(10, np.finfo(dtype).max / 4, dtype=dtype), np.ones(0, dtype=dtype),
+             rng.standard_normal((6, 7)).astype(dtype)[::2, 1::3]]
+    for bad in ([np.nan], [np.inf], [-np.inf], [np.inf, -np.inf]):
+        a = rng.standard_normal(37).astype(dtype)
+        a[[5, 30][:len(bad)]] = bad
+        cases.append(a)
+    for a in cases:
+        assert check.all_finite(a) == bool(np.isfinite(a).all()), a
+    assert check.first_nonfinite(cases[3]) == (5,)

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gma_np import _validation as check
 from gma_np._numerics import ACCUM_DTYPE, CAUSAL_CHUNK, CHUNKED_MIN_KE, SUPPORTED_DTYPES
 from gma_np._threads import threads_for
 from gma_np.memory.bidirectional import _bidirectional_backward, _bidirectional_forward
@@ -214,7 +215,7 @@ def check_output_finite(name, o, eps):
     Finite features and eps > 0 give a finite output; eps = 0 does not when a query
     reads a memory nothing was written to (all keys so far are padding).
     """
-    if not np.isfinite(o).all():
+    if not check.all_finite(o):
         raise FloatingPointError(
             f"{name}: the output is not finite; with eps = {eps} a query that reads an empty "
             f"memory (all keys so far are padding) divides 0 by 0: pass eps > 0")
@@ -250,5 +251,5 @@ def check_state(state, cls, B, H, F, e, what):
             raise ValueError(f"{name}: expected shape {shape} = {axes} ({what}), got {a.shape}")
         if a.dtype != ACCUM_DTYPE:
             raise TypeError(f"{name}: expected dtype float64 (the state is an accumulator), got {a.dtype}")
-        if not np.isfinite(a).all():
+        if not check.all_finite(a):
             raise ValueError(f"{name}: expected finite values")

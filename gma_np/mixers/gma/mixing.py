@@ -87,7 +87,7 @@ def check_output_finite(o, eps, rq, v, slot, z_read):
     0 / 0), or a memory S = sum_j r(k_j) v_j, or its read-out, beyond the float64
     range (|v| near 1e308).
     """
-    if np.isfinite(o).all():
+    if check.all_finite(o):
         return
     p, n, _ = check.first_nonfinite(o)
     z = z_read(p, n)                                               # (K,)
