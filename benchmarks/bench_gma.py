@@ -27,6 +27,12 @@ this process never imports it: torch bundles a libgomp with the soname of
 Numba's, and in one process Numba's OpenMP pool would be torch's, spinning after
 every parallel region instead of sleeping (docs/performance.md, section 1).
 
+--keep-freed-memory gives both processes the C allocator setting that train() uses
+(gma_np._allocator): under glibc's defaults the op's large arrays come back as fresh pages
+on every call, page faults that cost gma_np ~20 ms of system time a call at N = 8192
+(docs/performance.md, section 2); by default both run under the defaults, what a user's
+process has.
+
 It then times recurrent decoding: gma_step at positions 100 and 4000
 (tokens/s for the whole (B, H) batch), and writes a log-log PNG of time and
 memory against N with the slopes fitted from N >= 4096 (matplotlib optional).
@@ -71,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--plot", default="bench_gma.png", help="PNG path ('' to skip)")
     p.add_argument("--json", default="", help="also write the rows as JSON to this path")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # internal: child process
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="give this process and the torch worker's the C allocator setting "
+                        "train() uses (gma_np._allocator.keep_freed_memory); by default both "
+                        "run under glibc's defaults")
     p.add_argument("--serve-torch", action="store_true", help=argparse.SUPPRESS)  # internal: TorchWorker
     args = p.parse_args(argv)
     if args.quick:
@@ -246,6 +256,8 @@ class TorchWorker:
                "--H", str(args.H)]
         if args.threads is not None:
             cmd += ["--threads", str(args.threads)]
+        if args.keep_freed_memory:
+            cmd += ["--keep-freed-memory"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.info = self.call("info")
 
@@ -272,6 +284,9 @@ def serve_torch(args):
     torch, _ = _import_torch()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from gma_np._allocator import keep_freed_memory
+        keep_freed_memory()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr                              # prints must not reach the pipe
     timers = {}
@@ -468,6 +483,9 @@ def main(args):
     import numba
     if args.threads is not None:
         numba.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from gma_np._allocator import keep_freed_memory
+        print(f"C allocator keeps freed memory (both processes): {keep_freed_memory()}")
     worker = None
     if not args.no_torch and torch_available():
         worker = TorchWorker(args)
