@@ -29,8 +29,8 @@ every parallel region instead of sleeping (docs/performance.md, section 1).
 
 --keep-freed-memory gives both processes the C allocator setting that train() uses
 (gma_np._allocator): under glibc's defaults the op's large arrays come back as fresh pages
-on every call, page faults that cost gma_np ~20 ms of system time a call at N = 8192
-(docs/performance.md, section 2); by default both run under the defaults, what a user's
+on every call, page faults that cost gma_np 15-40 ms of system time a call at N = 8192
+(docs/performance.md, section 1, "The allocator"); by default both run under the defaults, what a user's
 process has.
 
 It then times recurrent decoding: gma_step at positions 100 and 4000

@@ -64,7 +64,7 @@ def all_finite(x):
     boolean array of x's size, whose fresh pages a process pays for as page faults on
     every call once glibc has given freed memory back (gma_backward at B=1 H=4 N=8192
     d=K=e=64 float32: ~500 faults for each check of a (4, 8192, 64) array;
-    docs/performance.md, section 2)."""
+    docs/performance.md, section 1, "The allocator")."""
     with np.errstate(over="ignore", invalid="ignore"):
         if np.isfinite(np.add.reduce(x, axis=None)):
             return True

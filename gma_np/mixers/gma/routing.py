@@ -264,9 +264,9 @@ def features(x_parts, mix, n0, n1, out=None):
 
 # Each thread's scratch arrays, kept from call to call: [flat float64 array] grown to the
 # largest block seen (at most ROUTING_ROWS rows of the widest operand, ~1 MiB a buffer at
-# d = 64). Allocated per call, they came from the streams' threads' glibc arenas, whose
-# heaps give freed memory back: B=1 H=4 N=1024 d=K=e=64 float32, gma_forward +
-# gma_backward, docs/performance.md section 2.
+# d = 64). Allocated per call, they were fresh memory for every call, whose pages the
+# streams' threads then touched first: page faults once glibc had given freed memory back
+# (docs/performance.md, section 1, "The allocator").
 _SCRATCH = threading.local()
 
 
