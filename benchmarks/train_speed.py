@@ -34,6 +34,11 @@ its routing/memory stages, the head, the optimiser), and the table gives each on
 forward and backward milliseconds per step, nested as they are called; "(rest)" is the
 part of a row that none of its children account for (Python glue, residual adds,
 reshapes). The wrappers cost a few microseconds per call, a fraction of a percent.
+When the step runs its batch's shards on two threads (gma_np.train.loop, BATCH_SHARDS),
+the calls of the two shards overlap in time: each row is then the CPU time of the thread
+that made the call (time.thread_time), summed over the shards, and the total the
+process's CPU time; work a row hands to other threads (AdamW's two streams) falls under
+"outside every row".
 """
 
 import argparse
