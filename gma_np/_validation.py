@@ -58,23 +58,15 @@ def float_array(name, x, ndim=None, min_ndim=None):
 def all_finite(x):
     """True iff every entry of the float array x is finite.
 
-    First by sum_i x_i^2 (BLAS's dot of x with itself; NumPy's sum of x where x is not
-    contiguous), finite only when every entry is: a NaN or an inf makes it NaN or inf,
-    and the terms cannot cancel. A sum that overflows with finite entries falls through
-    to the entry-by-entry test. One pass and no temporary, where np.isfinite(x).all()
-    writes a boolean array of x's size (64 against 27 us at 2^19 float32 entries), whose
-    fresh pages a process pays for as page faults on every call once glibc has given
-    freed memory back (gma_backward at B=1 H=4 N=8192 d=K=e=64 float32: ~500 faults for
-    each check of a (4, 8192, 64) array; docs/performance.md, section 1, "The
-    allocator")."""
-    x = np.asarray(x)
+    First by the sum of x, which is finite only when every entry is (a NaN or an inf
+    makes it NaN or inf; a sum that overflows with finite entries falls through to the
+    entry-by-entry test): one pass and no temporary, where np.isfinite(x).all() writes a
+    boolean array of x's size, whose fresh pages a process pays for as page faults on
+    every call once glibc has given freed memory back (gma_backward at B=1 H=4 N=8192
+    d=K=e=64 float32: ~500 faults for each check of a (4, 8192, 64) array;
+    docs/performance.md, section 1, "The allocator")."""
     with np.errstate(over="ignore", invalid="ignore"):
-        if x.flags.c_contiguous:
-            flat = x.reshape(-1)
-            total = np.dot(flat, flat)
-        else:
-            total = np.add.reduce(x, axis=None)
-        if np.isfinite(total):
+        if np.isfinite(np.add.reduce(x, axis=None)):
             return True
     return bool(np.isfinite(x).all())
 
