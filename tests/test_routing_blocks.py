@@ -158,29 +158,3 @@ def test_blocked_routing_gradcheck(monkeypatch):
     report = gma_np.gradcheck(fun, grad, inputs, mode="full")
     assert report.ok, report
     assert {c.name for c in report.inputs} == set(inputs)
-
-
-def test_scratch_kept_from_call_to_call_changes_nothing():
-    """The streams keep their scratch arrays between calls (routing._SCRATCH): a small
-    call, a larger one that grows them, then the small one again give the small one's
-    first results bit for bit (forward and backward), on one thread and on two."""
-    def run(n_tokens, seed):
-        r = np.random.default_rng(seed)
-        q, k = (r.standard_normal((2, H, n_tokens, d)) for _ in range(2))
-        mix = routing.prepare_mixture(r.standard_normal((H, K, d)),
-                                      0.1 * r.standard_normal((H, K, d)), r.standard_normal((H, K)))
-        out, cache = routing.route_forward((q, k), mix, np.ones(H), True, np.dtype(np.float64))
-        grads = routing.route_backward(r.standard_normal(out.shape), cache)
-        return [out] + [np.asarray(grads[n]) for n in sorted(grads)]
-
-    threads = numba.get_num_threads()
-    try:
-        for t in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
-            numba.set_num_threads(t)
-            first = run(N, 1)
-            run(4 * 1024, 2)                            # blocks of 128 tokens: larger buffers
-            again = run(N, 1)
-            for a, b in zip(first, again):
-                np.testing.assert_array_equal(a, b)
-    finally:
-        numba.set_num_threads(threads)

@@ -48,7 +48,6 @@ float64 whatever the input dtype
 """
 
 import math
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -262,29 +261,11 @@ def features(x_parts, mix, n0, n1, out=None):
     return out
 
 
-# Each thread's scratch arrays, kept from call to call: [flat float64 array] grown to the
-# largest block seen (at most ROUTING_ROWS rows of the widest operand, ~1 MiB a buffer at
-# d = 64). Allocated per call, they were fresh memory for every call, whose pages the
-# streams' threads then touched first: page faults once glibc had given freed memory back
-# (docs/performance.md, section 1, "The allocator").
-_SCRATCH = threading.local()
-
-
 def _block_buffers(blocks, H, widths):
     """One flat float64 scratch array per width, for the largest of the blocks: what a
-    stream of routing blocks reuses from block to block, and this thread from call to call
-    (_SCRATCH), instead of allocating per block. A thread runs one stream at a time, and
-    the blocks' results never live in these arrays past the stream's loop."""
+    stream of routing blocks reuses from block to block instead of allocating per block."""
     rows = max(((p1 - p0) * (n1 - n0) for p0, p1, n0, n1 in blocks), default=0) * H
-    kept = _SCRATCH.__dict__.setdefault("buffers", [])
-    out = []
-    for i, w in enumerate(widths):
-        if i == len(kept):
-            kept.append(np.empty(0, dtype=ACCUM_DTYPE))
-        if kept[i].size < rows * w:
-            kept[i] = np.empty(rows * w, dtype=ACCUM_DTYPE)
-        out.append(kept[i][:rows * w])
-    return tuple(out)
+    return tuple(np.empty(rows * w, dtype=ACCUM_DTYPE) for w in widths)
 
 
 def _block_view(buf, shape):
