@@ -159,8 +159,8 @@ def loss_and_grads(model, task, batch):
     rows = _shards(batch)
     if len(rows) == 1:
         return _shard_loss_and_grads(model, task, batch, 1.0)
-    total = sum(_scored(batch, r) for r in rows)
-    weights = [_scored(batch, r) / total for r in rows]
+    counts = [_scored(batch, r) for r in rows]
+    weights = [c / sum(counts) for c in counts]
     parts = [Batch(*(None if a is None else a[r] for a in batch)) for r in rows]
     results = run_shards(lambda i: _shard_loss_and_grads(model, task, parts[i], weights[i]),
                          len(rows))
