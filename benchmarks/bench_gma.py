@@ -300,7 +300,7 @@ def serve_torch(args):
                 value = f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
             elif request[0] == "point":
                 N, d, K, config, dtype = request[1]
-                causal, norm = config.startswith("causal"), config.split("-")[1]
+                causal, norm = _causal_norm(config)
                 inputs = make_problem(N, d, K, d, args.B, args.H, dtype)
                 fns = dict(zip(("torch_fwd", "torch_fwd_bwd"), torch_runners(inputs, causal, norm)))
                 if N <= args.sdpa_max_n and norm == "row":
@@ -330,10 +330,14 @@ def interleaved_medians(timers, repeats):
 
 # ----------------------------------------------------------------------------- the table
 
+def _causal_norm(config):
+    """(causal, norm) of a configuration name such as "causal-row" or "bidir-slot"."""
+    return config.startswith("causal"), config.split("-")[1]
+
+
 def _runners(N, d, K, config, dtype, args):
     """The gma_np calls of one point: names and callables."""
-    causal = config.startswith("causal")
-    norm = config.split("-")[1]
+    causal, norm = _causal_norm(config)
     inputs = make_problem(N, d, K, d, args.B, args.H, dtype)
     return ["fwd", "fwd_bwd"], list(gma_np_runners(inputs, causal, norm))
 
@@ -388,7 +392,7 @@ def _memory_child(point, args):
         if args.threads is not None:
             _import_torch()[0].set_num_threads(args.threads)
         inputs = make_problem(N, d, K, d, args.B, args.H, dtype)
-        fn = torch_runners(inputs, config.startswith("causal"), config.split("-")[1])[1]
+        fn = torch_runners(inputs, *_causal_norm(config))[1]
     fn()
     _fixed_mmap_threshold()                              # trim what the warm-up left free
     print(f"{peak_memory_mb(fn):.3f}")
