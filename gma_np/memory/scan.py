@@ -3,11 +3,14 @@ and their wrappers (_causal_forward, _causal_backward: allocate, then run a kern
 
 Two versions of each kernel: token by token (_causal_scan_forward, _causal_scan_backward,
 the plainer loops, described first below) and time-blocked (_causal_scan_forward_blocked,
-_causal_scan_backward_blocked: four tokens per pass over the state, eight in the backward's
-forward pass, the section further down), which the wrappers run; tests/test_scan_blocked.py holds one to the other and both
-to the dense reference. The blocked forward has two loop orders, over the columns of S^T
-(_causal_scan_forward_blocked) and over the rows of S (_causal_scan_forward_blocked_rows,
-for K <= SCAN_ROWS_MAX_K), and the blocked backward one or two state rows per pass.
+_causal_scan_backward_blocked: four tokens per pass over the state, eight in the
+backward's forward pass, the section further down), which the wrappers run;
+tests/test_scan_blocked.py holds one to the other and both to the dense reference. The
+blocked forward has two loop orders, over the columns of S^T (_causal_scan_forward_blocked)
+and over the rows of S (_causal_scan_forward_blocked_rows, for K <= SCAN_ROWS_MAX_K), and
+the blocked backward's second pass one or two state rows per pass (two hand-unrolled
+bodies of the same update: one row keeps eight dot products in flight, two rows sixteen,
+and which is faster depends on K, docs/performance.md section 2).
 
 Dimension legend: P = batch x heads (flattened), N tokens, K components, e value size.
 
