@@ -90,20 +90,25 @@ GRADIENT_CANCELLATION_BOUND_FLOAT32 = 2.0 ** 16
 # millisecond of one core, where a second thread cannot win much anyway.
 PARALLEL_MIN_WORK = 2 ** 20
 
-# Tokens per block of the routing GEMMs (gma_np.mixers.gma.routing): the features
-# [x', x'^2] and the GEMM results exist one block at a time, so the routing's
-# temporaries are O(block), not O(N); only r (and dr) are (N, K). 128 rows of
-# 2d = 128 float64 features per (batch, head) are 128 KiB, in L2 with the GEMM
-# results for the fused pass after them. Causal fwd+bwd, B=1 H=4 d=K=e=64 float32,
-# interleaved medians: one thread, N=8192: 394 ms (128) vs 433 (256), 500 (1024),
-# 633 (4096); two threads (two streams), N=8192: 202 ms (64), 160 (128), 170 (256);
-# N=1024: 28 (64), 31 (128), 37 (256). Below N = 32 * ROUTING_BLOCK a quarter of a
-# block is used: there the float64 block temporaries (~3 MB for two streams at 64
-# tokens, ~6 MB at 128, B=1 H=4 d=K=64) are a large share of the memory, and the
-# peak of a bidirectional fwd+bwd at N=1024 (tracemalloc) is 12.6 MB with 64-token
-# blocks, 11.1 with 32; the time cost, causal fwd+bwd, interleaved medians of 9:
-# N=1024: 27 -> 30 ms, N=2048: 55 -> 59 ms (128 -> 32 tokens).
+# Tokens per block of the routing GEMMs (gma_np.mixers.gma.routing._blocks), at most: the
+# features [x', x'^2] and the GEMM results exist one block at a time, so the routing's
+# temporaries are O(block), not O(N); only r (and dr) are (N, K). 128 rows of 2d = 128
+# float64 features per (batch, head) are 128 KiB, in L2 with the GEMM results for the
+# fused pass after them. Causal fwd+bwd, B=1 H=4 d=K=e=64 float32, interleaved medians:
+# one thread, N=8192: 394 ms (128) vs 433 (256), 500 (1024), 633 (4096). (Until the
+# bound below, a quarter of a block was used below N = 32 ROUTING_BLOCK, for memory.)
 ROUTING_BLOCK = 128
+
+# Multiply-adds of one routing GEMM (per sequence and head: tokens x 2d x K) at most, which
+# bounds the tokens of a block further. NumPy's OpenBLAS (0.3.31, this 2-core Zen 4) runs a
+# dgemm of at most 10^6 multiply-adds through its small-matrix path: (tokens, 128) @ (128,
+# 64) on one thread, in cache, 27.0-27.7 GMAC/s up to 122 tokens (999,424), 21.9-22.6 from
+# 123 (all three of the routing's GEMM shapes alike). Causal fwd+bwd, B=1 H=4 d=K=e=64
+# float32, two threads, interleaved medians of 11-15, against the blocks before (128
+# tokens, a quarter of that below N = 4096): N = 1024 0.80-0.84x with 64 to 96 tokens,
+# N = 2048 0.86x, N = 8192 0.89-0.91x with 64 to 112 tokens. The trainer's shapes (tiny:
+# d = 32, K = 16, 976 tokens by this bound) keep ROUTING_BLOCK.
+ROUTING_SMALL_GEMM = 10 ** 6
 
 # Rows (sequences x heads x tokens) per block of the routing at most: a block takes as
 # many of the stacked sequences as keep p_count * H * tokens within this (at least one

@@ -24,9 +24,8 @@ B, H, N, K, d = 7, 3, 37, 5, 3
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 16 tokens (37 tokens: 16, 16, 5) and 3 sequences (14 stacked sequences:
-    0-3, 3-6, 6-9 across q | k at 7, 9-12, 12-14). A quarter of 16 tokens of every
-    sequence is more than the rows, so the blocks take all 16 tokens."""
+    """Blocks of at most 16 tokens (37 tokens: 13, 13, 11) and 3 sequences (14 stacked
+    sequences: 0-3, 3-6, 6-9 across q | k at 7, 9-12, 12-14)."""
     monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)
     monkeypatch.setattr(routing, "ROUTING_ROWS", 3 * H * 16)
 
@@ -60,30 +59,41 @@ def route(xs, params, tau, dr, direct=False):
     return r, cache, bwd(dr, cache)
 
 
-def test_blocks_cover_each_entry_once_within_the_rows(monkeypatch):
+@pytest.mark.parametrize("small_gemm", [10 ** 6, 200], ids=["block", "small-gemm"])
+def test_blocks_cover_each_entry_once_within_the_rows(monkeypatch, small_gemm):
+    """Every (sequence, token) in exactly one block; at most ROUTING_BLOCK tokens a block and
+    at most ROUTING_SMALL_GEMM multiply-adds a GEMM (tokens x 2d x K), the tokens split into
+    blocks of equal size but the last; a block's sequences within ROUTING_ROWS."""
     monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)
+    monkeypatch.setattr(routing, "ROUTING_SMALL_GEMM", small_gemm)
+    dd, kk = 3, 5                                                 # 2d x K = 30 per token
+    cap = min(16, small_gemm // (2 * dd * kk))                    # 16, or 6 by the GEMM bound
     for rows in (1, 12, 36, 100, 144, 10 ** 6):
         monkeypatch.setattr(routing, "ROUTING_ROWS", rows)
         for P, H_, N_ in [(14, 3, 37), (1, 4, 5), (64, 4, 128), (5, 1, 1)]:
             seen = np.zeros((P, N_), dtype=int)
-            blocks = list(routing._blocks(P, H_, N_))
+            blocks = list(routing._blocks(P, H_, N_, dd, kk))
             for p0, p1, n0, n1 in blocks:
                 assert 0 <= p0 < p1 <= P and 0 <= n0 < n1 <= N_
+                assert n1 - n0 <= cap
                 # at least one sequence a block; more only within the rows
                 assert p1 - p0 == 1 or (p1 - p0) * H_ * (n1 - n0) <= rows
                 seen[p0:p1, n0:n1] += 1
             assert (seen == 1).all(), (rows, P, H_, N_)
-            assert blocks == list(routing._blocks(P, H_, N_))     # sizes only decide them
-            # the token blocks: a quarter while every sequence's quarter fits the rows
-            quarter = P * H_ * 4 <= rows and N_ < 32 * 16
-            assert blocks[0][3] - blocks[0][2] == min(N_, 4 if quarter else 16)
+            assert blocks == list(routing._blocks(P, H_, N_, dd, kk))   # sizes only decide them
+            # as few token blocks as the cap allows, of one size but the last (shorter by
+            # less than a block: 37 tokens at a cap of 16 are 13, 13, 11, not 16, 16, 5)
+            sizes = [n1 - n0 for p0, _, n0, n1 in blocks if p0 == 0]
+            assert len(sizes) == -(-N_ // cap)
+            assert len(set(sizes[:-1])) <= 1 and 0 < sizes[-1] <= sizes[0]
+            assert sizes[0] - sizes[-1] < len(sizes)
 
 
 def test_small_blocks_split_the_stacked_sequences_across_q_and_k(small_blocks):
-    blocks = list(routing._blocks(2 * B, H, N))
+    blocks = list(routing._blocks(2 * B, H, N, d, K))
     starts = sorted({(p0, p1) for p0, p1, _, _ in blocks})
     assert starts == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 14)]  # (6, 9) holds q[6], k[0:2]
-    assert sorted({(n0, n1) for _, _, n0, n1 in blocks}) == [(0, 16), (16, 32), (32, 37)]
+    assert sorted({(n0, n1) for _, _, n0, n1 in blocks}) == [(0, 13), (13, 26), (26, 37)]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])

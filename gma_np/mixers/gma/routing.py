@@ -63,6 +63,7 @@ from gma_np._numerics import (
     LOG_2PI,
     ROUTING_BLOCK,
     ROUTING_ROWS,
+    ROUTING_SMALL_GEMM,
 )
 from gma_np._threads import blas_single_thread, run_streams, sum_in_order, threads_for
 from gma_np.mixers.gma.kernels import (
@@ -176,24 +177,21 @@ def _parts(x_parts):
     return (x_parts,) if isinstance(x_parts, np.ndarray) else tuple(x_parts)
 
 
-def _blocks(P, H, N):
+def _blocks(P, H, N, d, K):
     """Blocks (p0, p1, n0, n1) of the stacked sequences p0 .. p1 - 1 and tokens n0 .. n1 - 1,
     in the order the streams deal them: every routing temporary is per block, and the
     blocks (so every sum's order) depend on the sizes only.
 
-    Tokens: ROUTING_BLOCK a block; a quarter of that below N = 32 ROUTING_BLOCK, where the
-    float64 block temporaries of every sequence at once would be a large share of the
-    memory, unless even a quarter of every sequence is more than ROUTING_ROWS rows: the
-    sequences are split then, which bounds the temporaries anyway, and the longer runs
-    of tokens make each sequence's GEMMs larger. Sequences: as many as keep a block's
-    rows, p_count H tokens, within ROUTING_ROWS (at least one), so that its features,
-    GEMM results and dl stay in L2 whatever P H is."""
+    Tokens: at most ROUTING_BLOCK a block, and at most as many as keep each of a block's
+    GEMMs (per sequence and head: tokens x 2d x K) within ROUTING_SMALL_GEMM multiply-adds,
+    the size that OpenBLAS's small-matrix path takes; the N tokens are then split into
+    blocks of equal size (the last one shorter by less than one block). Sequences: as many
+    as keep a block's rows, p_count H tokens, within ROUTING_ROWS (at least one), so that
+    its features, GEMM results and dl stay in L2 whatever P H is."""
     if P == 0 or H == 0 or N == 0:                                 # nothing to route
         return
-    size = ROUTING_BLOCK
-    if N < 32 * ROUTING_BLOCK and P * H * max(1, ROUTING_BLOCK // 4) <= ROUTING_ROWS:
-        size = max(1, ROUTING_BLOCK // 4)
-    size = min(size, N)
+    cap = max(1, min(ROUTING_BLOCK, ROUTING_SMALL_GEMM // (2 * d * K)))
+    size = -(-N // -(-N // cap))                                   # ceil(N / ceil(N / cap))
     p_count = max(1, min(P, ROUTING_ROWS // (H * size)))
     for p0 in range(0, P, p_count):
         for n0 in range(0, N, size):
@@ -310,7 +308,7 @@ def _route_blocks(x_parts, mix, inv_tau, r, direct_rows, shift=None, grad_bound=
     xa, xb = x_parts if two else (x_parts[0], x_parts[0])
     P, H, N, K = r.shape
     d = xa.shape[3]
-    blocks = list(_blocks(P, H, N))
+    blocks = list(_blocks(P, H, N, d, K))
 
     def stream(s):                                                 # blocks s, s + S, s + 2S, ...
         mine = blocks[s::BLOCK_STREAMS]
@@ -429,7 +427,7 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
     d = mix.means.shape[2]
     dx = np.empty((P, H, N, d), dtype=dx_dtype)
     two = len(x_parts) == 2
-    blocks = list(_blocks(P, H, N))
+    blocks = list(_blocks(P, H, N, d, K))
     any_direct = direct_rows is not None and direct_rows.any()
     if not any_direct:
         direct_rows = np.zeros((P, H, N), dtype=np.uint8)
