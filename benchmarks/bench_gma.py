@@ -37,7 +37,7 @@ It then times recurrent decoding: gma_step at positions 100 and 4000
 (tokens/s for the whole (B, H) batch), and writes a log-log PNG of time and
 memory against N with the slopes fitted from N >= 4096 (matplotlib optional).
 
-Threads: --threads T sets numba.set_num_threads(T), the BLAS threads (through
+Threads: --threads T sets Numba's threads (gma_np._threads.set_numba_threads), the BLAS threads (through
 the OPENBLAS/OMP/MKL_NUM_THREADS environment variables, set before NumPy is
 imported) and torch.set_num_threads(T). Without it every library uses its
 default (all cores).
@@ -486,7 +486,10 @@ def plot(rows, path):
 def main(args):
     import numba
     if args.threads is not None:
-        numba.set_num_threads(args.threads)
+        # through gma_np, which quiets Numba's OpenMP workers first: numba.set_num_threads
+        # alone would start them spinning (gma_np._threads, set_numba_threads)
+        from gma_np._threads import set_numba_threads
+        set_numba_threads(args.threads)
     if args.keep_freed_memory:
         from gma_np._allocator import keep_freed_memory
         print(f"C allocator keeps freed memory (both processes): {keep_freed_memory()}")

@@ -83,8 +83,9 @@ def job_threads():
     as it was."""
     import numba
     import threadpoolctl
+    from gma_np._threads import set_numba_threads
     before = numba.get_num_threads()
-    numba.set_num_threads(1)
+    set_numba_threads(1)
     try:
         with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
             yield

@@ -23,6 +23,7 @@ import numba
 import numpy as np
 
 from gma_np import __version__
+from gma_np._threads import set_numba_threads
 from gma_np.vectors import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 from gma_np.vectors.cases import MATRICES, Case
 from gma_np.vectors.golden import (CHECKED, GRADIENTS, INPUTS, INTERMEDIATES, KAPPA_SAMPLES,
@@ -97,7 +98,7 @@ def build_bundle(matrix="default", seed=0, progress=None):
     # a loaded machine (docs/vectors.md, "Size and time"). It also keeps the bytes
     # independent of the machine's thread count.
     threads = numba.get_num_threads()
-    numba.set_num_threads(1)
+    set_numba_threads(1)
     try:
         return _build(matrix, matrix_cases, seed, progress)
     finally:
