@@ -8,6 +8,8 @@ and it would pass whatever the code did.
 """
 
 import os
+import subprocess
+import sys
 
 import threading
 
@@ -169,3 +171,18 @@ def test_openmp_wait_policy_is_for_numbas_pool_only(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     _threads._quiet_openmp_workers()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_set_numba_threads_starts_a_quiet_pool():
+    """numba.set_num_threads starts Numba's OpenMP pool; gma_np's set_numba_threads quiets
+    it first, so its workers never spin (libgomp reports GOMP_SPINCOUNT 0, against 300,000
+    for a pool that numba.set_num_threads starts alone). In a fresh process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["OMP_DISPLAY_ENV"] = "verbose"
+    code = ("import numba; from gma_np._threads import set_numba_threads; set_numba_threads(2); "
+            "print(numba.threading_layer())")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    if run.stdout.strip() != "omp" or "GOMP_SPINCOUNT" not in run.stderr:
+        pytest.skip(f"Numba's threading layer is {run.stdout.strip()!r}, not libgomp's OpenMP")
+    assert "GOMP_SPINCOUNT = '0'" in run.stderr, run.stderr
