@@ -10,7 +10,6 @@ and it would pass whatever the code did.
 import os
 import subprocess
 import sys
-
 import threading
 
 import numba
