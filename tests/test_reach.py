@@ -9,9 +9,9 @@ F e >= CHUNKED_MIN_KE) is compared here with its naive reference, masked and unm
 
 - the feature memory, every form, forward and backward, against the dense N x N form at
   N = 549 (three groups of chunks, eight token blocks);
-- GMA end to end, every form, against the dense reference at N = 549 (five routing
-  blocks of 110 tokens, eight mixing blocks: several per stream), chunked forced through the public API;
-- the routing's GEMM path against its direct form at N = 4133 (33 blocks of 126 tokens or fewer);
+- GMA end to end, every form, against the dense reference at N = 549 (six routing
+  blocks of 92 tokens, eight mixing blocks: several per stream), chunked forced through the public API;
+- the routing's GEMM path against its direct form at N = 4133 (34 blocks of 122 tokens, the last of 107);
 - linear attention and the Performer at F = e = 256, where the chunked form is chosen.
 
 float32: errors that grow with N (a float32 accumulator, a sum that cancels) pass a
@@ -129,7 +129,7 @@ def test_gma_matches_dense_over_several_blocks_per_stream(causal, form, norm, ma
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 def test_routing_gemm_path_matches_direct_form_with_full_blocks(dtype):
-    """N = 4133 (33 routing blocks of 126 tokens, the last of 101, dealt to the streams):
+    """N = 4133 (34 routing blocks of 122 tokens, the last of 107, dealt to the streams):
     responsibilities and every routing gradient, the GEMM path against the direct form."""
     rng = np.random.default_rng(42)
     inputs, _ = make_problem(rng, B=1, H=2, N=4133, d=3, e=2, K=4, per_head=True)

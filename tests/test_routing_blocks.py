@@ -15,7 +15,7 @@ import pytest
 
 import gma_np
 from gma_np import _threads
-from gma_np._numerics import GRADIENT_CANCELLATION_BOUND, RTOL_EXACT
+from gma_np._numerics import BLOCK_STREAMS, GRADIENT_CANCELLATION_BOUND, RTOL_EXACT
 from gma_np.mixers.gma import routing
 from tests.conftest import assert_close
 
@@ -24,8 +24,10 @@ B, H, N, K, d = 7, 3, 37, 5, 3
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of at most 16 tokens (37 tokens: 13, 13, 11) and 3 sequences (14 stacked
-    sequences: 0-3, 3-6, 6-9 across q | k at 7, 9-12, 12-14)."""
+    """Blocks of at most 16 tokens and 3 x 16 rows: 37 tokens in 3 blocks of 13 would take 3
+    sequences a block, 15 blocks in all, which two streams cannot share evenly, so 4 blocks
+    of 10 tokens (10, 10, 10, 7) of 4 sequences (14 stacked sequences: 0-4, 4-8 across
+    q | k at 7, 8-12, 12-14), 16 blocks."""
     monkeypatch.setattr(routing, "ROUTING_BLOCK", 16)
     monkeypatch.setattr(routing, "ROUTING_ROWS", 3 * H * 16)
 
@@ -81,10 +83,15 @@ def test_blocks_cover_each_entry_once_within_the_rows(monkeypatch, small_gemm):
                 seen[p0:p1, n0:n1] += 1
             assert (seen == 1).all(), (rows, P, H_, N_)
             assert blocks == list(routing._blocks(P, H_, N_, dd, kk))   # sizes only decide them
-            # as few token blocks as the cap allows, of one size but the last (shorter by
-            # less than a block: 37 tokens at a cap of 16 are 13, 13, 11, not 16, 16, 5)
+            # as few token blocks as the cap allows, or up to BLOCK_STREAMS - 1 more where
+            # that shares the blocks evenly among the streams; of one size but the last
+            # (shorter by less than a block: 37 tokens at a cap of 16 are 13, 13, 11, not
+            # 16, 16, 5)
             sizes = [n1 - n0 for p0, _, n0, n1 in blocks if p0 == 0]
-            assert len(sizes) == -(-N_ // cap)
+            fewest = -(-N_ // cap)
+            assert fewest <= len(sizes) < fewest + BLOCK_STREAMS
+            if len(sizes) > fewest:
+                assert len(blocks) % BLOCK_STREAMS == 0
             assert len(set(sizes[:-1])) <= 1 and 0 < sizes[-1] <= sizes[0]
             assert sizes[0] - sizes[-1] < len(sizes)
 
@@ -92,8 +99,8 @@ def test_blocks_cover_each_entry_once_within_the_rows(monkeypatch, small_gemm):
 def test_small_blocks_split_the_stacked_sequences_across_q_and_k(small_blocks):
     blocks = list(routing._blocks(2 * B, H, N, d, K))
     starts = sorted({(p0, p1) for p0, p1, _, _ in blocks})
-    assert starts == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 14)]  # (6, 9) holds q[6], k[0:2]
-    assert sorted({(n0, n1) for _, _, n0, n1 in blocks}) == [(0, 13), (13, 26), (26, 37)]
+    assert starts == [(0, 4), (4, 8), (8, 12), (12, 14)]          # (4, 8) holds q[4:7], k[0]
+    assert sorted({(n0, n1) for _, _, n0, n1 in blocks}) == [(0, 10), (10, 20), (20, 30), (30, 37)]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])

@@ -187,12 +187,21 @@ def _blocks(P, H, N, d, K):
     the size that OpenBLAS's small-matrix path takes; the N tokens are then split into
     blocks of equal size (the last one shorter by less than one block). Sequences: as many
     as keep a block's rows, p_count H tokens, within ROUTING_ROWS (at least one), so that
-    its features, GEMM results and dl stay in L2 whatever P H is."""
+    its features, GEMM results and dl stay in L2 whatever P H is. Where that makes a
+    number of blocks that the BLOCK_STREAMS streams cannot share evenly, a token block
+    more (up to BLOCK_STREAMS - 1 more) evens it out when it can: a stream with one
+    block more than the other is the op's wait."""
     if P == 0 or H == 0 or N == 0:                                 # nothing to route
         return
     cap = max(1, min(ROUTING_BLOCK, ROUTING_SMALL_GEMM // (2 * d * K)))
-    size = -(-N // -(-N // cap))                                   # ceil(N / ceil(N / cap))
-    p_count = max(1, min(P, ROUTING_ROWS // (H * size)))
+    n_blocks = -(-N // cap)                                        # token blocks
+    for _ in range(BLOCK_STREAMS):
+        size = -(-N // n_blocks)                                   # ceil(N / n_blocks)
+        p_count = max(1, min(P, ROUTING_ROWS // (H * size)))
+        # one more token block while that evens out the blocks among the streams
+        if (-(-P // p_count) * n_blocks) % BLOCK_STREAMS == 0 or n_blocks >= N:
+            break
+        n_blocks += 1
     for p0 in range(0, P, p_count):
         for n0 in range(0, N, size):
             yield p0, min(P, p0 + p_count), n0, min(N, n0 + size)
