@@ -479,12 +479,12 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
 
     with blas_single_thread():                                     # small GEMMs: see _threads
         partial = run_streams(stream, BLOCK_STREAMS)
-    dl_f = sum_in_order([t[0] for t in partial])                   # (H, K, 2d)
-    dl_sum = sum_in_order([t[1] for t in partial])                 # (H, K)
-    dmeans_d, dquad_d, dl_sum_d = (sum_in_order([t[2][i] for t in partial]) for i in range(3))
-    dl_x, dl_x2 = dl_f[..., :d], dl_f[..., d:]
     mu, inv_var = mix.means_c, mix.inv_var
     with np.errstate(over="ignore", invalid="ignore"):             # reported by the callers
+        dl_f = sum_in_order([t[0] for t in partial])               # (H, K, 2d)
+        dl_sum = sum_in_order([t[1] for t in partial])             # (H, K)
+        dmeans_d, dquad_d, dl_sum_d = (sum_in_order([t[2][i] for t in partial]) for i in range(3))
+        dl_x, dl_x2 = dl_f[..., :d], dl_f[..., d:]
         dmeans = inv_var * (dl_x - mu * dl_sum[:, :, None]) + dmeans_d
         dquad = 0.5 * inv_var * (dl_x2 - 2.0 * mu * dl_x + mu * mu * dl_sum[:, :, None]) + dquad_d
         dl_sum = dl_sum + dl_sum_d                                 # all tokens
