@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gma_np import _validation as check
+from gma_np._workspace import scratch
 from gma_np._numerics import ACCUM_DTYPE, CAUSAL_CHUNK, DEFAULT_EPS
 from gma_np.memory.bidirectional import _bidirectional_backward, _bidirectional_forward
 from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
@@ -185,8 +186,9 @@ def gma_backward(do, cache):
     do = check.float_array("do", do, ndim=4)
     check.check_shape("do", do, (B, H, N, e), "the shape of o, (B, H, N, e)")
     do3 = do.astype(cache.dtype, copy=False).reshape(P, N, e)
-    # dr (2B, H, N, K) holds drq in [:B] and drk in [B:], the stacking of the routing
-    dr = np.empty((2 * B, H, N, K), dtype=cache.rq.dtype)
+    # dr (2B, H, N, K) holds drq in [:B] and drk in [B:], the stacking of the routing; every
+    # entry is written below, and kept from call to call (its pages: gma_np._workspace)
+    dr = scratch("gma_backward.dr", (2 * B, H, N, K), cache.rq.dtype)
     # 2. backward through the memory read and write
     if cache.causal and causal_form(K, e) == "chunked":
         dv = causal_chunked_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
