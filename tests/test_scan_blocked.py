@@ -14,6 +14,7 @@ from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
 from gma_np.memory.ops import memory_backward, memory_forward
 from gma_np.memory.reference import causal_mix_loop
 from gma_np.memory.scan import (
+    SCAN_PREFETCH_BLOCKS,
     SCAN_RECOMPUTE_TOKENS,
     SCAN_ROWS_MAX_K,
     SCAN_TOKENS,
@@ -136,19 +137,47 @@ def test_both_forward_kernels_match_token_scan_and_dense(N, K, e, dtype, norm, k
 @pytest.mark.parametrize("N,K,e", SIZES, ids=SIZE_IDS)
 def test_both_backward_loop_forms_match_token_scan_and_dense(N, K, e, dtype, norm, pairs):
     """The blocked backward called directly with one or two state rows per pass (the wrapper
-    takes one by K), P=3, masked keys: drq, drk, dv to 1e-12 (float64) or 2e-6 (float32) of
-    the token scan and of the dense reference."""
+    takes one by K), P=3, masked keys, with pass 2's prefetch reads one block ahead (so that
+    they run from the second block on): drq, drk, dv to 1e-12 (float64) or 2e-6 (float32)
+    of the token scan and of the dense reference."""
     rng = np.random.default_rng(N * 100 + K * 10 + e + 2)
     rq, rk, v, do = make_mixing(rng, 3, N, K, e, dtype, masked=True)
     slot = norm == "slot"
     P, width = rq.shape[0], (K if slot else 1)
     got = (np.empty_like(rq), np.empty_like(rk), np.empty_like(v))
-    _causal_scan_backward_blocked(rq, rk, v, do, slot, DEFAULT_EPS, pairs,
+    _causal_scan_backward_blocked(rq, rk, v, do, slot, DEFAULT_EPS, pairs, 1,
                                   np.empty((P, K + K % 2, e)), np.empty((P, K)),
                                   np.empty((P, N, width)), np.empty((P, N, width)), *got)
     assert_results_close(NAMES[1:], got, dtype,
                          token_scan=token_scan(rq, rk, v, do, slot, DEFAULT_EPS)[1:],
                          dense=dense(rq, rk, v, do, slot, DEFAULT_EPS)[1:])
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("N,K,e", [(37, 5, 3), (40, SCAN_ROWS_MAX_K + 3, 8)],
+                         ids=["N37-K5-e3", "N40-K35-e8"])
+def test_prefetch_reads_change_no_bit(N, K, e, dtype, norm):
+    """Pass 2's reads of the rows a few blocks ahead (the `ahead` argument; the wrapper sets
+    it by the size of a sequence's rows) only bring them into cache: drq, drk, dv are the
+    same bits with none, one block and SCAN_PREFETCH_BLOCKS ahead, one and two rows per
+    pass, ragged last block (N = 37) and K above SCAN_ROWS_MAX_K."""
+    rng = np.random.default_rng(N + K + e)
+    rq, rk, v, do = make_mixing(rng, 2, N, K, e, dtype, masked=True)
+    slot = norm == "slot"
+    P, width = rq.shape[0], (K if slot else 1)
+    for pairs in (False, True):
+        results = []
+        for ahead in (0, 1, SCAN_PREFETCH_BLOCKS):
+            got = (np.empty_like(rq), np.empty_like(rk), np.empty_like(v))
+            _causal_scan_backward_blocked(rq, rk, v, do, slot, DEFAULT_EPS, pairs, ahead,
+                                          np.empty((P, K + K % 2, e)), np.empty((P, K)),
+                                          np.empty((P, N, width)), np.empty((P, N, width)),
+                                          *got)
+            results.append(got)
+        for ahead, got in zip((1, SCAN_PREFETCH_BLOCKS), results[1:]):
+            for name, g, r in zip(NAMES[1:], got, results[0]):
+                assert np.array_equal(g, r), f"{name}: ahead={ahead}, pairs={pairs} changed bits"
 
 
 @pytest.mark.parametrize("kernel", list(FORWARD_KERNELS))
@@ -204,7 +233,7 @@ def test_blocked_kernels_leave_the_scratch_shapes_alone():
     e = v.shape[2]
     got = [np.empty_like(rq), np.empty_like(rk), np.empty_like(v)]
     for pairs in (False, True):
-        _causal_scan_backward_blocked(rq, rk, v, do, False, DEFAULT_EPS, pairs,
+        _causal_scan_backward_blocked(rq, rk, v, do, False, DEFAULT_EPS, pairs, 0,
                                       np.full((P, K + 1, e), np.nan), np.full((P, K), np.nan),
                                       np.empty((P, N, 1)), np.empty((P, N, 1)), *got)
         ref = token_scan(rq, rk, v, do, False, DEFAULT_EPS)[1:]

@@ -397,6 +397,27 @@ def _forward_blocked_kernel(K):
     return _causal_scan_forward_blocked_rows if K <= SCAN_ROWS_MAX_K else _causal_scan_forward_blocked
 
 
+# Pass 2 of the blocked backward runs backwards in t, and at the op's sizes (P = 4,
+# N = 8192, K = e = 64: the rows of rq, rk, v, do are 32 MB) its rows come from memory:
+# the CPU's prefetchers follow that descending walk over rows read in ascending order
+# poorly. So before each block, pass 2 reads one element per 64 bytes of the rows of the
+# block SCAN_PREFETCH_BLOCKS blocks ahead (further down in t; the block's rows of an array
+# are contiguous, so that misses at most its last line): those loads miss while the
+# state loops of the blocks in between run, and that block finds its rows in cache. Only
+# where a sequence's rows (rq, rk, v, do, coef, dzt) exceed SCAN_PREFETCH_MIN_BYTES, twice
+# the 1 MiB L2 of a core here: below that pass 2 finds pass 1's rows still in L2, and the
+# reads cost time. Measured, row norm, the backward wrapper against the same kernel
+# without the reads, process CPU time, medians of 15-21 paired rounds: 0.96-0.97 (float32)
+# and 0.93-0.96 (float64) at (P, N, K, e) = (4, 8192, 64, 64), one and two threads; with
+# the reads at every size, 1.00 at (4, 1024, 64, 64) and 1.03-1.12 at the trainer's
+# (128, 128, 16, 32) and (192, 256, 32, 32), hence the threshold (docs/performance.md
+# section 2). Results are the same bit for bit (the reads only feed a scratch sum). The
+# same reads in pass 1 and in the forward (both ascending in t) did not pay.
+SCAN_PREFETCH_BLOCKS = 4
+SCAN_PREFETCH_MIN_BYTES = 2 << 20   # bytes of one sequence's rows: twice the L2 of a core here
+_CACHE_LINE = 64            # bytes
+
+
 # Pass 1 of the blocked backward (the forward write again, and the dot products
 # S_t[k] . do_t) takes eight tokens per pass over each state row, one row at a time: eight
 # dot products in flight, one load and store of S[k, c] per eight tokens. Measured,
@@ -413,7 +434,8 @@ SCAN_RECOMPUTE_TOKENS = 8   # the loop body below is written for 8
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
-def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, S, z, coef, dzt, drq, drk, dv):
+def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, ahead,
+                                  S, z, coef, dzt, drq, drk, dv):
     """_causal_scan_backward, blocks of tokens per pass over the state (same arguments
     and results to rounding, except the state scratch: S (P, K', e) with K' = K + K % 2).
 
@@ -431,6 +453,9 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, S, z, coef, d
     pairs  bool  pass 2 only. True: two state rows per pass over c, as above; False: one,
                  the same sums entry by entry with half the dot products in flight (what
                  the wrapper runs up to SCAN_ROWS_MAX_K components: see there)
+    ahead  int   pass 2 only: read the rows of the block this many blocks further down in
+                 t into cache before each block (SCAN_PREFETCH_BLOCKS); 0: no such reads.
+                 The results do not depend on it.
     """
     P, N, K = rq.shape
     e = v.shape[2]
@@ -534,9 +559,24 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, S, z, coef, d
         Sp[:, :] = 0.0
         zp[:] = 0.0
         D[:, :] = 0.0
+        touched = np.zeros(1)                     # the prefetch reads' sum: stored, so kept
+        step_k = max(1, _CACHE_LINE // rq.itemsize)   # elements per cache line
+        step_e = max(1, _CACHE_LINE // v.itemsize)
+        step_w = max(1, _CACHE_LINE // coef.itemsize)
         for b in range(nblocks - 1, -1, -1):
             t0 = b * T
             n = min(T, N - t0)
+            # the rows of block b - ahead into cache (the comment before the kernel)
+            if ahead > 0 and b >= ahead:
+                sum_read = 0.0
+                for t in range((b - ahead) * T, (b - ahead + 1) * T):
+                    for k in range(0, K, step_k):
+                        sum_read += rq[p, t, k] + rk[p, t, k]
+                    for c in range(0, e, step_e):
+                        sum_read += v[p, t, c] + do[p, t, c]
+                    for j in range(0, coef.shape[2], step_w):
+                        sum_read += coef[p, t, j] + dzt[p, t, j]
+                touched[0] += sum_read
             for u in range(T - 1, -1, -1):
                 if u >= n:
                     W[u, :] = 0.0
@@ -660,7 +700,10 @@ def _causal_backward(rq, rk, v, do, slot, eps, drq, drk):
     coef = np.empty((P, N, width), dtype=ACCUM_DTYPE)
     dzt = np.empty((P, N, width), dtype=ACCUM_DTYPE)
     dv = np.empty_like(v)
+    # bytes of one sequence's rows that pass 2 reads again
+    row_bytes = N * ((2 * K * rq.itemsize) + (2 * e * v.itemsize) + 2 * width * coef.itemsize)
+    ahead = SCAN_PREFETCH_BLOCKS if row_bytes > SCAN_PREFETCH_MIN_BYTES else 0
     with threads_for(P * N * K * e):
-        _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, K > SCAN_ROWS_MAX_K,
+        _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, K > SCAN_ROWS_MAX_K, ahead,
                                       S, z, coef, dzt, drq, drk, dv)
     return dv
