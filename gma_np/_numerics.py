@@ -104,10 +104,11 @@ ROUTING_BLOCK = 128
 # dgemm of at most 10^6 multiply-adds through its small-matrix path: (tokens, 128) @ (128,
 # 64) on one thread, in cache, 27.0-27.7 GMAC/s up to 122 tokens (999,424), 21.9-22.6 from
 # 123 (all three of the routing's GEMM shapes alike). Causal fwd+bwd, B=1 H=4 d=K=e=64
-# float32, two threads, interleaved medians of 11-15, against the blocks before (128
-# tokens, a quarter of that below N = 4096): N = 1024 0.80-0.84x with 64 to 96 tokens,
-# N = 2048 0.86x, N = 8192 0.89-0.91x with 64 to 112 tokens. The trainer's shapes (tiny:
-# d = 32, K = 16, 976 tokens by this bound) keep ROUTING_BLOCK.
+# float32, two threads, the paired ratio against the blocks before (128 tokens, a quarter
+# of that below N = 4096) in each round, medians of 25 rounds in one process: 0.94x at
+# N = 1024 and at N = 8192; on one thread the routing's GEMMs at N = 8192 took 63.5 ms in
+# place of 79-80. The trainer's shapes (tiny: d = 32, K = 16, 976 tokens by this bound)
+# keep ROUTING_BLOCK.
 ROUTING_SMALL_GEMM = 10 ** 6
 
 # Rows (sequences x heads x tokens) per block of the routing at most: a block takes as
