@@ -37,10 +37,10 @@ It then times recurrent decoding: gma_step at positions 100 and 4000
 (tokens/s for the whole (B, H) batch), and writes a log-log PNG of time and
 memory against N with the slopes fitted from N >= 4096 (matplotlib optional).
 
-Threads: --threads T sets Numba's threads (gma_np._threads.set_numba_threads), the BLAS threads (through
-the OPENBLAS/OMP/MKL_NUM_THREADS environment variables, set before NumPy is
-imported) and torch.set_num_threads(T). Without it every library uses its
-default (all cores).
+Threads: --threads T sets Numba's threads (gma_np._threads.set_numba_threads), the
+BLAS threads (through the OPENBLAS/OMP/MKL_NUM_THREADS environment variables, set
+before NumPy is imported) and torch.set_num_threads(T). Without it every library uses
+its default (all cores).
 
     python benchmarks/bench_gma.py --quick
     python benchmarks/bench_gma.py                      # N = 1k .. 64k, the full matrix

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from gma_np import _validation as check
-from gma_np._workspace import scratch
 from gma_np._numerics import ACCUM_DTYPE, CAUSAL_CHUNK, DEFAULT_EPS
+from gma_np._workspace import scratch
 from gma_np.memory.bidirectional import _bidirectional_backward, _bidirectional_forward
 from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
 from gma_np.memory.ops import causal_form
