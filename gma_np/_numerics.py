@@ -113,8 +113,8 @@ ROUTING_SMALL_GEMM = 10 ** 6
 
 # Rows (sequences x heads x tokens) per block of the routing at most: a block takes as
 # many of the stacked sequences as keep p_count * H * tokens within this (at least one
-# sequence), so that its float64 temporaries stay in L2 whatever P * H is. 1024 is what
-# a block of the op's shape holds (P * H = 8 sequences of 128 tokens at N >= 4096).
+# sequence), so that its float64 temporaries stay in L2 whatever P * H is. 1024 holds a
+# block of the op's shape (P * H = 8 sequences of up to 122 tokens at d = K = 64).
 # Routing of stacked (q, k), float32, one thread, tiny preset's shape (P = 64, H = 4,
 # N = 128, d = 32, K = 16), fwd + bwd, interleaved medians of 7: 12.4 ms (512 rows),
 # 11.1 (1024), 12.3 (2048), 13.2 (4096); the routing before the split (a block =
