@@ -108,12 +108,3 @@ def _sigmoid(v):
 def _softplus(v):
     """log(1 + exp(v)) = max(v, 0) + log1p(exp(-|v|))."""
     return max(v, 0.0) + math.log1p(math.exp(-abs(v)))
-
-
-@njit(cache=True)
-def _all_finite(x):
-    """True when every entry of x (n,) is finite (no early exit: the rare case is the miss)."""
-    ok = True
-    for i in range(x.shape[0]):
-        ok &= np.isfinite(x[i])
-    return ok

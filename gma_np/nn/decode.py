@@ -53,6 +53,7 @@ import numpy as np
 from numba import njit
 
 from gma_np._numerics import DEFAULT_EPS
+from gma_np._validation import _finite_flat
 from gma_np.mixers.gma.core import temperature_of
 from gma_np.mixers.gma.recurrent import _gma_token_step
 from gma_np.mixers.gma.recurrent import token_step_arrays as gma_arrays
@@ -66,7 +67,6 @@ from gma_np.mixers.performer.step import token_step_arrays as performer_arrays
 from gma_np.mixers.softmax.recurrent import KV_INITIAL_CAPACITY, _softmax_token_step
 from gma_np.nn._step_kernels import (
     _add_bias,
-    _all_finite,
     _conv_step,
     _gelu,
     _layernorm,
@@ -135,7 +135,7 @@ def _head(x, emb, h, row, logits):
     _matvec(h, emb[4], row)
     for j in range(row.shape[0]):
         logits[j] = row[j]
-    return _all_finite(row)
+    return _finite_flat(row)
 
 
 # ---------------------------------------------------------------- one kernel per mixer
