@@ -235,7 +235,7 @@ def qkv(q, k, v):
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(
             f"q, k, v: expected one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    check_shape("k", k, q.shape, f"the shape of q (B, H, N, d)")
+    check_shape("k", k, q.shape, "the shape of q (B, H, N, d)")
     B, H, N, d = q.shape
     if v.shape[:3] != (B, H, N):
         raise ValueError(

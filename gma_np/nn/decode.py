@@ -244,7 +244,6 @@ def _decode_softmax(tokens, position, emb, blocks, shell, core, state, logits):
 def _decode_mamba(tokens, position, emb, blocks, shell, core, state, logits):
     W_in, conv_w, conv_b, W_dt_down, W_dt_up, b_dt, W_B, W_C, A, D_skip, W_out = shell
     history, hs, conv_history = state
-    D = emb[0].shape[1]
     M, S = A.shape[1], A.shape[2]
     x, h, a, f, _, _, _, _, row = _buffers(emb, blocks, 0, 0)
     work = np.empty(5 * M + W_dt_down.shape[2] + 2 * S)
