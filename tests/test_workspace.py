@@ -82,3 +82,104 @@ def test_gma_backward_writes_every_entry_of_its_kept_dr(causal, form, masked, mo
         for name, g in fresh.items():
             assert np.array_equal(grads[name], g), name
     assert kept[0] is kept[1]
+
+
+# ---------------------------------------------------------------- the pool (pooled)
+
+@pytest.fixture
+def pool_everything(monkeypatch):
+    """Every pooled() array from the pool, whatever its size (the op's tests run at sizes
+    below POOL_MIN_BYTES)."""
+    monkeypatch.setattr(_workspace, "POOL_MIN_BYTES", 0)
+
+
+def test_a_pooled_buffer_comes_back_only_when_no_view_of_it_is_left(pool_everything):
+    a = _workspace.pooled((3, 5), np.float64)
+    assert a.shape == (3, 5) and a.dtype == np.float64 and a.flags.c_contiguous and a.flags.writeable
+    where = a.ctypes.data
+    view = a[1:].reshape(-1)[2:]                  # a view of a view
+    del a
+    assert _workspace.pool_bytes() == 0           # the view still holds the buffer
+    b = _workspace.pooled((3, 5), np.float64)
+    assert b.ctypes.data != where
+    view[...] = 7.0
+    del view
+    assert _workspace.pool_bytes() == 15 * 8
+    c = _workspace.pooled((5, 3), np.float64)     # the same bytes, another shape
+    assert c.ctypes.data == where and _workspace.pool_bytes() == 0
+    d = _workspace.pooled((30,), np.float32)      # 120 bytes: no free buffer of that size
+    assert d.ctypes.data not in (where, b.ctypes.data, c.ctypes.data)
+
+
+def test_small_arrays_are_not_pooled():
+    a = _workspace.pooled((4,), np.float64)
+    assert a.base is None and a.nbytes < _workspace.POOL_MIN_BYTES
+    del a
+    assert _workspace.pool_bytes() == 0
+
+
+def test_the_pool_holds_at_most_pool_max_bytes(pool_everything, monkeypatch):
+    monkeypatch.setattr(_workspace, "POOL_MAX_BYTES", 200)
+    arrays = [_workspace.pooled((10,), np.float64) for _ in range(3)]   # 80 bytes each
+    arrays.clear()
+    assert _workspace.pool_bytes() == 160         # the third would exceed 200: freed
+    _workspace.release()
+    assert _workspace.pool_bytes() == 0
+
+
+def test_threads_never_share_a_pooled_buffer(pool_everything):
+    """Two threads taking and dropping pooled arrays of one size: each finds its own marks
+    in its array after the other has run (the GIL switches between them meanwhile)."""
+    errors = []
+
+    def work(mark):
+        for _ in range(300):
+            a = _workspace.pooled((64,), np.float64)
+            a.fill(mark)
+            b = _workspace.pooled((64,), np.float64)
+            b.fill(-mark)
+            for _ in range(20):                   # give the other thread the GIL
+                pass
+            if not (np.all(a == mark) and np.all(b == -mark)):
+                errors.append(mark)
+            del a, b
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in (1.0, 2.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("causal,form", FORMS, ids=["bidirectional", "scan", "chunked"])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_the_op_writes_every_entry_of_its_pooled_arrays(causal, form, masked, norm, pool_everything,
+                                                         monkeypatch):
+    """The output and the gradients with every free buffer of the pool poisoned (NaN)
+    before the call are those of a call on fresh arrays, bit for bit, and the call took
+    its arrays from the pool."""
+    if form == "chunked":
+        monkeypatch.setattr(mixing, "causal_form", lambda K, e: "chunked")
+    rng = np.random.default_rng(5)
+    inputs, mask = make_problem(rng, B=2, H=3, N=37, d=3, e=2, K=5, per_head=True, masked=masked)
+    do = rng.standard_normal((2, 3, 37, 2))
+
+    def call():
+        o, cache = gma_np.gma_forward(**inputs, causal=causal, norm=norm, key_mask=mask)
+        return o, gma_np.gma_backward(do, cache)
+
+    o_fresh, g_fresh = call()                     # from fresh buffers (the pool was empty)
+    o_fresh, g_fresh = o_fresh.copy(), {n: np.copy(g) for n, g in g_fresh.items()}
+    call()                                        # its arrays, dropped, fill the pool
+    held = _workspace.pool_bytes()
+    assert held > 0
+    for buffers in _workspace._POOL.values():
+        for b in buffers:
+            b[...] = 0xFF                         # every bit set: NaN in float32 and float64
+    o, g = call()
+    assert np.array_equal(o, o_fresh)
+    for name, value in g_fresh.items():
+        assert np.array_equal(g[name], value), name
+    assert _workspace.pool_bytes() < held         # the call took buffers from the pool

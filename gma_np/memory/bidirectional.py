@@ -15,6 +15,7 @@ import numpy as np
 
 from gma_np._numerics import ACCUM_DTYPE, BLOCK_STREAMS, MIXING_BLOCK, ROUTING_BLOCK
 from gma_np._threads import blas_single_thread, run_streams, sum_in_order, threads_for
+from gma_np._workspace import pooled
 
 
 def _token_blocks(N):
@@ -66,7 +67,7 @@ def _bidirectional_forward(rq, rk, v, slot, eps):
     S, z = _bidirectional_write(rk, v)                             # (P, K, e), (P, K, 1)
     with np.errstate(divide="ignore", invalid="ignore"):           # eps = 0: check_output_finite
         M = S / (z + eps) if slot else S                           # (P, K, e) read matrix
-    out = np.empty_like(v)
+    out = pooled(v.shape, v.dtype)              # (its pages: gma_np._workspace)
 
     def read(n0, n1):
         rq_b = _f64(rq[:, n0:n1])                                  # (P, nb, K)
@@ -119,7 +120,7 @@ def _bidirectional_backward(rq, rk, v, do, slot, eps, drq, drk):
             G = G * u
         else:
             g = sum_in_order([b for _, b in parts])               # (P, K, 1)
-    dv = np.empty_like(v)
+    dv = pooled(v.shape, v.dtype)
 
     def write_backward(n0, n1):                                    # dV, dR~_K of the block
         dv[:, n0:n1] = np.matmul(_f64(rk[:, n0:n1]), G)            # (P, nb, e)

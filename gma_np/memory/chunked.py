@@ -134,6 +134,7 @@ import numpy as np
 
 from gma_np._numerics import ACCUM_DTYPE, CHUNK_GROUP_TOKENS
 from gma_np._threads import blas_single_thread, run_streams, threads_for
+from gma_np._workspace import pooled
 
 def _groups(N, chunk):
     """(start, tokens, chunks) of each group of whole chunks; the last may be shorter."""
@@ -468,7 +469,7 @@ def causal_chunked_forward(rq, rk, v, slot, eps, chunk):
     """
     P, N, K = rq.shape
     e = v.shape[2]
-    out = np.empty_like(v)                                          # (P, N, e)
+    out = pooled(v.shape, v.dtype)                                  # (P, N, e)
     if N == 0 or P == 0:
         return out
     parts = _streams(P, P * N * (chunk + K) * (K + e))
@@ -493,7 +494,7 @@ def causal_chunked_backward(rq, rk, v, do, slot, eps, chunk, drq, drk):
     """
     P, N, K = rq.shape
     e = v.shape[2]
-    dv = np.empty_like(v)                                           # (P, N, e)
+    dv = pooled(v.shape, v.dtype)                                   # (P, N, e)
     if N == 0 or P == 0:
         return dv
     parts = _streams(P, 4 * P * N * (chunk + K) * (K + e))

@@ -51,6 +51,7 @@ from numba import njit, prange
 
 from gma_np._numerics import ACCUM_DTYPE
 from gma_np._threads import threads_for
+from gma_np._workspace import pooled
 
 # reassociation (vectorised dot products) and FMA contraction; no assumptions on inf/NaN
 _FASTMATH = {"reassoc", "contract"}
@@ -682,7 +683,7 @@ def _causal_forward(rq, rk, v, slot, eps):
     P, N, K = rq.shape
     S = np.zeros((P, K, v.shape[2]), dtype=ACCUM_DTYPE)
     z = np.zeros((P, K), dtype=ACCUM_DTYPE)
-    out = np.empty_like(v)
+    out = pooled(v.shape, v.dtype)              # (its pages: gma_np._workspace)
     with threads_for(P * N * K * v.shape[2]):
         _forward_blocked_kernel(K)(rq, rk, v, slot, eps, S, z, out)
     return out
@@ -699,7 +700,7 @@ def _causal_backward(rq, rk, v, do, slot, eps, drq, drk):
     width = K if slot else 1
     coef = np.empty((P, N, width), dtype=ACCUM_DTYPE)
     dzt = np.empty((P, N, width), dtype=ACCUM_DTYPE)
-    dv = np.empty_like(v)
+    dv = pooled(v.shape, v.dtype)
     # bytes of one sequence's rows that pass 2 reads again
     row_bytes = N * ((2 * K * rq.itemsize) + (2 * e * v.itemsize) + 2 * width * coef.itemsize)
     ahead = SCAN_PREFETCH_BLOCKS if row_bytes > SCAN_PREFETCH_MIN_BYTES else 0

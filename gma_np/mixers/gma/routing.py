@@ -66,6 +66,7 @@ from gma_np._numerics import (
     ROUTING_SMALL_GEMM,
 )
 from gma_np._threads import blas_single_thread, run_streams, sum_in_order, threads_for
+from gma_np._workspace import pooled
 from gma_np.mixers.gma.kernels import (
     _dx_and_sums_from_gemm,
     _log_density_backward,
@@ -434,7 +435,7 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
     xa, xb = x_parts if len(x_parts) == 2 else (x_parts[0], x_parts[0])
     P, H, N, K = dl.shape
     d = mix.means.shape[2]
-    dx = np.empty((P, H, N, d), dtype=dx_dtype)
+    dx = pooled((P, H, N, d), dx_dtype)                            # (its pages: gma_np._workspace)
     two = len(x_parts) == 2
     blocks = list(_blocks(P, H, N, d, K))
     any_direct = direct_rows is not None and direct_rows.any()
@@ -568,8 +569,8 @@ def route_forward(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.f
     P = sum(a.shape[0] for a in x_parts)
     _, H, N, _ = x_parts[0].shape
     # r in the dtype of the points (computed in float64, rounded once when stored)
-    r = np.empty((P, H, N, mix.means.shape[1]), dtype=x_parts[0].dtype)
-    shift = np.empty((P, H, N), dtype=ACCUM_DTYPE)
+    r = pooled((P, H, N, mix.means.shape[1]), x_parts[0].dtype)   # (its pages: gma_np._workspace)
+    shift = pooled((P, H, N), ACCUM_DTYPE)
     direct_rows = np.empty((P, H, N), dtype=np.uint8)
     with threads_for(_work(x_parts, mix)):
         _route_blocks(x_parts, mix, 1.0 / tau, r, direct_rows, shift,
