@@ -517,8 +517,8 @@ def log_softmax_rows(flat):
     """(lse (M,) float64, probs (M, V) in the dtype of flat) of the rows of flat (M, V):
     lse = logsumexp(flat, axis=-1) by SciPy's algorithm, probs = softmax(flat, axis=-1).
 
-    Per block of SOFTMAX_BLOCK_ROWS rows: a kernel finds each row's maximum and writes
-    flat - max in float64, NumPy's vectorised exp takes it in place, a kernel sums it
+    Per block of SOFTMAX_BLOCK_ROWS rows: NumPy's max reduction finds each row's maximum,
+    a kernel writes flat - max in float64, NumPy's vectorised exp takes it in place, a kernel sums it
     (gma_np.nn._kernels._softmax_finish) and writes the probabilities. Everything is
     accumulated in float64; tests/test_layers_fast.py holds it to
     scipy.special.logsumexp and scipy.special.softmax, infinite and NaN rows included."""
@@ -538,7 +538,8 @@ def log_softmax_rows(flat):
             for s in range(part.start, part.stop, SOFTMAX_BLOCK_ROWS):
                 blk = slice(s, min(part.stop, s + SOFTMAX_BLOCK_ROWS))
                 r = blk.stop - s
-                K._softmax_shift(flat[blk], scratch[:r], row_max[:r], n_max[:r])
+                row_max[:r] = flat[blk].max(axis=1)               # NaN where a row holds one
+                K._softmax_shift(flat[blk], row_max[:r], scratch[:r], n_max[:r])
                 np.exp(scratch[:r], out=scratch[:r])
                 K._softmax_finish(flat[blk], scratch[:r], row_max[:r], n_max[:r], probs[blk],
                                   lse[blk])
