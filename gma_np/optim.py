@@ -65,8 +65,8 @@ def lr_at(step, base_lr, warmup, total, min_ratio=0.1):
 
 
 def global_norm(grads):
-    """sqrt(sum of squares of every gradient), accumulated in float64 (element by element,
-    parameters in order)."""
+    """sqrt(sum of squares of every gradient), accumulated in float64 (each gradient's sum
+    in vector lanes, the gradients in order)."""
     return math.sqrt(sum(K._sum_squares(np.ascontiguousarray(g).reshape(-1))
                          for g in grads.values()))
 

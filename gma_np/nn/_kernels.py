@@ -231,9 +231,12 @@ def _causal_conv_backward(xp, c, dout, dx, dc):
 
 # ---------------------------------------------------------------- the optimiser
 
-@njit(cache=True, nogil=True)
+# reassociated as the row sums (_ROW_SUM_FASTMATH): the clipping norm of the tiny
+# preset's 455,304 gradients in one chain of dependent adds took ~0.5 ms a step, on the
+# step's serial path after the shards
+@njit(cache=True, nogil=True, fastmath=_ROW_SUM_FASTMATH)
 def _sum_squares(g):
-    """sum of g^2 over a flat array (S,), accumulated in float64 in order."""
+    """sum of g^2 over a flat array (S,), accumulated in float64 in vector lanes."""
     s = 0.0
     for i in range(g.size):
         gi = np.float64(g[i])
