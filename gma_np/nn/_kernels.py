@@ -231,9 +231,9 @@ def _causal_conv_backward(xp, c, dout, dx, dc):
 
 # ---------------------------------------------------------------- the optimiser
 
-# reassociated as the row sums (_ROW_SUM_FASTMATH): the clipping norm of the tiny
-# preset's 455,304 gradients in one chain of dependent adds took ~0.5 ms a step, on the
-# step's serial path after the shards
+# reassociated as the row sums (_ROW_SUM_FASTMATH): the clipping norm runs on the step's
+# serial path after the shards, and the tiny preset's 455,304 float32 gradients take
+# 0.033 ms so against 0.372 in one chain of dependent adds
 @njit(cache=True, nogil=True, fastmath=_ROW_SUM_FASTMATH)
 def _sum_squares(g):
     """sum of g^2 over a flat array (S,), accumulated in float64 in vector lanes."""
