@@ -32,11 +32,14 @@ def _describe(x):
     return f"{type(x).__name__} {x!r}"[:120]
 
 
-def float_array(name, x, ndim=None, min_ndim=None):
+def float_array(name, x, ndim=None, min_ndim=None, finite=True):
     """Return x as a C-contiguous float32/float64 ndarray, or raise.
 
     Rejects integer, boolean, complex and object dtypes (TypeError), the wrong
-    number of dimensions (ValueError) and NaN or inf entries (ValueError).
+    number of dimensions (ValueError) and, with finite, NaN or inf entries (ValueError).
+    finite=False leaves that check to the caller, for an op that establishes it from
+    its own results (gma_np.mixers.gma.mixing, "Finiteness"): check_finite must then
+    run on x wherever that result is not finite.
     """
     if not isinstance(x, np.ndarray):
         if isinstance(x, (list, tuple, numbers.Number)):
@@ -52,7 +55,8 @@ def float_array(name, x, ndim=None, min_ndim=None):
     if min_ndim is not None and x.ndim < min_ndim:
         raise ValueError(
             f"{name}: expected at least {min_ndim} dimensions, got shape {x.shape}")
-    check_finite(name, x)
+    if finite:
+        check_finite(name, x)
     return np.ascontiguousarray(x)
 
 
@@ -227,11 +231,12 @@ def key_mask(mask, B, N):
     raise TypeError(f"key_mask: expected a boolean array, got dtype {mask.dtype}")
 
 
-def qkv(q, k, v):
-    """Validate q, k (B, H, N, d) and v (B, H, N, e): same dtype, matching dims."""
-    q = float_array("q", q, ndim=4)
-    k = float_array("k", k, ndim=4)
-    v = float_array("v", v, ndim=4)
+def qkv(q, k, v, finite=True):
+    """Validate q, k (B, H, N, d) and v (B, H, N, e): same dtype, matching dims, and with
+    finite, no NaN or inf (finite=False: see float_array)."""
+    q = float_array("q", q, ndim=4, finite=finite)
+    k = float_array("k", k, ndim=4, finite=finite)
+    v = float_array("v", v, ndim=4, finite=finite)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(
             f"q, k, v: expected one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")

@@ -1,11 +1,15 @@
 """Bad input gets a clear error naming the argument, what was expected and what came:
 never a Numba typing traceback and never a silent answer."""
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 
 import gma_np
 from gma_np import _validation as check
+from gma_np.mixers.gma import mixing
 from tests.conftest import make_problem
 
 B, H, N, d, e, K = 2, 3, 5, 4, 2, 3
@@ -84,6 +88,59 @@ def test_backward_checks_the_cotangent(problem):
         gma_np.gma_backward(np.full(o.shape, np.inf), cache)
     with pytest.raises(TypeError, match=r"do: expected dtype"):
         gma_np.gma_backward(np.ones(o.shape, dtype=np.int32), cache)
+
+
+# gma_forward and gma_backward take the finiteness of q, k, v and do from the checks of
+# their own results (gma_np.mixers.gma.mixing, "Finiteness"): one NaN, inf or -inf,
+# anywhere, in every form, must still get the ValueError an up-front check gives, with
+# that entry's index, and no RuntimeWarning on the way.
+FORMS = ["bidirectional", "scan", "chunked", "recurrent"]
+
+
+def _bad_positions(shape, rng):
+    """Flat indices of one entry: the first, the last, and three at random."""
+    size = int(np.prod(shape))
+    return sorted({0, size - 1, *(int(i) for i in rng.integers(0, size, 3))})
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("name, form", [(n, f) for n in ("q", "k", "v", "do") for f in FORMS
+                                         if (n, f) != ("do", "recurrent")])   # no backward there
+def test_one_non_finite_entry_is_named_with_its_index(monkeypatch, name, form, norm, masked, dtype):
+    # the chunked form is taken from K e >= CHUNKED_MIN_KE; force it (and the scan) here
+    monkeypatch.setattr(mixing, "causal_form", lambda K, e: "chunked" if form == "chunked" else "scan")
+    rng = np.random.default_rng(7)
+    Bt, Ht, Nt = 2, 2, 7
+    inputs, _ = make_problem(rng, B=Bt, H=Ht, N=Nt, d=3, e=2, K=3)
+    arrays = {n: inputs[n].astype(dtype) for n in ("q", "k", "v")}
+    arrays["do"] = rng.standard_normal((Bt, Ht, Nt, 2)).astype(dtype)
+    params = {n: inputs[n] for n in ("means", "log_var", "logits", "temperature")}
+    shape = arrays[name].shape
+    for flat in _bad_positions(shape, rng):
+        index = tuple(int(i) for i in np.unravel_index(flat, shape))
+        mask = None
+        if masked:                                     # the bad entry's token masked too
+            mask = rng.random((Bt, Nt)) > 0.5
+            mask[index[0], index[2]] = False
+        for value in (np.nan, np.inf, -np.inf):
+            bad = dict(arrays)
+            bad[name] = arrays[name].copy()
+            bad[name][index] = value
+            message = re.escape(f"{name}: expected finite values, got {bad[name][index]} at index "
+                                f"{index} (1 non-finite entries)")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with pytest.raises(ValueError, match="^" + message):
+                    if form == "recurrent":
+                        gma_np.gma_recurrent(bad["q"], bad["k"], bad["v"], **params, norm=norm,
+                                             key_mask=mask)
+                    else:
+                        o, cache = gma_np.gma_forward(bad["q"], bad["k"], bad["v"], **params,
+                                                      causal=form != "bidirectional", norm=norm,
+                                                      key_mask=mask)
+                        gma_np.gma_backward(bad["do"], cache)
 
 
 def test_routing_rejects_bad_input(problem):

@@ -30,6 +30,24 @@ time (write all, then read; never an N x N matrix nor a float64 copy of an (N, K
 array), causal through the Numba prefix scan of gma_np.memory.scan or the chunked
 form of gma_np.memory.chunked (never an N x N nor an N x K x e array).
 gma_np.mixers.gma.reference holds the dense N x N form and the loop over t.
+
+Finiteness. The op does not read q, k, v and do once more only to find a NaN or inf
+(four passes over memory, ~4% of a causal call at N = 8192 in float64:
+docs/performance.md): each such entry makes a result non-finite that is checked anyway,
+and the check of that result names the input first, with the message and index
+_validation.check_finite gives (the same ValueError as an up-front check):
+
+    q, k   a non-finite coordinate of a point makes each of its log-densities NaN or
+           -inf, so its row maximum NaN (routing.softmax_rows_forward):
+           routing.check_log_densities_finite checks q, then k
+    v      v_j enters every output that reads key j (its own query's, causally) through
+           products with finite weights (0 * inf and 0 * NaN are NaN too):
+           check_output_finite checks v
+    do     do_i enters dv_j of every key j that query i reads: check_gradients_finite
+           checks do
+
+tests/test_validation.py puts a NaN, inf and -inf at single entries of each, in every
+form (bidirectional, scan, chunked), both norms, masked and not.
 """
 
 from dataclasses import dataclass
@@ -64,7 +82,10 @@ class GMACache:
 
 
 def _validate(q, k, v, means, log_var, logits, causal, norm, temperature, eps, key_mask):
-    q, k, v = check.qkv(q, k, v)
+    """The arguments of gma_forward checked and prepared; the finiteness of q, k and v is
+    left to the checks of the routing and of the output (module docstring, "Finiteness"),
+    which every caller runs."""
+    q, k, v = check.qkv(q, k, v, finite=False)
     mix = prepare_mixture(means, log_var, logits)
     B, H, N, d = q.shape
     check.mixture_matches("q", H, d, mix.means)
@@ -78,18 +99,22 @@ def _validate(q, k, v, means, log_var, logits, causal, norm, temperature, eps, k
     return q, k, v, mix, tau, per_head, tau_dtype, bool(causal), norm == "slot", eps, mask
 
 
-def check_output_finite(o, eps, rq, v, slot, z_read):
-    """Raise FloatingPointError if o holds NaN or inf, naming the cause.
+def check_output_finite(o, eps, rq, v, slot, z_read, v_name="v", v_passed=None):
+    """Raise if o holds NaN or inf, naming the cause.
 
     o (P, N, e); rq (P, N, K) the routed queries; v (P, N, e); z_read(p, n) -> (K,) the
-    normaliser z that query n of sequence p reads (prefix sums when causal). Finite
-    inputs (validated) and finite responsibilities (checked by the routing) leave two
-    causes: eps = 0 with a query that reads an empty memory (all keys masked so far:
-    0 / 0), or a memory S = sum_j r(k_j) v_j, or its read-out, beyond the float64
-    range (|v| near 1e308).
+    normaliser z that query n of sequence p reads (prefix sums when causal). v_passed:
+    v as passed ((B, H, N, e), named v_name), whose finiteness is checked here first
+    (ValueError; module docstring, "Finiteness"); None: v was checked before. Finite
+    inputs and finite responsibilities (checked by the routing) leave two causes
+    (FloatingPointError): eps = 0 with a query that reads an empty memory (all keys
+    masked so far: 0 / 0), or a memory S = sum_j r(k_j) v_j, or its read-out, beyond
+    the float64 range (|v| near 1e308).
     """
     if check.all_finite(o):
         return
+    if v_passed is not None:
+        check.check_finite(v_name, v_passed)
     p, n, _ = check.first_nonfinite(o)
     z = z_read(p, n)                                               # (K,)
     if slot:
@@ -159,7 +184,7 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
         o = _causal_forward(rq, rk, v3, slot, eps)
     else:
         o = _bidirectional_forward(rq, rk, v3, slot, eps)
-    check_output_finite(o, eps, rq, v3, slot, _z_read(rk, causal))
+    check_output_finite(o, eps, rq, v3, slot, _z_read(rk, causal), v_passed=v)
     o = o.astype(q.dtype, copy=False).reshape(B, H, N, e)
     cache = GMACache(shape=(B, H, N, d, e, K), dtype=q.dtype, causal=causal, slot=slot,
                      eps=eps, mask=mask, masked=key_mask is not None, rq=rq, rk=rk, v=v3, routing=routing)
@@ -183,7 +208,7 @@ def gma_backward(do, cache):
     check.cache("cache", cache, GMACache, "gma_forward")
     B, H, N, d, e, K = cache.shape
     P = B * H
-    do = check.float_array("do", do, ndim=4)
+    do = check.float_array("do", do, ndim=4, finite=False)          # check_gradients_finite
     check.check_shape("do", do, (B, H, N, e), "the shape of o, (B, H, N, e)")
     do3 = do.astype(cache.dtype, copy=False).reshape(P, N, e)
     # dr (2B, H, N, K) holds drq in [:B] and drk in [B:], the stacking of the routing; every
@@ -200,8 +225,10 @@ def gma_backward(do, cache):
         dv = _bidirectional_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
                                      dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K))
     if cache.masked:
-        # in the forward pass this was: rk = mask * r(k)
-        dr[B:] *= cache.mask[:, None, :, None]
+        # in the forward pass this was: rk = mask * r(k); an inf from a non-finite do
+        # times 0 is NaN here, reported below
+        with np.errstate(invalid="ignore"):
+            dr[B:] *= cache.mask[:, None, :, None]
     # 1. backward through the routing of the stacked (q, k)
     grads = route_backward(dr, cache.routing)
     dx = grads.pop("x")

@@ -113,7 +113,7 @@ def gma_recurrent(q, k, v, means, log_var, logits, state=None, *, norm="row",
                 o, state = fused
                 return o[:, :, None], state
     return _chunk(q, k, v, means, log_var, logits, state, norm, temperature, eps, key_mask,
-                  ("q", "k"))
+                  ("q", "k", "v"))
 
 
 def _chunk(q, k, v, means, log_var, logits, state, norm, temperature, eps, key_mask, names):
@@ -125,7 +125,7 @@ def _chunk(q, k, v, means, log_var, logits, state, norm, temperature, eps, key_m
     e = v.shape[3]
     K = mix.means.shape[1]
     state = _starting_state(state, B, H, K, e)
-    r, _ = route_forward((q, k), mix, tau, names=names)            # (2B, H, N, K)
+    r, _ = route_forward((q, k), mix, tau, names=names[:2])        # (2B, H, N, K)
     rq = r[:B].reshape(B * H, N, K)
     rk = (r[B:] * mask.astype(r.dtype)[:, None, :, None]).reshape(B * H, N, K)
     S = state.S.reshape(B * H, K, e).copy()                        # (P, K, e) in: initial, out: final
@@ -135,7 +135,7 @@ def _chunk(q, k, v, means, log_var, logits, state, norm, temperature, eps, key_m
     v3 = v.reshape(B * H, N, e)
     with threads_for(B * H * N * K * e):
         _causal_scan_forward(rq, rk, v3, slot, eps, S, z, o)
-    check_output_finite(o, eps, rq, v3, slot, _z_read(rk, True, z0))
+    check_output_finite(o, eps, rq, v3, slot, _z_read(rk, True, z0), names[2], v)
     return o.reshape(B, H, N, e), GMAState(S.reshape(B, H, K, e), z.reshape(B, H, K))
 
 
@@ -163,7 +163,7 @@ def gma_step(q_t, k_t, v_t, means, log_var, logits, state=None, *, norm="row",
             raise ValueError(f"key_mask_t: expected shape (B,), got {key_mask_t.shape}")
         mask = key_mask_t[:, None]
     o, state = _chunk(*arrays, means, log_var, logits, state, norm, temperature, eps, mask,
-                      ("q_t", "k_t"))
+                      ("q_t", "k_t", "v_t"))
     return o[:, :, 0], state
 
 

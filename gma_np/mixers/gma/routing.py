@@ -517,11 +517,14 @@ def _work(x_parts, mix):
 
 
 def check_gradients_finite(grads, cotangent_name, cotangent):
-    """FloatingPointError if a gradient holds NaN or inf. The forward was finite, so an
-    intermediate of the backward overflowed; every gradient is linear in the cotangent."""
+    """FloatingPointError if a gradient holds NaN or inf. The forward was finite, so either
+    the cotangent holds a NaN or inf (ValueError naming it: gma_backward leaves that check
+    to this one, as a non-finite cotangent makes a gradient non-finite; mixing, "Finiteness")
+    or an intermediate of the backward overflowed; every gradient is linear in the cotangent."""
     for name, g in grads.items():
         bad = check.first_nonfinite(g)
         if bad is not None:
+            check.check_finite(cotangent_name, cotangent)
             raise FloatingPointError(
                 f"{cotangent_name}: the gradient of {name} overflows float64 at index {bad} "
                 f"(the backward is linear in {cotangent_name}, |{cotangent_name}| up to "
@@ -532,12 +535,16 @@ def check_log_densities_finite(row_max, x_parts, names, mix):
     """FloatingPointError if a point's log-densities are -inf (or NaN) for every component.
 
     row_max (P, H, N): max_k l of the points x_parts (stacked along P, named names), NaN
-    where the kernels found no finite log-density (softmax_rows_forward). The sum
-    sum_j (x_j - mu_kj)^2 / sigma2_kj then overflowed float64 for every k: nothing is
-    left to route the point by."""
+    where the kernels found no finite log-density (softmax_rows_forward). Either the
+    point holds a NaN or inf (ValueError naming the array and its first such entry:
+    gma_forward leaves that check to this one, mixing, "Finiteness"), or the sum
+    sum_j (x_j - mu_kj)^2 / sigma2_kj overflowed float64 for every k: nothing is left
+    to route the point by."""
     bad = check.first_nonfinite(row_max)
     if bad is None:
         return
+    for name, a in zip(names, x_parts):                            # in order: q before k
+        check.check_finite(name, a)
     p, h, n = bad
     for name, a in zip(names, x_parts):
         if p < a.shape[0]:
