@@ -143,6 +143,33 @@ def test_one_non_finite_entry_is_named_with_its_index(monkeypatch, name, form, n
                         gma_np.gma_backward(bad["do"], cache)
 
 
+@pytest.mark.parametrize("form", ["bidirectional", "chunked"])
+def test_the_blas_forms_check_v_and_do_before_their_products(monkeypatch, form):
+    """A BLAS may skip a zero operand (the reference BLAS does) and so drop a NaN at a
+    masked key: the forms built on BLAS products check v and do themselves. Here their
+    kernels are given the arrays with the NaN replaced, as such a BLAS would leave them."""
+    monkeypatch.setattr(mixing, "causal_form", lambda K, e: "chunked")
+    names = {"bidirectional": ("_bidirectional_forward", "_bidirectional_backward"),
+             "chunked": ("causal_chunked_forward", "causal_chunked_backward")}[form]
+    forward, backward = (getattr(mixing, n) for n in names)
+    monkeypatch.setattr(mixing, names[0],
+                        lambda rq, rk, v, *a: forward(rq, rk, np.nan_to_num(v), *a))
+    monkeypatch.setattr(mixing, names[1],
+                        lambda rq, rk, v, do, *a: backward(rq, rk, v, np.nan_to_num(do), *a))
+    inputs, _ = make_problem(np.random.default_rng(8), B=1, H=2, N=5, d=3, e=2, K=3)
+    do = np.ones((1, 2, 5, 2))
+    causal = form == "chunked"
+    bad_v = inputs["v"].copy()
+    bad_v[0, 1, 3, 0] = np.nan
+    with pytest.raises(ValueError, match=re.escape("v: expected finite values, got nan at index (0, 1, 3, 0)")):
+        gma_np.gma_forward(**dict(inputs, v=bad_v), causal=causal)
+    _, cache = gma_np.gma_forward(**inputs, causal=causal)
+    bad_do = do.copy()
+    bad_do[0, 0, 2, 1] = np.nan
+    with pytest.raises(ValueError, match=re.escape("do: expected finite values, got nan at index (0, 0, 2, 1)")):
+        gma_np.gma_backward(bad_do, cache)
+
+
 def test_routing_rejects_bad_input(problem):
     p = {n: problem[n] for n in ("means", "log_var", "logits")}
     with pytest.raises(ValueError, match=r"x: expected at least 3 dimensions"):

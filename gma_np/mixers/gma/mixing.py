@@ -32,22 +32,27 @@ form of gma_np.memory.chunked (never an N x N nor an N x K x e array).
 gma_np.mixers.gma.reference holds the dense N x N form and the loop over t.
 
 Finiteness. The op does not read q, k, v and do once more only to find a NaN or inf
-(four passes over memory, ~4% of a causal call at N = 8192 in float64:
-docs/performance.md): each such entry makes a result non-finite that is checked anyway,
-and the check of that result names the input first, with the message and index
+where the package's own loops carry such an entry into a result that is checked anyway
+(four passes over memory, 2-4% of a causal call at N = 8192: docs/performance.md); the
+check of that result names the input first, with the message and index
 _validation.check_finite gives (the same ValueError as an up-front check):
 
-    q, k   a non-finite coordinate of a point makes each of its log-densities NaN or
-           -inf, so its row maximum NaN (routing.softmax_rows_forward):
-           routing.check_log_densities_finite checks q, then k
-    v      v_j enters every output that reads key j (its own query's, causally) through
-           products with finite weights (0 * inf and 0 * NaN are NaN too):
-           check_output_finite checks v
-    do     do_i enters dv_j of every key j that query i reads: check_gradients_finite
-           checks do
+    q, k   every form. A non-finite coordinate makes the point's |x'|^2 non-finite in
+           routing's Numba pass (kernels._log_density_expanded), which then takes every
+           log-density of the point in the direct form: NaN or -inf, so its row maximum
+           NaN (routing.softmax_rows_forward); routing.check_log_densities_finite
+           checks q, then k
+    v      the token scan: v_t enters the output of query t through products with finite
+           weights in Numba's loops (0 * inf and 0 * NaN are NaN too, a masked key's
+           included); check_output_finite checks v
+    do     the token scan: do_t enters the suffix sums G of every key s <= t, and dv_s
+           through them; check_gradients_finite checks do
 
+The other forms (bidirectional, chunked) carry v and do through BLAS products, and a
+BLAS may skip a zero operand (the reference BLAS does), which would drop a NaN at a
+masked key: there v and do are checked up front (_needs_upfront_check).
 tests/test_validation.py puts a NaN, inf and -inf at single entries of each, in every
-form (bidirectional, scan, chunked), both norms, masked and not.
+form, both norms, masked and not, and gives the GEMM forms a kernel that drops them.
 """
 
 from dataclasses import dataclass
@@ -82,9 +87,9 @@ class GMACache:
 
 
 def _validate(q, k, v, means, log_var, logits, causal, norm, temperature, eps, key_mask):
-    """The arguments of gma_forward checked and prepared; the finiteness of q, k and v is
-    left to the checks of the routing and of the output (module docstring, "Finiteness"),
-    which every caller runs."""
+    """The arguments of gma_forward checked and prepared, but for the finiteness of q, k
+    and v: every caller runs the routing's check (q, k) and checks v, through the output
+    or up front by the form (module docstring, "Finiteness")."""
     q, k, v = check.qkv(q, k, v, finite=False)
     mix = prepare_mixture(means, log_var, logits)
     B, H, N, d = q.shape
@@ -97,6 +102,17 @@ def _validate(q, k, v, means, log_var, logits, causal, norm, temperature, eps, k
     eps = check.eps_value(eps)
     mask = check.key_mask(key_mask, B, N)
     return q, k, v, mix, tau, per_head, tau_dtype, bool(causal), norm == "slot", eps, mask
+
+
+def _form(causal, K, e):
+    """"bidirectional", "chunked" or "scan": the form gma_forward and gma_backward take."""
+    return causal_form(K, e) if causal else "bidirectional"
+
+
+def _needs_upfront_check(form):
+    """True where v and do go through BLAS products, whose propagation of a NaN the op
+    does not rely on (module docstring, "Finiteness")."""
+    return form != "scan"
 
 
 def check_output_finite(o, eps, rq, v, slot, z_read, v_name="v", v_passed=None):
@@ -169,8 +185,11 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
     e = v.shape[3]
     K = mix.means.shape[1]
     P = B * H
+    form = _form(causal, K, e)
     # 1. route queries and keys through the same mixture in one call: (2B, H, N, d) stacked
     r, routing = route_forward((q, k), mix, tau, per_head, tau_dtype, names=("q", "k"))
+    if _needs_upfront_check(form):                                 # after q, k: their errors first
+        check.check_finite("v", v)
     rq = r[:B].reshape(P, N, K)                                    # (P, N, K)
     rk = r[B:]                                                     # (B, H, N, K)
     if key_mask is not None:
@@ -178,9 +197,9 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
     rk = rk.reshape(P, N, K)
     v3 = v.reshape(P, N, e)                                        # (P, N, e)
     # 2. write the memory and read it out
-    if causal and causal_form(K, e) == "chunked":
+    if form == "chunked":
         o = causal_chunked_forward(rq, rk, v3, slot, eps, CAUSAL_CHUNK)
-    elif causal:
+    elif form == "scan":
         o = _causal_forward(rq, rk, v3, slot, eps)
     else:
         o = _bidirectional_forward(rq, rk, v3, slot, eps)
@@ -208,17 +227,20 @@ def gma_backward(do, cache):
     check.cache("cache", cache, GMACache, "gma_forward")
     B, H, N, d, e, K = cache.shape
     P = B * H
-    do = check.float_array("do", do, ndim=4, finite=False)          # check_gradients_finite
+    do = check.float_array("do", do, ndim=4, finite=False)          # checked below
     check.check_shape("do", do, (B, H, N, e), "the shape of o, (B, H, N, e)")
+    form = _form(cache.causal, K, e)
+    if _needs_upfront_check(form):
+        check.check_finite("do", do)
     do3 = do.astype(cache.dtype, copy=False).reshape(P, N, e)
     # dr (2B, H, N, K) holds drq in [:B] and drk in [B:], the stacking of the routing; every
     # entry is written below, and kept from call to call (its pages: gma_np._workspace)
     dr = scratch("gma_backward.dr", (2 * B, H, N, K), cache.rq.dtype)
     # 2. backward through the memory read and write
-    if cache.causal and causal_form(K, e) == "chunked":
+    if form == "chunked":
         dv = causal_chunked_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
                                      CAUSAL_CHUNK, dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K))
-    elif cache.causal:
+    elif form == "scan":
         dv = _causal_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
                               dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K))
     else:
