@@ -175,3 +175,33 @@ def test_blocked_routing_gradcheck(monkeypatch):
     report = gma_np.gradcheck(fun, grad, inputs, mode="full")
     assert report.ok, report
     assert {c.name for c in report.inputs} == set(inputs)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_the_kernels_that_write_dx_check_it(rng, small_blocks, monkeypatch, dtype):
+    """route_backward's dx_check is 0 exactly when every entry of dx as stored is finite,
+    whichever kernel wrote the row: a NaN in dr at one token taken in the direct form
+    (_log_density_backward_rows), at one GEMM token (_dx_and_sums_from_gemm), and, in
+    float32, a dr whose dx is finite in float64 but overflows float32 when stored."""
+    monkeypatch.setattr(routing, "GRADIENT_CANCELLATION_BOUND_FLOAT32", GRADIENT_CANCELLATION_BOUND)
+    xs, params, tau = problem(rng, dtype)
+    mix = routing.prepare_mixture(*params)
+    r, cache = routing.route_forward(xs, mix, tau, True, np.dtype(dtype), names=("q", "k"))
+    marked = cache.direct_rows.astype(bool)
+    dr = rng.standard_normal(r.shape).astype(dtype)
+
+    def dx_check(dr):
+        out = np.full(1, -1.0)
+        grads = routing.route_backward(dr, cache, out)
+        assert (out[0] == 0) == bool(np.isfinite(grads["x"]).all()), (out, grads["x"])
+        return out[0]
+
+    assert dx_check(dr) == 0
+    for rows in (marked, ~marked):
+        p, h, n = (int(i[0]) for i in np.nonzero(rows))
+        bad = dr.copy()
+        bad[p, h, n, 1] = np.nan
+        assert np.isnan(dx_check(bad))
+    if dtype == np.float32:
+        huge = np.clip(dr, -3, 3) * np.float32(1e38)           # finite; dx beyond 3.4e38
+        assert np.isnan(dx_check(huge))

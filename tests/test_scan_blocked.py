@@ -121,7 +121,9 @@ def test_both_forward_kernels_match_token_scan_and_dense(N, K, e, dtype, norm, k
     slot = norm == "slot"
     P = rq.shape[0]
     S, z, out = np.zeros((P, K, e)), np.zeros((P, K)), np.empty_like(v)
-    FORWARD_KERNELS[kernel](rq, rk, v, slot, DEFAULT_EPS, S, z, out)
+    check = np.full(P, np.nan)
+    FORWARD_KERNELS[kernel](rq, rk, v, slot, DEFAULT_EPS, S, z, out, check)
+    assert np.array_equal(check, np.zeros(P)), "finite outputs: every check sum is 0"
     S_ref, z_ref, out_ref = np.zeros((P, K, e)), np.zeros((P, K)), np.empty_like(v)
     _causal_scan_forward(rq, rk, v, slot, DEFAULT_EPS, S_ref, z_ref, out_ref)
     assert out.dtype == dtype
@@ -145,9 +147,11 @@ def test_both_backward_loop_forms_match_token_scan_and_dense(N, K, e, dtype, nor
     slot = norm == "slot"
     P, width = rq.shape[0], (K if slot else 1)
     got = (np.empty_like(rq), np.empty_like(rk), np.empty_like(v))
+    check = np.full(P, np.nan)
     _causal_scan_backward_blocked(rq, rk, v, do, slot, DEFAULT_EPS, pairs, 1,
                                   np.empty((P, K + K % 2, e)), np.empty((P, K)),
-                                  np.empty((P, N, width)), np.empty((P, N, width)), *got)
+                                  np.empty((P, N, width)), np.empty((P, N, width)), *got, check)
+    assert np.array_equal(check, np.zeros(P)), "finite dv: every check sum is 0"
     assert_results_close(NAMES[1:], got, dtype,
                          token_scan=token_scan(rq, rk, v, do, slot, DEFAULT_EPS)[1:],
                          dense=dense(rq, rk, v, do, slot, DEFAULT_EPS)[1:])
@@ -173,7 +177,7 @@ def test_prefetch_reads_change_no_bit(N, K, e, dtype, norm):
             _causal_scan_backward_blocked(rq, rk, v, do, slot, DEFAULT_EPS, pairs, ahead,
                                           np.empty((P, K + K % 2, e)), np.empty((P, K)),
                                           np.empty((P, N, width)), np.empty((P, N, width)),
-                                          *got)
+                                          *got, np.empty(P))
             results.append(got)
         for ahead, got in zip((1, SCAN_PREFETCH_BLOCKS), results[1:]):
             for name, g, r in zip(NAMES[1:], got, results[0]):
@@ -192,7 +196,7 @@ def test_blocked_forward_from_a_state_matches_the_loop(dtype, norm, kernel):
     S0 = rng.random((P, K, e))
     z0 = rng.random((P, K)) + 0.5
     S, z, out = S0.copy(), z0.copy(), np.empty_like(v)
-    FORWARD_KERNELS[kernel](rq, rk, v, norm == "slot", DEFAULT_EPS, S, z, out)
+    FORWARD_KERNELS[kernel](rq, rk, v, norm == "slot", DEFAULT_EPS, S, z, out, np.empty(P))
     for p in range(P):
         o_ref, S_ref, z_ref = causal_mix_loop(*(a[p].astype(np.float64) for a in (rq, rk, v)),
                                               norm == "slot", DEFAULT_EPS, S0[p], z0[p])
@@ -235,7 +239,7 @@ def test_blocked_kernels_leave_the_scratch_shapes_alone():
     for pairs in (False, True):
         _causal_scan_backward_blocked(rq, rk, v, do, False, DEFAULT_EPS, pairs, 0,
                                       np.full((P, K + 1, e), np.nan), np.full((P, K), np.nan),
-                                      np.empty((P, N, 1)), np.empty((P, N, 1)), *got)
+                                      np.empty((P, N, 1)), np.empty((P, N, 1)), *got, np.empty(P))
         ref = token_scan(rq, rk, v, do, False, DEFAULT_EPS)[1:]
         for name, g, r in zip(NAMES[1:], got, ref):
             assert_close(f"{name}, pairs={pairs}", g, r, 1e-12)
@@ -261,3 +265,48 @@ def test_thread_count_changes_nothing(norm, K):
     for name, a, b in zip(NAMES, *results):
         assert np.array_equal(a, b), name
     assert ACCUM_DTYPE == np.float64
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_the_kernels_check_what_they_store(dtype, norm):
+    """Each blocked kernel's check sum is NaN for exactly the sequences whose stored output
+    (forward) or dv (backward) holds a NaN or an inf, 0 for the others: a NaN in v or do of
+    sequence 1 at its last token (N = 37, in the ragged last block), and, in float32, a do
+    whose dv is finite in the kernel's float64 sums but overflows float32 when stored."""
+    rng = np.random.default_rng(11)
+    P, N, K, e = 3, 37, SCAN_ROWS_MAX_K + 3, 5
+    slot = norm == "slot"
+    width = K if slot else 1
+    rq, rk, v, do = make_mixing(rng, P, N, K, e, dtype, masked=True)
+
+    def forward(kernel, v):
+        check = np.full(P, -1.0)
+        FORWARD_KERNELS[kernel](rq, rk, v, slot, DEFAULT_EPS, np.zeros((P, K, e)),
+                                np.zeros((P, K)), np.empty_like(v), check)
+        return check
+
+    def backward(pairs, do):
+        check = np.full(P, -1.0)
+        _causal_scan_backward_blocked(rq, rk, v, do, slot, DEFAULT_EPS, pairs, 0,
+                                      np.empty((P, K + K % 2, e)), np.empty((P, K)),
+                                      np.empty((P, N, width)), np.empty((P, N, width)),
+                                      np.empty_like(rq), np.empty_like(rk), np.empty_like(v), check)
+        return check
+
+    for value in (np.nan, np.inf):
+        bad_v, bad_do = v.copy(), do.copy()
+        bad_v[1, N - 1, 2] = value
+        bad_do[1, N - 1, 2] = value
+        for kernel in FORWARD_KERNELS:
+            check = forward(kernel, bad_v)
+            assert np.isnan(check[1]) and check[0] == 0 and check[2] == 0, (kernel, value, check)
+        for pairs in (False, True):
+            check = backward(pairs, bad_do)
+            assert np.isnan(check[1]) and check[0] == 0 and check[2] == 0, (pairs, value, check)
+    if dtype == np.float32:
+        huge = do.copy()
+        huge[1] = np.float32(3e38)                     # dv's float64 sums pass 3.4e38
+        for pairs in (False, True):
+            check = backward(pairs, huge)
+            assert np.isnan(check[1]) and check[0] == 0 and check[2] == 0, (pairs, check)

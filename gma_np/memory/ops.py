@@ -197,7 +197,7 @@ def memory_recurrent(rq, rk, v, S, z, *, slot=False, eps):
                          z.reshape(1, P, F), out)
         return o, S, z
     with threads_for(P * N * F * e):
-        _forward_blocked_kernel(F)(rq, rk, v, slot, eps, S, z, o)
+        _forward_blocked_kernel(F)(rq, rk, v, slot, eps, S, z, o, np.empty(P))
     return o, S, z
 
 

@@ -40,6 +40,11 @@ N (docs/numerics.md). Nothing of size N x K x e is ever allocated; the only
 N-sized buffers (the per-token read coefficients of the backward) are
 allocated by the wrappers, so that Python's tracemalloc sees them.
 
+The blocked kernels check what they store: per sequence, the sum of o - o over its
+outputs (forward) or dv (backward) in their dtype, 0 exactly when every one is finite
+(_store_rows), which the wrappers hand back through their `check` argument, so that
+gma_np.mixers.gma.mixing need not read those arrays again to check them.
+
 Kernels are plain loops that also run with NUMBA_DISABLE_JIT=1. They release the GIL
 (nogil): the trainer runs two shards of its batch on two Python threads, each calling
 these kernels on one Numba thread (gma_np.train.loop, BATCH_SHARDS), and a kernel that
@@ -270,10 +275,28 @@ def _forward_block_weights(rq, rk, v, p, t0, n, slot, eps, zp, W, A, X, inv):
             X[u, c] = v[p, t, c]
 
 
+@njit(cache=True, fastmath=_FASTMATH, inline="always")
+def _store_rows(R, scale, out, p, t0, n, acc):
+    """out[p, t0 + u, c] = R[u, c] * scale[u] for the block's n tokens (scale ones: R[u, c]
+    exactly), in out's dtype; returns acc plus the sum of o - o over the stored values o, which is 0
+    for finite ones and NaN for a NaN or an inf (inf - inf): the finiteness check of what
+    the kernel writes, while it is in L1. "reassoc" alone does not let LLVM fold o - o to
+    0 (that would need "nnan" and "ninf"; gma_np._validation._finite_flat, the same sum)."""
+    for u in range(n):
+        for c in range(out.shape[2]):
+            out[p, t0 + u, c] = R[u, c] * scale[u]
+        for c in range(out.shape[2]):
+            o = out[p, t0 + u, c]
+            acc += o - o
+    return acc
+
+
 @njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
-def _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out):
+def _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out, check):
     """_causal_scan_forward, SCAN_TOKENS tokens per pass over the state (same arguments,
-    same results to rounding).
+    same results to rounding), and check (P,) float64 written: the sum of o - o over the
+    outputs o of sequence p as stored (0 exactly when all are finite, NaN else), the
+    finiteness check of the output fused into the pass that writes it.
 
     Per block of tokens t0 .. t0 + 3 and per pair of value columns (c, c + 1) of the
     transposed state S^T (e, K), the loop over the components k holds S^T[c, k] and
@@ -294,6 +317,7 @@ def _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out):
         X = np.zeros((SCAN_TOKENS, ep))         # v of the block's tokens, float64
         R = np.empty((SCAN_TOKENS, ep))         # their outputs
         inv = np.empty(SCAN_TOKENS)
+        acc = 0.0                               # sum of o - o over the stored outputs
         for t0 in range(0, N, SCAN_TOKENS):
             n = min(SCAN_TOKENS, N - t0)
             _forward_block_weights(rq, rk, v, p, t0, n, slot, eps, zp, W, A, X, inv)
@@ -327,10 +351,9 @@ def _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out):
                     Sd[k] = r
                 R[0, c], R[1, c], R[2, c], R[3, c] = n0, n1, n2, n3
                 R[0, c + 1], R[1, c + 1], R[2, c + 1], R[3, c + 1] = m0, m1, m2, m3
-            for u in range(n):
-                for c in range(e):
-                    out[p, t0 + u, c] = R[u, c] * inv[u]
+            acc = _store_rows(R, inv, out, p, t0, n, acc)
         S[p] = ST[:e].T
+        check[p] = acc
 
 
 # Up to SCAN_ROWS_MAX_K components the forward runs over the rows of S (K, e) instead, the
@@ -348,9 +371,10 @@ SCAN_ROWS_MAX_K = 32
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
-def _causal_scan_forward_blocked_rows(rq, rk, v, slot, eps, S, z, out):
+def _causal_scan_forward_blocked_rows(rq, rk, v, slot, eps, S, z, out, check):
     """_causal_scan_forward, SCAN_TOKENS tokens per pass over the state rows (same arguments,
-    same results to rounding); the kernel for K <= SCAN_ROWS_MAX_K (see above).
+    same results to rounding, and check as in _causal_scan_forward_blocked); the kernel
+    for K <= SCAN_ROWS_MAX_K (see above).
 
     Per block of tokens t0 .. t0 + 3 and per row k of S (K, e), the loop over the value
     axis c holds S[k, c] in a register while the four tokens are written into it in order,
@@ -369,6 +393,7 @@ def _causal_scan_forward_blocked_rows(rq, rk, v, slot, eps, S, z, out):
         inv = np.empty(SCAN_TOKENS)
         x0, x1, x2, x3 = X[0], X[1], X[2], X[3]
         r0, r1, r2, r3 = R[0], R[1], R[2], R[3]
+        acc = 0.0                               # sum of o - o over the stored outputs
         for t0 in range(0, N, SCAN_TOKENS):
             n = min(SCAN_TOKENS, N - t0)
             _forward_block_weights(rq, rk, v, p, t0, n, slot, eps, zp, W, A, X, inv)
@@ -387,9 +412,8 @@ def _causal_scan_forward_blocked_rows(rq, rk, v, slot, eps, S, z, out):
                     s += w3 * x3[c]
                     r3[c] += a3 * s
                     Sk[c] = s
-            for u in range(n):
-                for c in range(e):
-                    out[p, t0 + u, c] = R[u, c] * inv[u]
+            acc = _store_rows(R, inv, out, p, t0, n, acc)
+        check[p] = acc
 
 
 def _forward_blocked_kernel(K):
@@ -436,7 +460,7 @@ SCAN_RECOMPUTE_TOKENS = 8   # the loop body below is written for 8
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
 def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, ahead,
-                                  S, z, coef, dzt, drq, drk, dv):
+                                  S, z, coef, dzt, drq, drk, dv, check):
     """_causal_scan_backward, blocks of tokens per pass over the state (same arguments
     and results to rounding, except the state scratch: S (P, K', e) with K' = K + K % 2).
 
@@ -457,6 +481,8 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, ahead,
     ahead  int   pass 2 only: read the rows of the block this many blocks further down in
                  t into cache before each block (SCAN_PREFETCH_BLOCKS); 0: no such reads.
                  The results do not depend on it.
+    check  (P,) float64 written: the sum of o - o over the stored dv of sequence p, 0
+                 exactly when all are finite (_store_rows)
     """
     P, N, K = rq.shape
     e = v.shape[2]
@@ -561,6 +587,8 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, ahead,
         zp[:] = 0.0
         D[:, :] = 0.0
         touched = np.zeros(1)                     # the prefetch reads' sum: stored, so kept
+        acc = 0.0                                 # sum of o - o over the stored dv
+        ones = np.ones(T)                         # dv is DV as it is
         step_k = max(1, _CACHE_LINE // rq.itemsize)   # elements per cache line
         step_e = max(1, _CACHE_LINE // v.itemsize)
         step_w = max(1, _CACHE_LINE // coef.itemsize)
@@ -673,25 +701,29 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, ahead,
             for u in range(n):
                 for k in range(K):
                     drk[p, t0 + u, k] = RK[u, k] + Z[u, k]
-            for u in range(n):
-                for c in range(e):
-                    dv[p, t0 + u, c] = DV[u, c]
+            acc = _store_rows(DV, ones, dv, p, t0, n, acc)
+        check[p] = acc
 
 
-def _causal_forward(rq, rk, v, slot, eps):
-    """O (P, N, e) in v's dtype, by the Numba prefix scan from a zero state."""
+def _causal_forward(rq, rk, v, slot, eps, check=None):
+    """O (P, N, e) in v's dtype, by the Numba prefix scan from a zero state. check: None,
+    or a (P,) float64 array to receive per sequence the sum of o - o over its outputs (0
+    exactly when all are finite: the kernel checks what it writes)."""
     P, N, K = rq.shape
     S = np.zeros((P, K, v.shape[2]), dtype=ACCUM_DTYPE)
     z = np.zeros((P, K), dtype=ACCUM_DTYPE)
     out = pooled(v.shape, v.dtype)              # (its pages: gma_np._workspace)
+    if check is None:
+        check = np.empty(P, dtype=ACCUM_DTYPE)
     with threads_for(P * N * K * v.shape[2]):
-        _forward_blocked_kernel(K)(rq, rk, v, slot, eps, S, z, out)
+        _forward_blocked_kernel(K)(rq, rk, v, slot, eps, S, z, out, check)
     return out
 
 
-def _causal_backward(rq, rk, v, do, slot, eps, drq, drk):
+def _causal_backward(rq, rk, v, do, slot, eps, drq, drk, check=None):
     """dv, and drq, drk written into the given (P, N, K) float64 buffers, by the causal
-    scan: pass 1 forward again, pass 2 in reverse."""
+    scan: pass 1 forward again, pass 2 in reverse. check: None, or a (P,) float64 array
+    to receive the sums of o - o over each sequence's dv (as in _causal_forward)."""
     P, N, K = rq.shape
     e = v.shape[2]
     S = np.empty((P, K + K % 2, e), dtype=ACCUM_DTYPE)    # the blocked kernel's rows go in pairs
@@ -704,7 +736,9 @@ def _causal_backward(rq, rk, v, do, slot, eps, drq, drk):
     # bytes of one sequence's rows that pass 2 reads again
     row_bytes = N * ((2 * K * rq.itemsize) + (2 * e * v.itemsize) + 2 * width * coef.itemsize)
     ahead = SCAN_PREFETCH_BLOCKS if row_bytes > SCAN_PREFETCH_MIN_BYTES else 0
+    if check is None:
+        check = np.empty(P, dtype=ACCUM_DTYPE)
     with threads_for(P * N * K * e):
         _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, K > SCAN_ROWS_MAX_K, ahead,
-                                      S, z, coef, dzt, drq, drk, dv)
+                                      S, z, coef, dzt, drq, drk, dv, check)
     return dv

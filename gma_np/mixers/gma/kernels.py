@@ -385,13 +385,14 @@ def _log_density_expanded(g, feats, xa, xb, n0, means, inv_var_max, m2, const, i
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _dx_and_sums_from_gemm(dl, g, feats, const, m2, shift, n0, direct_rows, with_dot, dx,
-                           dl_sum, dl_dot):
+                           dl_sum, dl_dot, dx_check):
     """What the backward takes from the GEMM g = dl @ [mu' inv_var | inv_var] of one block of
     tokens, in one pass over the block's dl, g and feats, row by row while a row is in L1:
 
         dx[p,h,n0+n,j] = g[j] - x'_j g[d+j]
         dl_sum[h,k]   += dl[p,h,n,k]
         dl_dot[h]     += sum_k dl_k (l_k - shift[p,h,n0+n])          (if with_dot)
+        dx_check[0]   += sum_j (o - o), o = dx[p,h,n0+n,j] as stored  (0 iff finite)
 
     dx: g[j] - x'_j g[d+j] = sum_k dl_k (mu'_kj - x'_j) inv_var_kj, the gradient of
     l = const - 1/2 sum_j (x'_j - mu'_kj)^2 inv_var_kj (routing.log_density_backward).
@@ -422,9 +423,14 @@ def _dx_and_sums_from_gemm(dl, g, feats, const, m2, shift, n0, direct_rows, with
     dx           (P, H, N, d)    float32 or float64, the unmarked rows n0 .. n0 + nb - 1 written
     dl_sum       (H, K)          float64, accumulated
     dl_dot       (H,)            float64, accumulated if with_dot
+    dx_check     (1,)            float64, accumulated: the sum of o - o over the dx written,
+                                 the finiteness check of dx while its rows are in L1 (0 for
+                                 finite entries, NaN for a NaN or an inf; "reassoc" alone
+                                 does not fold o - o: gma_np._validation._finite_flat)
     """
     P, H, nb, K = dl.shape
     d = feats.shape[3] // 2
+    finite_sum = 0.0
     for h in range(H):
         acc = 0.0
         for p in range(P):
@@ -433,6 +439,9 @@ def _dx_and_sums_from_gemm(dl, g, feats, const, m2, shift, n0, direct_rows, with
                     continue
                 for j in range(d):
                     dx[p, h, n0 + n, j] = g[p, h, n, j] - feats[p, h, n, j] * g[p, h, n, d + j]
+                for j in range(d):
+                    o = dx[p, h, n0 + n, j]
+                    finite_sum += o - o
                 for k in range(K):
                     dl_sum[h, k] += dl[p, h, n, k]
                 if with_dot:
@@ -446,11 +455,12 @@ def _dx_and_sums_from_gemm(dl, g, feats, const, m2, shift, n0, direct_rows, with
                                - 2.0 * feats[p, h, n, j] * g[p, h, n, j])
                     acc += lin - 0.5 * sq
         dl_dot[h] += acc
+    dx_check[0] += finite_sum
 
 
 @njit(cache=True, nogil=True)
 def _log_density_backward_rows(dl, xa, xb, n0, means, inv_var, const, shift, direct_rows, dx,
-                               dmeans, dquad, dl_sum, dl_dot):
+                               dmeans, dquad, dl_sum, dl_dot, dx_check):
     """The direct-form backward (_log_density_backward) of the marked tokens of one block,
     and their rows of dl set to 0, so that the GEMMs that follow leave them out.
 
@@ -475,11 +485,14 @@ def _log_density_backward_rows(dl, xa, xb, n0, means, inv_var, const, shift, dir
     dmeans, dquad (H, K, d)     float64, accumulated
     dl_sum       (H, K)         float64, accumulated
     dl_dot       (H,)           float64, accumulated
+    dx_check     (1,)           float64, accumulated: the sum of o - o over the dx written
+                                (as in _dx_and_sums_from_gemm)
     """
     P, H, nb, K = dl.shape
     d = means.shape[2]
     Pa = xa.shape[0]
     quad = np.empty(K)
+    finite_sum = 0.0
     for ph in prange(P * H):
         p = ph // H
         h = ph % H
@@ -499,12 +512,15 @@ def _log_density_backward_rows(dl, xa, xb, n0, means, inv_var, const, shift, dir
                     dquad[h, k, j] += 0.5 * c * diff * w
                     quad[k] += diff * w
                 dx[p, h, n0 + n, j] = acc
+                o = dx[p, h, n0 + n, j]
+                finite_sum += o - o
             dot = 0.0
             for k in range(K):
                 dot += dl[p, h, n, k] * (const[h, k] - 0.5 * quad[k] - shift[p, h, n0 + n])
                 dl_sum[h, k] += dl[p, h, n, k]
                 dl[p, h, n, k] = 0.0
             dl_dot[h] += dot
+    dx_check[0] += finite_sum
 
 
 @njit(cache=True, nogil=True)

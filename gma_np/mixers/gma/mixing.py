@@ -53,6 +53,10 @@ BLAS may skip a zero operand (the reference BLAS does), which would drop a NaN a
 masked key: there v and do are checked up front (_needs_upfront_check).
 tests/test_validation.py puts a NaN, inf and -inf at single entries of each, in every
 form, both norms, masked and not, and gives the GEMM forms a kernel that drops them.
+The results' own checks are fused on the same path: the scan's kernels and the
+routing's dx kernels sum o - o over what they store (0 exactly when all of it is
+finite: gma_np.memory.scan._store_rows, kernels._dx_and_sums_from_gemm), so o, dv,
+dq and dk are read again only when that sum says one of them is not finite.
 """
 
 from dataclasses import dataclass
@@ -115,7 +119,7 @@ def _needs_upfront_check(form):
     return form != "scan"
 
 
-def check_output_finite(o, eps, rq, v, slot, z_read, v_name="v", v_passed=None):
+def check_output_finite(o, eps, rq, v, slot, z_read, v_name="v", v_passed=None, finite=None):
     """Raise if o holds NaN or inf, naming the cause.
 
     o (P, N, e); rq (P, N, K) the routed queries; v (P, N, e); z_read(p, n) -> (K,) the
@@ -125,9 +129,10 @@ def check_output_finite(o, eps, rq, v, slot, z_read, v_name="v", v_passed=None):
     inputs and finite responsibilities (checked by the routing) leave two causes
     (FloatingPointError): eps = 0 with a query that reads an empty memory (all keys
     masked so far: 0 / 0), or a memory S = sum_j r(k_j) v_j, or its read-out, beyond
-    the float64 range (|v| near 1e308).
+    the float64 range (|v| near 1e308). finite: True where the kernel that wrote o found
+    every entry finite (the scan's check sums), None to check o here.
     """
-    if check.all_finite(o):
+    if finite or (finite is None and check.all_finite(o)):
         return
     if v_passed is not None:
         check.check_finite(v_name, v_passed)
@@ -197,13 +202,16 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
     rk = rk.reshape(P, N, K)
     v3 = v.reshape(P, N, e)                                        # (P, N, e)
     # 2. write the memory and read it out
+    finite = None                                                  # o checked below
     if form == "chunked":
         o = causal_chunked_forward(rq, rk, v3, slot, eps, CAUSAL_CHUNK)
     elif form == "scan":
-        o = _causal_forward(rq, rk, v3, slot, eps)
+        sums = np.empty(P)                                         # sum of o - o per sequence
+        o = _causal_forward(rq, rk, v3, slot, eps, sums)
+        finite = bool(sums.sum() == 0)                             # the kernel checked o
     else:
         o = _bidirectional_forward(rq, rk, v3, slot, eps)
-    check_output_finite(o, eps, rq, v3, slot, _z_read(rk, causal), v_passed=v)
+    check_output_finite(o, eps, rq, v3, slot, _z_read(rk, causal), v_passed=v, finite=finite)
     o = o.astype(q.dtype, copy=False).reshape(B, H, N, e)
     cache = GMACache(shape=(B, H, N, d, e, K), dtype=q.dtype, causal=causal, slot=slot,
                      eps=eps, mask=mask, masked=key_mask is not None, rq=rq, rk=rk, v=v3, routing=routing)
@@ -236,13 +244,17 @@ def gma_backward(do, cache):
     # dr (2B, H, N, K) holds drq in [:B] and drk in [B:], the stacking of the routing; every
     # entry is written below, and kept from call to call (its pages: gma_np._workspace)
     dr = scratch("gma_backward.dr", (2 * B, H, N, K), cache.rq.dtype)
+    finite = []                                                    # gradients checked by their kernels
     # 2. backward through the memory read and write
     if form == "chunked":
         dv = causal_chunked_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
                                      CAUSAL_CHUNK, dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K))
     elif form == "scan":
+        dv_sums = np.empty(P)                                      # sum of o - o over dv
         dv = _causal_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
-                              dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K))
+                              dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K), dv_sums)
+        if dv_sums.sum() == 0:                                     # the kernel checked dv
+            finite.append("v")
     else:
         dv = _bidirectional_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
                                      dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K))
@@ -252,12 +264,15 @@ def gma_backward(do, cache):
         with np.errstate(invalid="ignore"):
             dr[B:] *= cache.mask[:, None, :, None]
     # 1. backward through the routing of the stacked (q, k)
-    grads = route_backward(dr, cache.routing)
+    dx_sum = np.empty(1)                                           # sum of o - o over dx
+    grads = route_backward(dr, cache.routing, dx_sum)
+    if dx_sum[0] == 0:                                             # the kernels checked dx
+        finite += ["q", "k"]
     dx = grads.pop("x")
     grads["q"] = dx[:B]
     grads["k"] = dx[B:]
     grads["v"] = dv.astype(cache.dtype, copy=False).reshape(B, H, N, e)
-    check_gradients_finite(grads, "do", do)
+    check_gradients_finite(grads, "do", do, finite)
     return grads
 
 

@@ -393,7 +393,7 @@ def _mixture_grads(dl_sum, dmeans, dquad, mix):
 
 
 def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=None, softmax=None,
-                         row_scale=None):
+                         row_scale=None, dx_check=None):
     """Gradients of sum(l * dl) for l = log_density(x_parts, mix), by two GEMMs per block.
 
     dl (P, H, N, K), float32 or float64. Returns (dx (P, H, N, d) in dx_dtype, a
@@ -425,6 +425,9 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
     uint8 (or None: no token) are left out of the GEMMs and take the direct form
     instead (_log_density_backward_rows), and their sums are added to the GEMMs'.
 
+    dx_check: None, or a (1,) float64 array to receive the sum of o - o over the entries o
+    of dx as stored, 0 exactly when all are finite: the kernels that write dx check it.
+
     The sum for the temperature is taken token by token from the GEMM of dx
     (_dx_and_sums_from_gemm): the same sum from the sums over the tokens,
     sum_k const_k sum_n dl - sum dquad, would cancel the common part of l across
@@ -449,6 +452,7 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
         # dmeans, dquad (H, K, d) and sum_{p,n} dl (H, K) of the direct tokens, summed
         direct = (np.zeros((H, K, d)), np.zeros((H, K, d)), np.zeros((H, K)))
         dl_dot = np.zeros(H)                                       # sum dl (l - shift), summed
+        dx_sum = np.zeros(1)                                       # sum of o - o over dx
         mine = blocks[s::BLOCK_STREAMS]
         feats_buf, g_buf, dl_buf = _block_buffers(mine, H, (2 * d, 2 * d, K))
         # an overflow gives inf or NaN gradients, which the public backward functions report
@@ -467,19 +471,21 @@ def log_density_backward(dl, x_parts, mix, dx_dtype, direct_rows=None, shift=Non
                 if any_direct:                                     # direct tokens; dl_b rows -> 0
                     _log_density_backward_rows(dl_b, pa, pb, n0, mix.means, mix.inv_var,
                                                mix.const, row_max[p0:p1], direct_rows[p0:p1],
-                                               dx[p0:p1], *direct, dl_dot)
+                                               dx[p0:p1], *direct, dl_dot, dx_sum)
                 g = np.matmul(dl_b, mix.w_backward,                # 'phnk,hkf->phnf'
                               out=_block_view(g_buf, (Pb, H, nb, 2 * d)))
                 # dx = g[:d] - x' * g[d:], sum dl (l - shift) and sum dl, by token
                 _dx_and_sums_from_gemm(dl_b, g, feats, mix.const, mix.m2, row_max[p0:p1], n0,
                                        direct_rows[p0:p1], shift is not None, dx[p0:p1],
-                                       dl_sum, dl_dot)
+                                       dl_sum, dl_dot, dx_sum)
                 for p in range(Pb):                                # 'phnk,phnf->hkf', one p at a
                     dl_f += np.matmul(dl_b[p].transpose(0, 2, 1), feats[p])  # time: no (P,H,K,2d)
-        return dl_f, dl_sum, direct, dl_dot
+        return dl_f, dl_sum, direct, dl_dot, dx_sum
 
     with blas_single_thread():                                     # small GEMMs: see _threads
         partial = run_streams(stream, BLOCK_STREAMS)
+    if dx_check is not None:
+        dx_check[0] = sum(float(t[4][0]) for t in partial)         # NaN if any is
     mu, inv_var = mix.means_c, mix.inv_var
     with np.errstate(over="ignore", invalid="ignore"):             # reported by the callers
         dl_f = sum_in_order([t[0] for t in partial])               # (H, K, 2d)
@@ -516,12 +522,15 @@ def _work(x_parts, mix):
     return sum(a.size for a in x_parts) * mix.means.shape[1] * 2
 
 
-def check_gradients_finite(grads, cotangent_name, cotangent):
+def check_gradients_finite(grads, cotangent_name, cotangent, finite=()):
     """FloatingPointError if a gradient holds NaN or inf. The forward was finite, so either
     the cotangent holds a NaN or inf (ValueError naming it: gma_backward leaves that check
     to this one, as a non-finite cotangent makes a gradient non-finite; mixing, "Finiteness")
-    or an intermediate of the backward overflowed; every gradient is linear in the cotangent."""
+    or an intermediate of the backward overflowed; every gradient is linear in the cotangent.
+    finite: the names of gradients known finite (their kernels checked what they wrote)."""
     for name, g in grads.items():
+        if name in finite:
+            continue
         bad = check.first_nonfinite(g)
         if bad is not None:
             check.check_finite(cotangent_name, cotangent)
@@ -589,13 +598,16 @@ def route_forward(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dtype(np.f
     return r, cache
 
 
-def route_backward(dr, cache):
-    """Gradients of sum(r * dr) for (r, cache) = route_forward(...). dr (P, H, N, K), dtype of r."""
+def route_backward(dr, cache, dx_check=None):
+    """Gradients of sum(r * dr) for (r, cache) = route_forward(...). dr (P, H, N, K), dtype of r.
+    dx_check: None, or a (1,) float64 array, 0 after the call exactly when every entry of
+    the gradient of x is finite (log_density_backward)."""
     with threads_for(_work(cache.x_parts, cache.mix)):
         # in the forward pass this was: r = softmax_k(a), a = l / tau (block by block there)
         dx, grads, dl_dot = log_density_backward(dr, cache.x_parts, cache.mix, cache.x_dtype,
                                                  cache.direct_rows, cache.shift,
-                                                 softmax=(cache.r, 1.0 / cache.tau))
+                                                 softmax=(cache.r, 1.0 / cache.tau),
+                                                 dx_check=dx_check)
     # dtau = -sum da * a / tau = -sum dl (l - c) / tau   (da = tau dl, a = l / tau; any
     # per-row c, here the row maximum of l, since sum_k dl = 0)
     dtau = -dl_dot / cache.tau                                     # (H,)
@@ -624,10 +636,11 @@ def route_forward_direct(x_parts, mix, tau, tau_per_head=False, tau_dtype=np.dty
     return r, cache
 
 
-def route_backward_direct(dr, cache):
+def route_backward_direct(dr, cache, dx_check=None):
     """route_backward by the direct-form kernels, for (r, cache) = route_forward_direct(...):
     the softmax backward, log_density_backward_direct, and dtau = -sum dl (l - c) / tau
-    summed entry by entry from l recomputed directly (c = max_k l, as in route_backward)."""
+    summed entry by entry from l recomputed directly (c = max_k l, as in route_backward);
+    dx_check as there, from a pass over dx."""
     x4 = cache.x_parts[0]
     dl = np.empty(dr.shape, dtype=ACCUM_DTYPE)                     # (P, H, N, K)
     _softmax_rows_backward(dr, cache.r, 1.0 / cache.tau, dl)
@@ -637,6 +650,8 @@ def route_backward_direct(dr, cache):
     grads["temperature"] = (dtau.astype(cache.tau_dtype) if cache.tau_per_head
                             else float(dtau.sum()))
     grads["x"] = dx
+    if dx_check is not None:
+        dx_check[0] = 0.0 if check.all_finite(dx) else np.nan
     return grads
 
 
