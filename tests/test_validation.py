@@ -110,7 +110,8 @@ def _bad_positions(shape, rng):
                                          if (n, f) != ("do", "recurrent")])   # no backward there
 def test_one_non_finite_entry_is_named_with_its_index(monkeypatch, name, form, norm, masked, dtype):
     # the chunked form is taken from K e >= CHUNKED_MIN_KE; force it (and the scan) here
-    monkeypatch.setattr(mixing, "causal_form", lambda K, e: "chunked" if form == "chunked" else "scan")
+    monkeypatch.setattr(mixing, "causal_form",
+                        lambda K, e: "chunked" if form == "chunked" else "scan")
     rng = np.random.default_rng(7)
     Bt, Ht, Nt = 2, 2, 7
     inputs, _ = make_problem(rng, B=Bt, H=Ht, N=Nt, d=3, e=2, K=3)
@@ -161,12 +162,14 @@ def test_the_blas_forms_check_v_and_do_before_their_products(monkeypatch, form):
     causal = form == "chunked"
     bad_v = inputs["v"].copy()
     bad_v[0, 1, 3, 0] = np.nan
-    with pytest.raises(ValueError, match=re.escape("v: expected finite values, got nan at index (0, 1, 3, 0)")):
+    message = "v: expected finite values, got nan at index (0, 1, 3, 0)"
+    with pytest.raises(ValueError, match=re.escape(message)):
         gma_np.gma_forward(**dict(inputs, v=bad_v), causal=causal)
     _, cache = gma_np.gma_forward(**inputs, causal=causal)
     bad_do = do.copy()
     bad_do[0, 0, 2, 1] = np.nan
-    with pytest.raises(ValueError, match=re.escape("do: expected finite values, got nan at index (0, 0, 2, 1)")):
+    message = "do: expected finite values, got nan at index (0, 0, 2, 1)"
+    with pytest.raises(ValueError, match=re.escape(message)):
         gma_np.gma_backward(bad_do, cache)
 
 

@@ -278,10 +278,11 @@ def _forward_block_weights(rq, rk, v, p, t0, n, slot, eps, zp, W, A, X, inv):
 @njit(cache=True, fastmath=_FASTMATH, inline="always")
 def _store_rows(R, scale, out, p, t0, n, acc):
     """out[p, t0 + u, c] = R[u, c] * scale[u] for the block's n tokens (scale ones: R[u, c]
-    exactly), in out's dtype; returns acc plus the sum of o - o over the stored values o, which is 0
-    for finite ones and NaN for a NaN or an inf (inf - inf): the finiteness check of what
-    the kernel writes, while it is in L1. "reassoc" alone does not let LLVM fold o - o to
-    0 (that would need "nnan" and "ninf"; gma_np._validation._finite_flat, the same sum)."""
+    exactly), in out's dtype; returns acc plus the sum of o - o over the stored values o,
+    which is 0 for finite ones and NaN for a NaN or an inf (inf - inf): the finiteness
+    check of what the kernel writes, while it is in L1. "reassoc" alone does not let LLVM
+    fold o - o to 0 (that would need "nnan" and "ninf"; gma_np._validation._finite_flat
+    takes the same sum)."""
     for u in range(n):
         for c in range(out.shape[2]):
             out[p, t0 + u, c] = R[u, c] * scale[u]

@@ -53,10 +53,11 @@ BLAS may skip a zero operand (the reference BLAS does), which would drop a NaN a
 masked key: there v and do are checked up front (_needs_upfront_check).
 tests/test_validation.py puts a NaN, inf and -inf at single entries of each, in every
 form, both norms, masked and not, and gives the GEMM forms a kernel that drops them.
-The results' own checks are fused on the same path: the scan's kernels and the
-routing's dx kernels sum o - o over what they store (0 exactly when all of it is
-finite: gma_np.memory.scan._store_rows, kernels._dx_and_sums_from_gemm), so o, dv,
-dq and dk are read again only when that sum says one of them is not finite.
+The results' own checks are fused into the kernels that store them: the routing's dx
+kernels (every form: kernels._dx_and_sums_from_gemm, _log_density_backward_rows) and
+the token scan's (gma_np.memory.scan._store_rows) sum o - o over what they store, 0
+exactly when all of it is finite, so dq, dk, and on the scan o and dv, are read again
+only when that sum says one of them is not finite.
 """
 
 from dataclasses import dataclass
@@ -244,7 +245,7 @@ def gma_backward(do, cache):
     # dr (2B, H, N, K) holds drq in [:B] and drk in [B:], the stacking of the routing; every
     # entry is written below, and kept from call to call (its pages: gma_np._workspace)
     dr = scratch("gma_backward.dr", (2 * B, H, N, K), cache.rq.dtype)
-    finite = []                                                    # gradients checked by their kernels
+    finite = []                                                    # checked by their kernels
     # 2. backward through the memory read and write
     if form == "chunked":
         dv = causal_chunked_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
