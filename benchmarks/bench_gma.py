@@ -253,7 +253,7 @@ class TorchWorker:
     def __init__(self, args):
         import subprocess
         cmd = [sys.executable, os.path.abspath(__file__), "--serve-torch", "--B", str(args.B),
-               "--H", str(args.H)]
+               "--H", str(args.H), "--sdpa-max-n", str(args.sdpa_max_n)]
         if args.threads is not None:
             cmd += ["--threads", str(args.threads)]
         if args.keep_freed_memory:

@@ -103,7 +103,7 @@ import time
 import numpy as np
 
 from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
-from gma_np.memory.scan import _causal_backward, _causal_forward
+from gma_np.memory.scan import _causal_backward, _causal_forward, scan_checkpoints
 
 
 def softmax_rows(x):
@@ -123,10 +123,11 @@ def make_inputs(P, N, K, e, dtype, seed=0):
 
 def forms(chunks, slot, eps):
     """name -> (forward(rq, rk, v), forward_backward(rq, rk, v, do))."""
-    def scan_fb(rq, rk, v, do):
-        _causal_forward(rq, rk, v, slot, eps)
+    def scan_fb(rq, rk, v, do):                  # as gma_forward and gma_backward run it
+        checkpoints = scan_checkpoints(*rq.shape, v.shape[2])
+        _causal_forward(rq, rk, v, slot, eps, None, checkpoints)
         drq, drk = np.empty_like(rq), np.empty_like(rk)
-        return _causal_backward(rq, rk, v, do, slot, eps, drq, drk)
+        return _causal_backward(rq, rk, v, do, slot, eps, drq, drk, None, checkpoints)
 
     out = {"scan": (lambda rq, rk, v: _causal_forward(rq, rk, v, slot, eps), scan_fb)}
     for C in chunks:

@@ -30,7 +30,8 @@ warm-up call before anything is measured.
 memory. The functions timed are the ones the trainer's profile row "memory (causal)"
 wraps (benchmarks/train_speed.py): gma_np.memory.scan._causal_forward and
 _causal_backward, on float32 routed features (softmax rows), row norm, as
-gma_forward / gma_backward call them, plus the two blocked forward kernels called
+gma_forward / gma_backward call them (the backward from the forward's states every
+SCAN_CHECKPOINT_TOKENS tokens), plus the two blocked forward kernels called
 directly (rows of S, columns of S^T; the wrapper runs one of them by K). Shapes
 (P = B x H sequences): tiny P=128 N=128 K=16 e=32 (B=32 H=4), small P=192 N=256
 K=32 e=32 (B=32 H=6), and the op's B=1 H=4 K=e=64 at N=1024 and 8192. Medians of
@@ -58,6 +59,8 @@ from gma_np.memory.scan import (
     _causal_forward,
     _causal_scan_forward_blocked,
     _causal_scan_forward_blocked_rows,
+    _no_checkpoints,
+    scan_checkpoints,
 )
 
 # name: (P, N, K, e), P = batch x heads
@@ -131,16 +134,19 @@ def speed_candidates(rq, rk, v, do):
     P, N, K = rq.shape
     e = v.shape[2]
     drq, drk = np.empty_like(rq), np.empty_like(rk)
+    checkpoints = scan_checkpoints(P, N, K, e)          # as gma_forward keeps them
+    _causal_forward(rq, rk, v, False, DEFAULT_EPS, None, checkpoints)
 
     def kernel(fn):
         def run():
             S, z, out = np.zeros((P, K, e)), np.zeros((P, K)), np.empty_like(v)
-            fn(rq, rk, v, False, DEFAULT_EPS, S, z, out)
+            fn(rq, rk, v, False, DEFAULT_EPS, S, z, out, np.empty(P), *_no_checkpoints(P, K, e))
         return run
 
     return {
-        "forward": lambda: _causal_forward(rq, rk, v, False, DEFAULT_EPS),
-        "backward": lambda: _causal_backward(rq, rk, v, do, False, DEFAULT_EPS, drq, drk),
+        "forward": lambda: _causal_forward(rq, rk, v, False, DEFAULT_EPS, None, checkpoints),
+        "backward": lambda: _causal_backward(rq, rk, v, do, False, DEFAULT_EPS, drq, drk, None,
+                                             checkpoints),
         "fwd kernel rows": kernel(_causal_scan_forward_blocked_rows),
         "fwd kernel columns": kernel(_causal_scan_forward_blocked),
     }

@@ -14,6 +14,7 @@ from gma_np._numerics import ACCUM_DTYPE, DEFAULT_EPS
 from gma_np.memory.ops import memory_backward, memory_forward
 from gma_np.memory.reference import causal_mix_loop
 from gma_np.memory.scan import (
+    SCAN_CHECKPOINT_TOKENS,
     SCAN_PREFETCH_BLOCKS,
     SCAN_RECOMPUTE_TOKENS,
     SCAN_ROWS_MAX_K,
@@ -23,7 +24,11 @@ from gma_np.memory.scan import (
     _causal_scan_forward,
     _causal_scan_forward_blocked,
     _causal_scan_forward_blocked_rows,
+    _causal_backward,
+    _causal_forward,
     _forward_blocked_kernel,
+    _no_checkpoints,
+    scan_checkpoints,
 )
 from tests.conftest import RTOL, assert_close, assert_results_close
 from tests.conftest import causal_dense as dense
@@ -122,7 +127,8 @@ def test_both_forward_kernels_match_token_scan_and_dense(N, K, e, dtype, norm, k
     P = rq.shape[0]
     S, z, out = np.zeros((P, K, e)), np.zeros((P, K)), np.empty_like(v)
     check = np.full(P, np.nan)
-    FORWARD_KERNELS[kernel](rq, rk, v, slot, DEFAULT_EPS, S, z, out, check)
+    FORWARD_KERNELS[kernel](rq, rk, v, slot, DEFAULT_EPS, S, z, out, check,
+                            *_no_checkpoints(P, K, e))
     assert np.array_equal(check, np.zeros(P)), "finite outputs: every check sum is 0"
     S_ref, z_ref, out_ref = np.zeros((P, K, e)), np.zeros((P, K)), np.empty_like(v)
     _causal_scan_forward(rq, rk, v, slot, DEFAULT_EPS, S_ref, z_ref, out_ref)
@@ -149,7 +155,7 @@ def test_both_backward_loop_forms_match_token_scan_and_dense(N, K, e, dtype, nor
     got = (np.empty_like(rq), np.empty_like(rk), np.empty_like(v))
     check = np.full(P, np.nan)
     _causal_scan_backward_blocked(rq, rk, v, do, slot, DEFAULT_EPS, pairs, 1,
-                                  np.empty((P, K + K % 2, e)), np.empty((P, K)),
+                                  *_no_checkpoints(P, K, e), np.empty((P, K, e)), np.empty((P, K)),
                                   np.empty((P, N, width)), np.empty((P, N, width)), *got, check)
     assert np.array_equal(check, np.zeros(P)), "finite dv: every check sum is 0"
     assert_results_close(NAMES[1:], got, dtype,
@@ -175,7 +181,8 @@ def test_prefetch_reads_change_no_bit(N, K, e, dtype, norm):
         for ahead in (0, 1, SCAN_PREFETCH_BLOCKS):
             got = (np.empty_like(rq), np.empty_like(rk), np.empty_like(v))
             _causal_scan_backward_blocked(rq, rk, v, do, slot, DEFAULT_EPS, pairs, ahead,
-                                          np.empty((P, K + K % 2, e)), np.empty((P, K)),
+                                          *_no_checkpoints(P, K, e),
+                                          np.empty((P, K, e)), np.empty((P, K)),
                                           np.empty((P, N, width)), np.empty((P, N, width)),
                                           *got, np.empty(P))
             results.append(got)
@@ -196,7 +203,8 @@ def test_blocked_forward_from_a_state_matches_the_loop(dtype, norm, kernel):
     S0 = rng.random((P, K, e))
     z0 = rng.random((P, K)) + 0.5
     S, z, out = S0.copy(), z0.copy(), np.empty_like(v)
-    FORWARD_KERNELS[kernel](rq, rk, v, norm == "slot", DEFAULT_EPS, S, z, out, np.empty(P))
+    FORWARD_KERNELS[kernel](rq, rk, v, norm == "slot", DEFAULT_EPS, S, z, out, np.empty(P),
+                            *_no_checkpoints(P, K, e))
     for p in range(P):
         o_ref, S_ref, z_ref = causal_mix_loop(*(a[p].astype(np.float64) for a in (rq, rk, v)),
                                               norm == "slot", DEFAULT_EPS, S0[p], z0[p])
@@ -228,9 +236,10 @@ def test_blocked_backward_by_finite_differences(norm):
     assert report.ok, report
 
 
-def test_blocked_kernels_leave_the_scratch_shapes_alone():
-    """The backward's state scratch has an even number of rows (K + K % 2); the kernel reads
-    K from rq, so an odd K with its padded scratch gives the token kernel's gradients."""
+def test_blocked_backward_writes_its_scratch_before_reading_it():
+    """The backward's state scratch S, z (and its own zero-padded copy for two rows per pass
+    at an odd K) is written before it is read: filled with NaN, an odd K gives the token
+    kernel's gradients, one and two rows per pass."""
     rng = np.random.default_rng(9)
     rq, rk, v, do = make_mixing(rng, 2, 9, 5, 3, np.float64, masked=False)
     P, N, K = rq.shape
@@ -238,7 +247,8 @@ def test_blocked_kernels_leave_the_scratch_shapes_alone():
     got = [np.empty_like(rq), np.empty_like(rk), np.empty_like(v)]
     for pairs in (False, True):
         _causal_scan_backward_blocked(rq, rk, v, do, False, DEFAULT_EPS, pairs, 0,
-                                      np.full((P, K + 1, e), np.nan), np.full((P, K), np.nan),
+                                      *_no_checkpoints(P, K, e),
+                                      np.full((P, K, e), np.nan), np.full((P, K), np.nan),
                                       np.empty((P, N, 1)), np.empty((P, N, 1)), *got, np.empty(P))
         ref = token_scan(rq, rk, v, do, False, DEFAULT_EPS)[1:]
         for name, g, r in zip(NAMES[1:], got, ref):
@@ -283,13 +293,15 @@ def test_the_kernels_check_what_they_store(dtype, norm):
     def forward(kernel, v):
         check = np.full(P, -1.0)
         FORWARD_KERNELS[kernel](rq, rk, v, slot, DEFAULT_EPS, np.zeros((P, K, e)),
-                                np.zeros((P, K)), np.empty_like(v), check)
+                                np.zeros((P, K)), np.empty_like(v), check,
+                                *_no_checkpoints(P, K, e))
         return check
 
     def backward(pairs, do):
         check = np.full(P, -1.0)
         _causal_scan_backward_blocked(rq, rk, v, do, slot, DEFAULT_EPS, pairs, 0,
-                                      np.empty((P, K + K % 2, e)), np.empty((P, K)),
+                                      *_no_checkpoints(P, K, e),
+                                      np.empty((P, K, e)), np.empty((P, K)),
                                       np.empty((P, N, width)), np.empty((P, N, width)),
                                       np.empty_like(rq), np.empty_like(rk), np.empty_like(v), check)
         return check
@@ -310,3 +322,70 @@ def test_the_kernels_check_what_they_store(dtype, norm):
         for pairs in (False, True):
             check = backward(pairs, huge)
             assert np.isnan(check[1]) and check[0] == 0 and check[2] == 0, (pairs, check)
+
+
+@pytest.mark.parametrize("norm", ["row", "slot"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("N,K,e,chunk", [(37, 5, 3, 8), (64, SCAN_ROWS_MAX_K + 3, 8, 16)],
+                         ids=["N37-K5-e3-chunk8", "N64-K35-e8-chunk16"])
+def test_checkpoints_change_no_bit(N, K, e, chunk, dtype, norm):
+    """The backward by chunks from the forward's checkpoints (SCAN_CHECKPOINT_TOKENS; small
+    chunks here): the forward writes the same outputs and the states the token scan has
+    after chunk, 2 chunk, ... tokens; the backward from them gives the same bits as the
+    backward in one chunk, with one and two rows per pass and with pass 2's reads ahead;
+    a ragged last chunk (N = 37: chunks of 8 and a last of 5, whose pass 1 is one ragged
+    block) and chunks that divide N (64), K on both sides of SCAN_ROWS_MAX_K (the rows and
+    the columns forward kernel), masked keys."""
+    rng = np.random.default_rng(N + K + e + chunk)
+    rq, rk, v, do = make_mixing(rng, 3, N, K, e, dtype, masked=True)
+    slot = norm == "slot"
+    P, width = rq.shape[0], (K if slot else 1)
+    checkpoints = scan_checkpoints(P, N, K, e, chunk)
+    M = checkpoints[1].shape[1]
+    assert M == -(-N // chunk) - 1
+    out = _causal_forward(rq, rk, v, slot, DEFAULT_EPS, None, checkpoints)
+    assert np.array_equal(out, _causal_forward(rq, rk, v, slot, DEFAULT_EPS))
+    for j in range(M):                                  # the state after (j + 1) chunk tokens
+        t = (j + 1) * chunk
+        S, z = np.zeros((P, K, e)), np.zeros((P, K))
+        _causal_scan_forward(rq[:, :t], rk[:, :t], v[:, :t], slot, DEFAULT_EPS, S, z,
+                             np.empty_like(v[:, :t]))
+        assert_close(f"checkpoint {j}: S", checkpoints[1][:, j], S, 1e-13)
+        assert_close(f"checkpoint {j}: z", checkpoints[2][:, j], z, 1e-13)
+    for pairs in (False, True):
+        results = []
+        for ahead, ck in ((0, _no_checkpoints(P, K, e)), (0, checkpoints), (1, checkpoints)):
+            got = (np.empty_like(rq), np.empty_like(rk), np.empty_like(v))
+            _causal_scan_backward_blocked(rq, rk, v, do, slot, DEFAULT_EPS, pairs, ahead, *ck,
+                                          np.empty((P, K, e)), np.empty((P, K)),
+                                          np.empty((P, N, width)), np.empty((P, N, width)),
+                                          *got, np.empty(P))
+            results.append(got)
+        for label, got in zip(("checkpoints", "checkpoints, reads ahead"), results[1:]):
+            for name, g, r in zip(NAMES[1:], got, results[0]):
+                assert np.array_equal(g, r), f"{name}: {label}, pairs={pairs} changed bits"
+    drq, drk = np.empty_like(rq), np.empty_like(rk)
+    dv = _causal_backward(rq, rk, v, do, slot, DEFAULT_EPS, drq, drk, None, checkpoints)
+    assert_results_close(NAMES[1:], (drq, drk, dv), dtype,
+                         dense=dense(rq, rk, v, do, slot, DEFAULT_EPS)[1:])
+
+
+def test_gma_keeps_the_scan_states_for_its_backward():
+    """gma_forward on the token scan keeps the states every SCAN_CHECKPOINT_TOKENS tokens
+    in its cache (none up to that many tokens), and gma_backward's gradients from them are
+    the same bits as without them (the backward in one chunk)."""
+    import dataclasses
+
+    rng = np.random.default_rng(21)
+    B, H, d, K, e = 1, 2, 3, 4, 5
+    for N, M in ((SCAN_CHECKPOINT_TOKENS, 0), (2 * SCAN_CHECKPOINT_TOKENS + 3, 2)):
+        q, k = rng.standard_normal((2, B, H, N, d))
+        v, do = rng.standard_normal((2, B, H, N, e))
+        means, log_var = rng.standard_normal((2, H, K, d))
+        logits = rng.standard_normal((H, K))
+        o, cache = gma_np.gma_forward(q, k, v, means, 0.3 * log_var, logits, causal=True)
+        assert cache.checkpoints[1].shape == (B * H, M, K, e)
+        grads = gma_np.gma_backward(do, cache)
+        plain = gma_np.gma_backward(do, dataclasses.replace(cache, checkpoints=None))
+        for name in grads:
+            assert np.array_equal(grads[name], plain[name]), name

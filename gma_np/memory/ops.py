@@ -56,7 +56,12 @@ from gma_np._numerics import ACCUM_DTYPE, CAUSAL_CHUNK, CHUNKED_MIN_KE, SUPPORTE
 from gma_np._threads import threads_for
 from gma_np.memory.bidirectional import _bidirectional_backward, _bidirectional_forward
 from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
-from gma_np.memory.scan import _causal_backward, _causal_forward, _forward_blocked_kernel
+from gma_np.memory.scan import (
+    _causal_backward,
+    _causal_forward,
+    _forward_blocked_kernel,
+    _no_checkpoints,
+)
 from gma_np.memory.step import _step_write_read
 
 FORMS = ("scan", "chunked")
@@ -197,7 +202,8 @@ def memory_recurrent(rq, rk, v, S, z, *, slot=False, eps):
                          z.reshape(1, P, F), out)
         return o, S, z
     with threads_for(P * N * F * e):
-        _forward_blocked_kernel(F)(rq, rk, v, slot, eps, S, z, o, np.empty(P))
+        _forward_blocked_kernel(F)(rq, rk, v, slot, eps, S, z, o, np.empty(P),
+                                   *_no_checkpoints(P, F, e))
     return o, S, z
 
 

@@ -37,8 +37,10 @@ terms, never which terms enter it.
 Precision: the state S (K, e) and z (K,) are float64 accumulators whatever
 the dtype of the inputs, so the float32 error of causal GMA does not grow with
 N (docs/numerics.md). Nothing of size N x K x e is ever allocated; the only
-N-sized buffers (the per-token read coefficients of the backward) are
-allocated by the wrappers, so that Python's tracemalloc sees them.
+N-sized buffers (the per-token read coefficients of the backward, and the states the
+forward keeps every SCAN_CHECKPOINT_TOKENS tokens for the backward's chunks,
+scan_checkpoints) are allocated by the wrappers or their caller, so that Python's
+tracemalloc sees them.
 
 The blocked kernels check what they store: per sequence, the sum of o - o over its
 outputs (forward) or dv (backward) in their dtype, 0 exactly when every one is finite
@@ -276,6 +278,21 @@ def _forward_block_weights(rq, rk, v, p, t0, n, slot, eps, zp, W, A, X, inv):
 
 
 @njit(cache=True, fastmath=_FASTMATH, inline="always")
+def _write_checkpoint(Sk, zk, t0, chunk, ckS, ckz, p):
+    """At t0 = j chunk (j = 1 .. M, M = ckS.shape[1]), before token t0 is written: the state
+    of the first t0 tokens, Sk (K, e) (a view, transposed in the column kernel) and zk (K,),
+    copied into checkpoint j - 1 of sequence p (_causal_scan_backward_blocked's chunks)."""
+    if ckS.shape[1] == 0 or t0 == 0 or t0 % chunk != 0 or t0 // chunk > ckS.shape[1]:
+        return
+    j = t0 // chunk
+    K, e = ckS.shape[2], ckS.shape[3]
+    for k in range(K):
+        for c in range(e):
+            ckS[p, j - 1, k, c] = Sk[k, c]
+        ckz[p, j - 1, k] = zk[k]
+
+
+@njit(cache=True, fastmath=_FASTMATH, inline="always")
 def _store_rows(R, scale, out, p, t0, n, acc):
     """out[p, t0 + u, c] = R[u, c] * scale[u] for the block's n tokens (scale ones: R[u, c]
     exactly), in out's dtype; returns acc plus the sum of o - o over the stored values o,
@@ -293,11 +310,13 @@ def _store_rows(R, scale, out, p, t0, n, acc):
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
-def _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out, check):
+def _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out, check, chunk, ckS, ckz):
     """_causal_scan_forward, SCAN_TOKENS tokens per pass over the state (same arguments,
     same results to rounding), and check (P,) float64 written: the sum of o - o over the
     outputs o of sequence p as stored (0 exactly when all are finite, NaN else), the
-    finiteness check of the output fused into the pass that writes it.
+    finiteness check of the output fused into the pass that writes it; ckS (P, M, K, e),
+    ckz (P, M, K) float64 written: the state after chunk, 2 chunk, ... M chunk tokens
+    (_write_checkpoint; M = 0: none).
 
     Per block of tokens t0 .. t0 + 3 and per pair of value columns (c, c + 1) of the
     transposed state S^T (e, K), the loop over the components k holds S^T[c, k] and
@@ -321,6 +340,7 @@ def _causal_scan_forward_blocked(rq, rk, v, slot, eps, S, z, out, check):
         acc = 0.0                               # sum of o - o over the stored outputs
         for t0 in range(0, N, SCAN_TOKENS):
             n = min(SCAN_TOKENS, N - t0)
+            _write_checkpoint(ST.T, zp, t0, chunk, ckS, ckz, p)
             _forward_block_weights(rq, rk, v, p, t0, n, slot, eps, zp, W, A, X, inv)
             w0, w1, w2, w3 = W[0], W[1], W[2], W[3]
             a0, a1, a2, a3 = A[0], A[1], A[2], A[3]
@@ -372,10 +392,10 @@ SCAN_ROWS_MAX_K = 32
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
-def _causal_scan_forward_blocked_rows(rq, rk, v, slot, eps, S, z, out, check):
+def _causal_scan_forward_blocked_rows(rq, rk, v, slot, eps, S, z, out, check, chunk, ckS, ckz):
     """_causal_scan_forward, SCAN_TOKENS tokens per pass over the state rows (same arguments,
-    same results to rounding, and check as in _causal_scan_forward_blocked); the kernel
-    for K <= SCAN_ROWS_MAX_K (see above).
+    same results to rounding, and check and the checkpoints as in
+    _causal_scan_forward_blocked); the kernel for K <= SCAN_ROWS_MAX_K (see above).
 
     Per block of tokens t0 .. t0 + 3 and per row k of S (K, e), the loop over the value
     axis c holds S[k, c] in a register while the four tokens are written into it in order,
@@ -397,6 +417,7 @@ def _causal_scan_forward_blocked_rows(rq, rk, v, slot, eps, S, z, out, check):
         acc = 0.0                               # sum of o - o over the stored outputs
         for t0 in range(0, N, SCAN_TOKENS):
             n = min(SCAN_TOKENS, N - t0)
+            _write_checkpoint(Sp, zp, t0, chunk, ckS, ckz, p)
             _forward_block_weights(rq, rk, v, p, t0, n, slot, eps, zp, W, A, X, inv)
             R[:, :] = 0.0
             for k in range(K):
@@ -432,7 +453,8 @@ def _forward_blocked_kernel(K):
 # state loops of the blocks in between run, and that block finds its rows in cache. Only
 # where a sequence's rows (rq, rk, v, do, coef, dzt) exceed SCAN_PREFETCH_MIN_BYTES, twice
 # the 1 MiB L2 of a core here: below that pass 2 finds pass 1's rows still in L2, and the
-# reads cost time. Measured, row norm, the backward wrapper against the same kernel
+# reads cost time. With the forward's checkpoints the backward runs by chunks of
+# SCAN_CHECKPOINT_TOKENS tokens, whose rows stay in L2 (below), and the reads are off. Measured, row norm, the backward wrapper against the same kernel
 # without the reads, process CPU time, medians of 15-21 paired rounds: 0.96-0.97 (float32)
 # and 0.93-0.96 (float64) at (P, N, K, e) = (4, 8192, 64, 64), one and two threads; with
 # the reads at every size, 1.00 at (4, 1024, 64, 64) and 1.03-1.12 at the trainer's
@@ -440,7 +462,7 @@ def _forward_blocked_kernel(K):
 # section 2). Results are the same bit for bit (the reads only feed a scratch sum). The
 # same reads in pass 1 and in the forward (both ascending in t) did not pay.
 SCAN_PREFETCH_BLOCKS = 4
-SCAN_PREFETCH_MIN_BYTES = 2 << 20   # bytes of one sequence's rows: twice the L2 of a core here
+SCAN_PREFETCH_MIN_BYTES = 2 << 20   # bytes of one chunk's rows: twice the L2 of a core here
 _CACHE_LINE = 64            # bytes
 
 
@@ -460,10 +482,10 @@ SCAN_RECOMPUTE_TOKENS = 8   # the loop body below is written for 8
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
-def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, ahead,
+def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, ahead, chunk, ckS, ckz,
                                   S, z, coef, dzt, drq, drk, dv, check):
     """_causal_scan_backward, blocks of tokens per pass over the state (same arguments
-    and results to rounding, except the state scratch: S (P, K', e) with K' = K + K % 2).
+    and results to rounding), by chunks of tokens from the forward's checkpoints.
 
     Pass 1 (forward in t) and pass 2 (backward in t) are those of the token kernel. Pass 1
     takes SCAN_RECOMPUTE_TOKENS = 8 tokens per block: per state row k, the loop over the
@@ -482,19 +504,30 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, ahead,
     ahead  int   pass 2 only: read the rows of the block this many blocks further down in
                  t into cache before each block (SCAN_PREFETCH_BLOCKS); 0: no such reads.
                  The results do not depend on it.
+    chunk  int   tokens per chunk (a multiple of SCAN_RECOMPUTE_TOKENS) when there are
+                 checkpoints
+    ckS, ckz     (P, M, K, e), (P, M, K) float64: the states after chunk, 2 chunk, ...
+                 M chunk tokens (the forward kernel's checkpoints, M = ceil(N / chunk) - 1),
+                 or M = 0: one chunk of N tokens. Chunk by chunk from the last, pass 1
+                 runs from the chunk's checkpoint and pass 2 goes on with the suffix sums
+                 of the chunks after it, while the chunk's rows are still in L2
+                 (SCAN_CHECKPOINT_TOKENS). The checkpoints are the states pass 1 itself
+                 computes there (the same sums, entry by entry), so the results are the
+                 same bits with and without them.
     check  (P,) float64 written: the sum of o - o over the stored dv of sequence p, 0
                  exactly when all are finite (_store_rows)
     """
     P, N, K = rq.shape
     e = v.shape[2]
-    Kp = S.shape[1]                               # K, or K + 1: a zero row if K is odd
+    Kp = K + K % 2                                # pass 2's state rows: a zero row if K is odd
     T = SCAN_TOKENS
-    nblocks = (N + T - 1) // T
+    nchunks = ckS.shape[1] + 1
+    C = chunk if nchunks > 1 else N               # tokens per chunk
     for p in prange(P):
-        Sp = S[p]                                 # (K', e) the state, then the suffix sums G
+        Sp = S[p]                                 # (K, e) pass 1: the state
         zp = z[p]                                 # (K,)
-        Sp[:, :] = 0.0
-        zp[:] = 0.0
+        G = np.zeros((Kp, e))                     # pass 2: the suffix sums G, from chunk to chunk
+        gz = np.zeros(K)                          # pass 2: the suffix sums g of the normaliser
         W = np.zeros((T, Kp))                     # rk of the block's tokens, float64
         Z = np.empty((T, K))                      # pass 2: g after each token
         D = np.zeros((T, Kp))                     # pass 2: a_u[k]
@@ -511,81 +544,6 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, ahead,
         X1 = np.zeros((U, e))                     # v of the block's tokens, float64
         Y1 = np.zeros((U, e))                     # do of the block's tokens, float64
         den = np.empty(U)
-        for b in range((N + U - 1) // U):
-            t0 = b * U
-            n = min(U, N - t0)
-            for u in range(U):
-                if u >= n:
-                    W1[u, :] = 0.0
-                    X1[u, :] = 0.0
-                    Y1[u, :] = 0.0
-                    continue
-                t = t0 + u
-                # one loop per array written, as in pass 2 (measured no slower than one
-                # fused loop, and at some shapes faster: docs/performance.md)
-                for k in range(K):
-                    W1[u, k] = rk[p, t, k]
-                for k in range(K):
-                    zk = zp[k] + W1[u, k]
-                    zp[k] = zk
-                    Z1[u, k] = zk
-                dd = eps
-                for k in range(K):
-                    dd += np.float64(rq[p, t, k]) * Z1[u, k]
-                den[u] = dd
-                for c in range(e):
-                    X1[u, c] = v[p, t, c]
-                for c in range(e):
-                    Y1[u, c] = do[p, t, c]
-            x0, x1, x2, x3, x4, x5, x6, x7 = X1[0], X1[1], X1[2], X1[3], X1[4], X1[5], X1[6], X1[7]
-            y0, y1, y2, y3, y4, y5, y6, y7 = Y1[0], Y1[1], Y1[2], Y1[3], Y1[4], Y1[5], Y1[6], Y1[7]
-            for k in range(K):
-                w0, w1, w2, w3 = W1[0, k], W1[1, k], W1[2, k], W1[3, k]
-                w4, w5, w6, w7 = W1[4, k], W1[5, k], W1[6, k], W1[7, k]
-                Sk = Sp[k]
-                d0 = d1 = d2 = d3 = d4 = d5 = d6 = d7 = 0.0           # S_t[k] . do_t
-                for c in range(e):
-                    s = Sk[c] + w0 * x0[c]
-                    d0 += s * y0[c]
-                    s += w1 * x1[c]
-                    d1 += s * y1[c]
-                    s += w2 * x2[c]
-                    d2 += s * y2[c]
-                    s += w3 * x3[c]
-                    d3 += s * y3[c]
-                    s += w4 * x4[c]
-                    d4 += s * y4[c]
-                    s += w5 * x5[c]
-                    d5 += s * y5[c]
-                    s += w6 * x6[c]
-                    d6 += s * y6[c]
-                    s += w7 * x7[c]
-                    d7 += s * y7[c]
-                    Sk[c] = s
-                D1[0, k], D1[1, k], D1[2, k], D1[3, k] = d0, d1, d2, d3
-                D1[4, k], D1[5, k], D1[6, k], D1[7, k] = d4, d5, d6, d7
-            # the read's gradients, token by token (D1[u] holds s_k of the token kernel)
-            for u in range(n):
-                t = t0 + u
-                if slot:
-                    for k in range(K):
-                        inv = 1.0 / (Z1[u, k] + eps)
-                        drq[p, t, k] = D1[u, k] * inv
-                        coef[p, t, k] = rq[p, t, k] * inv
-                        dzt[p, t, k] = -rq[p, t, k] * D1[u, k] * inv * inv
-                else:
-                    inv = 1.0 / den[u]
-                    do_dot_num = 0.0
-                    for k in range(K):
-                        do_dot_num += rq[p, t, k] * D1[u, k]
-                    dden = -do_dot_num * inv * inv
-                    for k in range(K):
-                        drq[p, t, k] = D1[u, k] * inv + Z1[u, k] * dden
-                    coef[p, t, 0] = inv
-                    dzt[p, t, 0] = dden
-        # pass 2: backward in t, Sp and zp now hold the suffix sums G and g
-        Sp[:, :] = 0.0
-        zp[:] = 0.0
         D[:, :] = 0.0
         touched = np.zeros(1)                     # the prefetch reads' sum: stored, so kept
         acc = 0.0                                 # sum of o - o over the stored dv
@@ -593,153 +551,273 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, ahead,
         step_k = max(1, _CACHE_LINE // rq.itemsize)   # elements per cache line
         step_e = max(1, _CACHE_LINE // v.itemsize)
         step_w = max(1, _CACHE_LINE // coef.itemsize)
-        for b in range(nblocks - 1, -1, -1):
-            t0 = b * T
-            n = min(T, N - t0)
-            # the rows of block b - ahead into cache (the comment before the kernel)
-            if ahead > 0 and b >= ahead:
-                sum_read = 0.0
-                for t in range((b - ahead) * T, (b - ahead + 1) * T):
-                    for k in range(0, K, step_k):
-                        sum_read += rq[p, t, k] + rk[p, t, k]
-                    for c in range(0, e, step_e):
-                        sum_read += v[p, t, c] + do[p, t, c]
-                    for j in range(0, coef.shape[2], step_w):
-                        sum_read += coef[p, t, j] + dzt[p, t, j]
-                touched[0] += sum_read
-            for u in range(T - 1, -1, -1):
-                if u >= n:
-                    W[u, :] = 0.0
-                    D[u, :] = 0.0
-                    X[u, :] = 0.0
-                    Y[u, :] = 0.0
-                    continue
-                t = t0 + u
-                # the norm's branch outside the loops over k, so that they vectorise
-                if slot:
-                    for k in range(K):
-                        D[u, k] = coef[p, t, k]
-                        zk = zp[k] + dzt[p, t, k]
-                        zp[k] = zk
-                        Z[u, k] = zk              # g after token t's write (t and later)
-                        W[u, k] = rk[p, t, k]
-                else:
-                    ct = coef[p, t, 0]
-                    dt = dzt[p, t, 0]
-                    for k in range(K):
-                        D[u, k] = np.float64(rq[p, t, k]) * ct
-                    for k in range(K):
-                        zk = zp[k] + np.float64(rq[p, t, k]) * dt
-                        zp[k] = zk
-                        Z[u, k] = zk
-                    for k in range(K):
-                        W[u, k] = rk[p, t, k]
-                for c in range(e):
-                    X[u, c] = v[p, t, c]
-                for c in range(e):
-                    Y[u, c] = do[p, t, c]
-            DV[:, :] = 0.0
-            x0, x1, x2, x3 = X[0], X[1], X[2], X[3]
-            y0, y1, y2, y3 = Y[0], Y[1], Y[2], Y[3]
-            v0, v1, v2, v3 = DV[0], DV[1], DV[2], DV[3]
-            if not pairs:
-                for k in range(K):
-                    w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
-                    a0, a1, a2, a3 = D[0, k], D[1, k], D[2, k], D[3, k]
-                    Gk = Sp[k]
-                    r0 = r1 = r2 = r3 = 0.0       # G_t[k] . v_t
-                    for c in range(e):
-                        g = Gk[c] + a3 * y3[c]
-                        v3[c] += w3 * g
-                        r3 += g * x3[c]
-                        g += a2 * y2[c]
-                        v2[c] += w2 * g
-                        r2 += g * x2[c]
-                        g += a1 * y1[c]
-                        v1[c] += w1 * g
-                        r1 += g * x1[c]
-                        g += a0 * y0[c]
-                        v0[c] += w0 * g
-                        r0 += g * x0[c]
-                        Gk[c] = g
-                    RK[0, k], RK[1, k], RK[2, k], RK[3, k] = r0, r1, r2, r3
+        for ch in range(nchunks - 1, -1, -1):
+            c0 = ch * C
+            c1 = min(N, c0 + C)
+            if ch == 0:
+                Sp[:, :] = 0.0
+                zp[:] = 0.0
             else:
-                for k in range(0, Kp, 2):
-                    w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
-                    q0, q1, q2, q3 = W[0, k + 1], W[1, k + 1], W[2, k + 1], W[3, k + 1]
-                    a0, a1, a2, a3 = D[0, k], D[1, k], D[2, k], D[3, k]
-                    b0, b1, b2, b3 = D[0, k + 1], D[1, k + 1], D[2, k + 1], D[3, k + 1]
-                    Gk = Sp[k]
-                    Gj = Sp[k + 1]
-                    r0 = r1 = r2 = r3 = 0.0           # G_t[k] . v_t
-                    h0 = h1 = h2 = h3 = 0.0           # G_t[k + 1] . v_t
+                Sp[:, :] = ckS[p, ch - 1]
+                zp[:] = ckz[p, ch - 1]
+            for b in range((c1 - c0 + U - 1) // U):
+                t0 = c0 + b * U
+                n = min(U, c1 - t0)
+                for u in range(U):
+                    if u >= n:
+                        W1[u, :] = 0.0
+                        X1[u, :] = 0.0
+                        Y1[u, :] = 0.0
+                        continue
+                    t = t0 + u
+                    # one loop per array written, as in pass 2 (measured no slower than one
+                    # fused loop, and at some shapes faster: docs/performance.md)
+                    for k in range(K):
+                        W1[u, k] = rk[p, t, k]
+                    for k in range(K):
+                        zk = zp[k] + W1[u, k]
+                        zp[k] = zk
+                        Z1[u, k] = zk
+                    dd = eps
+                    for k in range(K):
+                        dd += np.float64(rq[p, t, k]) * Z1[u, k]
+                    den[u] = dd
                     for c in range(e):
-                        g = Gk[c] + a3 * y3[c]
-                        f = Gj[c] + b3 * y3[c]
-                        v3[c] += w3 * g + q3 * f
-                        r3 += g * x3[c]
-                        h3 += f * x3[c]
-                        g += a2 * y2[c]
-                        f += b2 * y2[c]
-                        v2[c] += w2 * g + q2 * f
-                        r2 += g * x2[c]
-                        h2 += f * x2[c]
-                        g += a1 * y1[c]
-                        f += b1 * y1[c]
-                        v1[c] += w1 * g + q1 * f
-                        r1 += g * x1[c]
-                        h1 += f * x1[c]
-                        g += a0 * y0[c]
-                        f += b0 * y0[c]
-                        v0[c] += w0 * g + q0 * f
-                        r0 += g * x0[c]
-                        h0 += f * x0[c]
-                        Gk[c] = g
-                        Gj[c] = f
-                    RK[0, k], RK[1, k], RK[2, k], RK[3, k] = r0, r1, r2, r3
-                    RK[0, k + 1], RK[1, k + 1], RK[2, k + 1], RK[3, k + 1] = h0, h1, h2, h3
-            # drk of the block's tokens, a contiguous row each (not two scalars per row pair)
-            for u in range(n):
+                        X1[u, c] = v[p, t, c]
+                    for c in range(e):
+                        Y1[u, c] = do[p, t, c]
+                x0, x1, x2, x3 = X1[0], X1[1], X1[2], X1[3]
+                x4, x5, x6, x7 = X1[4], X1[5], X1[6], X1[7]
+                y0, y1, y2, y3 = Y1[0], Y1[1], Y1[2], Y1[3]
+                y4, y5, y6, y7 = Y1[4], Y1[5], Y1[6], Y1[7]
                 for k in range(K):
-                    drk[p, t0 + u, k] = RK[u, k] + Z[u, k]
-            acc = _store_rows(DV, ones, dv, p, t0, n, acc)
+                    w0, w1, w2, w3 = W1[0, k], W1[1, k], W1[2, k], W1[3, k]
+                    w4, w5, w6, w7 = W1[4, k], W1[5, k], W1[6, k], W1[7, k]
+                    Sk = Sp[k]
+                    d0 = d1 = d2 = d3 = d4 = d5 = d6 = d7 = 0.0           # S_t[k] . do_t
+                    for c in range(e):
+                        s = Sk[c] + w0 * x0[c]
+                        d0 += s * y0[c]
+                        s += w1 * x1[c]
+                        d1 += s * y1[c]
+                        s += w2 * x2[c]
+                        d2 += s * y2[c]
+                        s += w3 * x3[c]
+                        d3 += s * y3[c]
+                        s += w4 * x4[c]
+                        d4 += s * y4[c]
+                        s += w5 * x5[c]
+                        d5 += s * y5[c]
+                        s += w6 * x6[c]
+                        d6 += s * y6[c]
+                        s += w7 * x7[c]
+                        d7 += s * y7[c]
+                        Sk[c] = s
+                    D1[0, k], D1[1, k], D1[2, k], D1[3, k] = d0, d1, d2, d3
+                    D1[4, k], D1[5, k], D1[6, k], D1[7, k] = d4, d5, d6, d7
+                # the read's gradients, token by token (D1[u] holds s_k of the token kernel)
+                for u in range(n):
+                    t = t0 + u
+                    if slot:
+                        for k in range(K):
+                            inv = 1.0 / (Z1[u, k] + eps)
+                            drq[p, t, k] = D1[u, k] * inv
+                            coef[p, t, k] = rq[p, t, k] * inv
+                            dzt[p, t, k] = -rq[p, t, k] * D1[u, k] * inv * inv
+                    else:
+                        inv = 1.0 / den[u]
+                        do_dot_num = 0.0
+                        for k in range(K):
+                            do_dot_num += rq[p, t, k] * D1[u, k]
+                        dden = -do_dot_num * inv * inv
+                        for k in range(K):
+                            drq[p, t, k] = D1[u, k] * inv + Z1[u, k] * dden
+                        coef[p, t, 0] = inv
+                        dzt[p, t, 0] = dden
+            # pass 2 over the chunk, backward in t: G and gz hold the suffix sums
+            for b in range((c1 - c0 + T - 1) // T - 1, -1, -1):
+                t0 = c0 + b * T
+                n = min(T, c1 - t0)
+                # the rows of the block `ahead` blocks down into cache (the comment before
+                # the kernel)
+                if ahead > 0 and t0 >= ahead * T:
+                    sum_read = 0.0
+                    for t in range(t0 - ahead * T, t0 - ahead * T + T):
+                        for k in range(0, K, step_k):
+                            sum_read += rq[p, t, k] + rk[p, t, k]
+                        for c in range(0, e, step_e):
+                            sum_read += v[p, t, c] + do[p, t, c]
+                        for j in range(0, coef.shape[2], step_w):
+                            sum_read += coef[p, t, j] + dzt[p, t, j]
+                    touched[0] += sum_read
+                for u in range(T - 1, -1, -1):
+                    if u >= n:
+                        W[u, :] = 0.0
+                        D[u, :] = 0.0
+                        X[u, :] = 0.0
+                        Y[u, :] = 0.0
+                        continue
+                    t = t0 + u
+                    # the norm's branch outside the loops over k, so that they vectorise
+                    if slot:
+                        for k in range(K):
+                            D[u, k] = coef[p, t, k]
+                            zk = gz[k] + dzt[p, t, k]
+                            gz[k] = zk
+                            Z[u, k] = zk              # g after token t's write (t and later)
+                            W[u, k] = rk[p, t, k]
+                    else:
+                        ct = coef[p, t, 0]
+                        dt = dzt[p, t, 0]
+                        for k in range(K):
+                            D[u, k] = np.float64(rq[p, t, k]) * ct
+                        for k in range(K):
+                            zk = gz[k] + np.float64(rq[p, t, k]) * dt
+                            gz[k] = zk
+                            Z[u, k] = zk
+                        for k in range(K):
+                            W[u, k] = rk[p, t, k]
+                    for c in range(e):
+                        X[u, c] = v[p, t, c]
+                    for c in range(e):
+                        Y[u, c] = do[p, t, c]
+                DV[:, :] = 0.0
+                x0, x1, x2, x3 = X[0], X[1], X[2], X[3]
+                y0, y1, y2, y3 = Y[0], Y[1], Y[2], Y[3]
+                v0, v1, v2, v3 = DV[0], DV[1], DV[2], DV[3]
+                if not pairs:
+                    for k in range(K):
+                        w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
+                        a0, a1, a2, a3 = D[0, k], D[1, k], D[2, k], D[3, k]
+                        Gk = G[k]
+                        r0 = r1 = r2 = r3 = 0.0       # G_t[k] . v_t
+                        for c in range(e):
+                            g = Gk[c] + a3 * y3[c]
+                            v3[c] += w3 * g
+                            r3 += g * x3[c]
+                            g += a2 * y2[c]
+                            v2[c] += w2 * g
+                            r2 += g * x2[c]
+                            g += a1 * y1[c]
+                            v1[c] += w1 * g
+                            r1 += g * x1[c]
+                            g += a0 * y0[c]
+                            v0[c] += w0 * g
+                            r0 += g * x0[c]
+                            Gk[c] = g
+                        RK[0, k], RK[1, k], RK[2, k], RK[3, k] = r0, r1, r2, r3
+                else:
+                    for k in range(0, Kp, 2):
+                        w0, w1, w2, w3 = W[0, k], W[1, k], W[2, k], W[3, k]
+                        q0, q1, q2, q3 = W[0, k + 1], W[1, k + 1], W[2, k + 1], W[3, k + 1]
+                        a0, a1, a2, a3 = D[0, k], D[1, k], D[2, k], D[3, k]
+                        b0, b1, b2, b3 = D[0, k + 1], D[1, k + 1], D[2, k + 1], D[3, k + 1]
+                        Gk = G[k]
+                        Gj = G[k + 1]
+                        r0 = r1 = r2 = r3 = 0.0           # G_t[k] . v_t
+                        h0 = h1 = h2 = h3 = 0.0           # G_t[k + 1] . v_t
+                        for c in range(e):
+                            g = Gk[c] + a3 * y3[c]
+                            f = Gj[c] + b3 * y3[c]
+                            v3[c] += w3 * g + q3 * f
+                            r3 += g * x3[c]
+                            h3 += f * x3[c]
+                            g += a2 * y2[c]
+                            f += b2 * y2[c]
+                            v2[c] += w2 * g + q2 * f
+                            r2 += g * x2[c]
+                            h2 += f * x2[c]
+                            g += a1 * y1[c]
+                            f += b1 * y1[c]
+                            v1[c] += w1 * g + q1 * f
+                            r1 += g * x1[c]
+                            h1 += f * x1[c]
+                            g += a0 * y0[c]
+                            f += b0 * y0[c]
+                            v0[c] += w0 * g + q0 * f
+                            r0 += g * x0[c]
+                            h0 += f * x0[c]
+                            Gk[c] = g
+                            Gj[c] = f
+                        RK[0, k], RK[1, k], RK[2, k], RK[3, k] = r0, r1, r2, r3
+                        RK[0, k + 1], RK[1, k + 1], RK[2, k + 1], RK[3, k + 1] = h0, h1, h2, h3
+                # drk of the block's tokens, a contiguous row each (not two scalars per row pair)
+                for u in range(n):
+                    for k in range(K):
+                        drk[p, t0 + u, k] = RK[u, k] + Z[u, k]
+                acc = _store_rows(DV, ones, dv, p, t0, n, acc)
         check[p] = acc
 
 
-def _causal_forward(rq, rk, v, slot, eps, check=None):
+# The backward by chunks (the ckS, ckz arguments of the kernels). At the op's sizes (P = 4,
+# N = 8192, K = e = 64) a sequence's rows (rq, rk, v, do, coef, dzt, drq, drk, dv: ~3.6 KB
+# a token in float64) are 30 MB, and pass 2, which walks back over them after pass 1 has
+# walked forward over all of them, finds them in memory, not in the caches. So the forward
+# keeps the state every SCAN_CHECKPOINT_TOKENS tokens, and the backward runs pass 1 and pass
+# 2 chunk by chunk from the last: a chunk's rows, 256 x 3.6 KB, stay in the 1 MiB L2 of a
+# core between the two passes. The cost: K e float64 per chunk and sequence, 128 bytes a
+# token at K = e = 64 (4 MiB at P = 4, N = 8192), written by the forward in a copy of the
+# state every 256 tokens. Measured, the backward alone with and without the checkpoints,
+# paired (docs/performance.md section 2). Results are the same bits either way: pass 1's
+# own state at a chunk's start is the checkpoint's, entry by entry
+# (tests/test_scan_blocked.py).
+SCAN_CHECKPOINT_TOKENS = 256    # a multiple of SCAN_RECOMPUTE_TOKENS and of SCAN_TOKENS
+
+
+def scan_checkpoints(P, N, K, e, chunk=SCAN_CHECKPOINT_TOKENS):
+    """(chunk, ckS (P, M, K, e), ckz (P, M, K)): empty float64 buffers for the states after
+    chunk, 2 chunk, ... tokens of N, M = ceil(N / chunk) - 1 (0 for N <= chunk), which
+    _causal_forward fills and _causal_backward reads."""
+    M = max(0, (N - 1) // chunk)
+    # ckS from the pool (gma_np._workspace): it outlives the forward, in the caller's cache
+    return chunk, pooled((P, M, K, e), ACCUM_DTYPE), np.empty((P, M, K), dtype=ACCUM_DTYPE)
+
+
+def _no_checkpoints(P, K, e):
+    return scan_checkpoints(P, 1, K, e)
+
+
+def _causal_forward(rq, rk, v, slot, eps, check=None, checkpoints=None):
     """O (P, N, e) in v's dtype, by the Numba prefix scan from a zero state. check: None,
     or a (P,) float64 array to receive per sequence the sum of o - o over its outputs (0
-    exactly when all are finite: the kernel checks what it writes)."""
+    exactly when all are finite: the kernel checks what it writes). checkpoints: None, or
+    scan_checkpoints(P, N, K, e), filled with the states for _causal_backward."""
     P, N, K = rq.shape
-    S = np.zeros((P, K, v.shape[2]), dtype=ACCUM_DTYPE)
+    e = v.shape[2]
+    S = np.zeros((P, K, e), dtype=ACCUM_DTYPE)
     z = np.zeros((P, K), dtype=ACCUM_DTYPE)
     out = pooled(v.shape, v.dtype)              # (its pages: gma_np._workspace)
     if check is None:
         check = np.empty(P, dtype=ACCUM_DTYPE)
-    with threads_for(P * N * K * v.shape[2]):
-        _forward_blocked_kernel(K)(rq, rk, v, slot, eps, S, z, out, check)
+    chunk, ckS, ckz = checkpoints if checkpoints is not None else _no_checkpoints(P, K, e)
+    with threads_for(P * N * K * e):
+        _forward_blocked_kernel(K)(rq, rk, v, slot, eps, S, z, out, check, chunk, ckS, ckz)
     return out
 
 
-def _causal_backward(rq, rk, v, do, slot, eps, drq, drk, check=None):
+def _causal_backward(rq, rk, v, do, slot, eps, drq, drk, check=None, checkpoints=None):
     """dv, and drq, drk written into the given (P, N, K) float64 buffers, by the causal
-    scan: pass 1 forward again, pass 2 in reverse. check: None, or a (P,) float64 array
-    to receive the sums of o - o over each sequence's dv (as in _causal_forward)."""
+    scan: pass 1 forward again, pass 2 in reverse, chunk by chunk from the forward's
+    checkpoints if given (the same bits: see SCAN_CHECKPOINT_TOKENS). check: None, or a
+    (P,) float64 array to receive the sums of o - o over each sequence's dv (as in
+    _causal_forward)."""
     P, N, K = rq.shape
     e = v.shape[2]
-    S = np.empty((P, K + K % 2, e), dtype=ACCUM_DTYPE)    # the blocked kernel's rows go in pairs
+    S = np.empty((P, K, e), dtype=ACCUM_DTYPE)
     z = np.empty((P, K), dtype=ACCUM_DTYPE)
     # per-token read coefficients: (P, N, 1) for row (1/den_t, dden_t), (P, N, K) for slot
     width = K if slot else 1
     coef = np.empty((P, N, width), dtype=ACCUM_DTYPE)
     dzt = np.empty((P, N, width), dtype=ACCUM_DTYPE)
     dv = pooled(v.shape, v.dtype)
-    # bytes of one sequence's rows that pass 2 reads again
-    row_bytes = N * ((2 * K * rq.itemsize) + (2 * e * v.itemsize) + 2 * width * coef.itemsize)
+    chunk, ckS, ckz = checkpoints if checkpoints is not None else _no_checkpoints(P, K, e)
+    tokens = chunk if ckS.shape[1] > 0 else N   # of a chunk
+    # bytes of one chunk's rows that pass 2 reads again
+    row_bytes = tokens * ((2 * K * rq.itemsize) + (2 * e * v.itemsize) + 2 * width * coef.itemsize)
     ahead = SCAN_PREFETCH_BLOCKS if row_bytes > SCAN_PREFETCH_MIN_BYTES else 0
     if check is None:
         check = np.empty(P, dtype=ACCUM_DTYPE)
     with threads_for(P * N * K * e):
         _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, K > SCAN_ROWS_MAX_K, ahead,
-                                      S, z, coef, dzt, drq, drk, dv, check)
+                                      chunk, ckS, ckz, S, z, coef, dzt, drq, drk, dv, check)
     return dv

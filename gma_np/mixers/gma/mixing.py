@@ -70,14 +70,15 @@ from gma_np._workspace import scratch
 from gma_np.memory.bidirectional import _bidirectional_backward, _bidirectional_forward
 from gma_np.memory.chunked import causal_chunked_backward, causal_chunked_forward
 from gma_np.memory.ops import causal_form
-from gma_np.memory.scan import _causal_backward, _causal_forward
+from gma_np.memory.scan import _causal_backward, _causal_forward, scan_checkpoints
 from gma_np.mixers.gma.routing import check_gradients_finite, prepare_mixture, route_backward, route_forward
 
 @dataclass
 class GMACache:
     """Everything gma_backward needs. Stored: the routed queries and keys and V.
     Recomputed in the backward: the memory S, z (bidirectional: a write pass again;
-    causal: the scan runs again, O(K e) memory instead of O(N K e))."""
+    causal: the scan runs again from the states it kept every SCAN_CHECKPOINT_TOKENS
+    tokens, O(N K e / 256) memory instead of O(N K e))."""
     shape: tuple            # (B, H, N, d, e, K)
     dtype: np.dtype         # dtype of q, k, v and of the output
     causal: bool
@@ -89,6 +90,7 @@ class GMACache:
     rk: np.ndarray          # (P, N, K) routed keys, masked (R~_K), in dtype
     v: np.ndarray           # (P, N, e) in dtype
     routing: object         # RoutingCache of the stacked (q, k) points, (2B, H, N, d), holding r
+    checkpoints: tuple = None   # the token scan's states (gma_np.memory.scan.scan_checkpoints)
 
 
 def _validate(q, k, v, means, log_var, logits, causal, norm, temperature, eps, key_mask):
@@ -204,18 +206,21 @@ def gma_forward(q, k, v, means, log_var, logits, *, causal=False, norm="row",
     v3 = v.reshape(P, N, e)                                        # (P, N, e)
     # 2. write the memory and read it out
     finite = None                                                  # o checked below
+    checkpoints = None
     if form == "chunked":
         o = causal_chunked_forward(rq, rk, v3, slot, eps, CAUSAL_CHUNK)
     elif form == "scan":
         sums = np.empty(P)                                         # sum of o - o per sequence
-        o = _causal_forward(rq, rk, v3, slot, eps, sums)
+        checkpoints = scan_checkpoints(P, N, K, e)                 # for gma_backward
+        o = _causal_forward(rq, rk, v3, slot, eps, sums, checkpoints)
         finite = bool(sums.sum() == 0)                             # the kernel checked o
     else:
         o = _bidirectional_forward(rq, rk, v3, slot, eps)
     check_output_finite(o, eps, rq, v3, slot, _z_read(rk, causal), v_passed=v, finite=finite)
     o = o.astype(q.dtype, copy=False).reshape(B, H, N, e)
     cache = GMACache(shape=(B, H, N, d, e, K), dtype=q.dtype, causal=causal, slot=slot,
-                     eps=eps, mask=mask, masked=key_mask is not None, rq=rq, rk=rk, v=v3, routing=routing)
+                     eps=eps, mask=mask, masked=key_mask is not None, rq=rq, rk=rk, v=v3,
+                     routing=routing, checkpoints=checkpoints)
     return o, cache
 
 
@@ -253,7 +258,8 @@ def gma_backward(do, cache):
     elif form == "scan":
         dv_sums = np.empty(P)                                      # sum of o - o over dv
         dv = _causal_backward(cache.rq, cache.rk, cache.v, do3, cache.slot, cache.eps,
-                              dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K), dv_sums)
+                              dr[:B].reshape(P, N, K), dr[B:].reshape(P, N, K), dv_sums,
+                              cache.checkpoints)
         if dv_sums.sum() == 0:                                     # the kernel checked dv
             finite.append("v")
     else:
