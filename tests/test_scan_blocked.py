@@ -389,3 +389,20 @@ def test_gma_keeps_the_scan_states_for_its_backward():
         plain = gma_np.gma_backward(do, dataclasses.replace(cache, checkpoints=None))
         for name in grads:
             assert np.array_equal(grads[name], plain[name]), name
+
+
+def test_checkpoints_of_another_shape_are_refused():
+    """The kernels index the checkpoints unchecked, so the wrappers refuse any that
+    scan_checkpoints would not make for the call (too few states would leave tokens out)."""
+    rng = np.random.default_rng(4)
+    rq, rk, v, do = make_mixing(rng, 2, 40, 3, 4, np.float64, masked=False)
+    good = scan_checkpoints(2, 40, 3, 4, 8)
+    _causal_forward(rq, rk, v, False, DEFAULT_EPS, None, good)
+    drq, drk = np.empty_like(rq), np.empty_like(rk)
+    bad = [scan_checkpoints(2, 32, 3, 4, 8), scan_checkpoints(2, 40, 3, 5, 8),
+           scan_checkpoints(2, 40, 3, 4, 12), (8, good[1].astype(np.float32), good[2])]
+    for checkpoints in bad:
+        with pytest.raises(ValueError, match="checkpoints: expected scan_checkpoints"):
+            _causal_forward(rq, rk, v, False, DEFAULT_EPS, None, checkpoints)
+        with pytest.raises(ValueError, match="checkpoints: expected scan_checkpoints"):
+            _causal_backward(rq, rk, v, do, False, DEFAULT_EPS, drq, drk, None, checkpoints)

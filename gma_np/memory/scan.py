@@ -454,7 +454,8 @@ def _forward_blocked_kernel(K):
 # where a sequence's rows (rq, rk, v, do, coef, dzt) exceed SCAN_PREFETCH_MIN_BYTES, twice
 # the 1 MiB L2 of a core here: below that pass 2 finds pass 1's rows still in L2, and the
 # reads cost time. With the forward's checkpoints the backward runs by chunks of
-# SCAN_CHECKPOINT_TOKENS tokens, whose rows stay in L2 (below), and the reads are off. Measured, row norm, the backward wrapper against the same kernel
+# SCAN_CHECKPOINT_TOKENS tokens, whose rows stay in L2 (below), and the reads are off.
+# Measured, row norm, the backward wrapper against the same kernel
 # without the reads, process CPU time, medians of 15-21 paired rounds: 0.96-0.97 (float32)
 # and 0.93-0.96 (float64) at (P, N, K, e) = (4, 8192, 64, 64), one and two threads; with
 # the reads at every size, 1.00 at (4, 1024, 64, 64) and 1.03-1.12 at the trainer's
@@ -757,9 +758,11 @@ def _causal_scan_backward_blocked(rq, rk, v, do, slot, eps, pairs, ahead, chunk,
 # 2 chunk by chunk from the last: a chunk's rows, 256 x 3.6 KB, stay in the 1 MiB L2 of a
 # core between the two passes. The cost: K e float64 per chunk and sequence, 128 bytes a
 # token at K = e = 64 (4 MiB at P = 4, N = 8192), written by the forward in a copy of the
-# state every 256 tokens. Measured, the backward alone with and without the checkpoints,
-# paired (docs/performance.md section 2). Results are the same bits either way: pass 1's
-# own state at a chunk's start is the checkpoint's, entry by entry
+# state every 256 tokens. Measured, the wrappers with and without the checkpoints, paired,
+# medians of 9-15 rounds, one and two threads: the backward 0.86-0.90 at (P, N, K, e) =
+# (4, 8192, 64, 64) float64, 0.93-0.94 float32, 0.94-1.00 at (4, 1024, 64, 64); the
+# forward 1.00-1.08 (docs/performance.md section 2). Results are the same bits either
+# way: pass 1's own state at a chunk's start is the checkpoint's, entry by entry
 # (tests/test_scan_blocked.py).
 SCAN_CHECKPOINT_TOKENS = 256    # a multiple of SCAN_RECOMPUTE_TOKENS and of SCAN_TOKENS
 
@@ -777,6 +780,22 @@ def _no_checkpoints(P, K, e):
     return scan_checkpoints(P, 1, K, e)
 
 
+def _checked_checkpoints(checkpoints, P, N, K, e):
+    """checkpoints as scan_checkpoints(P, N, K, e, chunk) makes them, or a ValueError (the
+    kernels index them unchecked); None: none (one chunk)."""
+    if checkpoints is None:
+        return _no_checkpoints(P, K, e)
+    chunk, ckS, ckz = checkpoints
+    M = max(0, (N - 1) // chunk) if chunk > 0 else -1
+    if (chunk <= 0 or chunk % SCAN_RECOMPUTE_TOKENS or ckS.shape != (P, M, K, e)
+            or ckz.shape != (P, M, K) or ckS.dtype != ACCUM_DTYPE or ckz.dtype != ACCUM_DTYPE):
+        raise ValueError(
+            f"checkpoints: expected scan_checkpoints({P}, {N}, {K}, {e}, chunk) with chunk a "
+            f"positive multiple of {SCAN_RECOMPUTE_TOKENS}, got chunk {chunk}, states "
+            f"{ckS.dtype} {ckS.shape} and {ckz.dtype} {ckz.shape}")
+    return checkpoints
+
+
 def _causal_forward(rq, rk, v, slot, eps, check=None, checkpoints=None):
     """O (P, N, e) in v's dtype, by the Numba prefix scan from a zero state. check: None,
     or a (P,) float64 array to receive per sequence the sum of o - o over its outputs (0
@@ -789,7 +808,7 @@ def _causal_forward(rq, rk, v, slot, eps, check=None, checkpoints=None):
     out = pooled(v.shape, v.dtype)              # (its pages: gma_np._workspace)
     if check is None:
         check = np.empty(P, dtype=ACCUM_DTYPE)
-    chunk, ckS, ckz = checkpoints if checkpoints is not None else _no_checkpoints(P, K, e)
+    chunk, ckS, ckz = _checked_checkpoints(checkpoints, P, N, K, e)
     with threads_for(P * N * K * e):
         _forward_blocked_kernel(K)(rq, rk, v, slot, eps, S, z, out, check, chunk, ckS, ckz)
     return out
@@ -810,7 +829,7 @@ def _causal_backward(rq, rk, v, do, slot, eps, drq, drk, check=None, checkpoints
     coef = np.empty((P, N, width), dtype=ACCUM_DTYPE)
     dzt = np.empty((P, N, width), dtype=ACCUM_DTYPE)
     dv = pooled(v.shape, v.dtype)
-    chunk, ckS, ckz = checkpoints if checkpoints is not None else _no_checkpoints(P, K, e)
+    chunk, ckS, ckz = _checked_checkpoints(checkpoints, P, N, K, e)
     tokens = chunk if ckS.shape[1] > 0 else N   # of a chunk
     # bytes of one chunk's rows that pass 2 reads again
     row_bytes = tokens * ((2 * K * rq.itemsize) + (2 * e * v.itemsize) + 2 * width * coef.itemsize)
