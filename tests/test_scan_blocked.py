@@ -5,6 +5,8 @@ a forward started from a state; one thread against all, bit for bit. Both blocke
 kernels (over the rows of S, which the wrappers run up to SCAN_ROWS_MAX_K components, and over
 the columns of S^T above) are held to the same references directly."""
 
+import dataclasses
+
 import numba
 import numpy as np
 import pytest
@@ -374,8 +376,6 @@ def test_gma_keeps_the_scan_states_for_its_backward():
     """gma_forward on the token scan keeps the states every SCAN_CHECKPOINT_TOKENS tokens
     in its cache (none up to that many tokens), and gma_backward's gradients from them are
     the same bits as without them (the backward in one chunk)."""
-    import dataclasses
-
     rng = np.random.default_rng(21)
     B, H, d, K, e = 1, 2, 3, 4, 5
     for N, M in ((SCAN_CHECKPOINT_TOKENS, 0), (2 * SCAN_CHECKPOINT_TOKENS + 3, 2)):
