@@ -238,6 +238,31 @@ def test_blocked_backward_by_finite_differences(norm):
     assert report.ok, report
 
 
+@pytest.mark.parametrize("norm", ["row", "slot"])
+def test_backward_by_chunks_by_finite_differences(norm):
+    """Full central differences in float64 through the wrappers with checkpoints every 8
+    tokens: N = 21 (chunks of 8, 8 and 5; pass 1 of the last a ragged block), K = 3, e = 2,
+    a padding key in the middle chunk."""
+    rng = np.random.default_rng(6)
+    rq, rk = rng.random((2, 21, 3)) + 0.5, rng.random((2, 21, 3)) + 0.5
+    v = rng.standard_normal((2, 21, 2))
+    rk[1, 10] = 0.0
+    slot = norm == "slot"
+
+    def fun(rq, rk, v):
+        return _causal_forward(rq, rk, v, slot, DEFAULT_EPS, None, scan_checkpoints(2, 21, 3, 2, 8))
+
+    def grad(do, rq, rk, v):
+        checkpoints = scan_checkpoints(2, 21, 3, 2, 8)
+        _causal_forward(rq, rk, v, slot, DEFAULT_EPS, None, checkpoints)
+        drq, drk = np.empty_like(rq), np.empty_like(rk)
+        dv = _causal_backward(rq, rk, v, do, slot, DEFAULT_EPS, drq, drk, None, checkpoints)
+        return {"rq": drq, "rk": drk, "v": dv}
+
+    report = gma_np.gradcheck(fun, grad, dict(rq=rq, rk=rk, v=v), mode="full")
+    assert report.ok, report
+
+
 def test_blocked_backward_writes_its_scratch_before_reading_it():
     """The backward's state scratch S, z (and its own zero-padded copy for two rows per pass
     at an odd K) is written before it is read: filled with NaN, an odd K gives the token
