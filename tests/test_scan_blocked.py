@@ -353,8 +353,11 @@ def test_the_kernels_check_what_they_store(dtype, norm):
 
 @pytest.mark.parametrize("norm", ["row", "slot"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("N,K,e,chunk", [(37, 5, 3, 8), (64, SCAN_ROWS_MAX_K + 3, 8, 16)],
-                         ids=["N37-K5-e3-chunk8", "N64-K35-e8-chunk16"])
+@pytest.mark.parametrize("N,K,e,chunk", [
+    (37, 5, 3, 8), (64, SCAN_ROWS_MAX_K + 3, 8, 16),
+    (SCAN_CHECKPOINT_TOKENS + 45, 5, 3, SCAN_CHECKPOINT_TOKENS)],
+                         ids=["N37-K5-e3-chunk8", "N64-K35-e8-chunk16",
+                              "N301-K5-e3-default-chunk"])
 def test_checkpoints_change_no_bit(N, K, e, chunk, dtype, norm):
     """The backward by chunks from the forward's checkpoints (SCAN_CHECKPOINT_TOKENS; small
     chunks here): the forward writes the same outputs and the states the token scan has
@@ -362,7 +365,8 @@ def test_checkpoints_change_no_bit(N, K, e, chunk, dtype, norm):
     backward in one chunk, with one and two rows per pass and with pass 2's reads ahead;
     a ragged last chunk (N = 37: chunks of 8 and a last of 5, whose pass 1 is one ragged
     block) and chunks that divide N (64), K on both sides of SCAN_ROWS_MAX_K (the rows and
-    the columns forward kernel), masked keys."""
+    the columns forward kernel), masked keys; and the default chunk at N = 301, where the
+    backward without the states is one chunk longer than SCAN_CHECKPOINT_TOKENS."""
     rng = np.random.default_rng(N + K + e + chunk)
     rq, rk, v, do = make_mixing(rng, 3, N, K, e, dtype, masked=True)
     slot = norm == "slot"

@@ -37,14 +37,12 @@ MUTANTS = [
        "sum_k dl_k = 0 makes the row shift look free; in float32 far from the means it is not",
        ["tests/test_reach.py", "tests/test_dtypes.py", "tests/test_regimes.py"]),
     _m("routing-block-stride", "gma_np/mixers/gma/routing.py",
-       "            for n0, n1 in blocks[s::BLOCK_STREAMS]:\n"
-       "                feats = features(x_parts, mix, n0, n1, feats_buf)  # (P, H, nb, 2d)\n"
-       "                g = np.matmul(feats, mix.w_forward",
-       "            for n0, n1 in blocks[s:BLOCK_STREAMS]:\n"
-       "                feats = features(x_parts, mix, n0, n1, feats_buf)  # (P, H, nb, 2d)\n"
-       "                g = np.matmul(feats, mix.w_forward",
+       "        mine = blocks[s::BLOCK_STREAMS]\n"
+       "        feats_buf, g_buf = _block_buffers(mine, H, (2 * d, K))\n",
+       "        mine = blocks[s:BLOCK_STREAMS]\n"
+       "        feats_buf, g_buf = _block_buffers(mine, H, (2 * d, K))\n",
        "blocks and streams",
-       "a slice for a stride: right while each stream has one block (N <= 64)",
+       "a slice for a stride in the forward: right while each stream has one block",
        ["tests/test_reach.py", "tests/test_fastpaths.py", "tests/test_mixing.py"]),
     _m("routing-direct-rows-counted-twice", "gma_np/mixers/gma/kernels.py",
        "                dl_sum[h, k] += dl[p, h, n, k]\n                dl[p, h, n, k] = 0.0\n",
@@ -66,25 +64,45 @@ MUTANTS = [
        ["tests/test_routing.py"]),
     # ---- the memory: causal scan -----------------------------------------------------------
     _m("scan-state-float32", "gma_np/memory/scan.py",
-       "    S = np.zeros((P, K, v.shape[2]), dtype=ACCUM_DTYPE)\n    z = np.zeros((P, K), dtype=ACCUM_DTYPE)\n"
-       "    out = np.empty_like(v)\n",
-       "    S = np.zeros((P, K, v.shape[2]), dtype=v.dtype)\n    z = np.zeros((P, K), dtype=ACCUM_DTYPE)\n"
-       "    out = np.empty_like(v)\n",
+       "    S = np.zeros((P, K, e), dtype=ACCUM_DTYPE)\n    z = np.zeros((P, K), dtype=ACCUM_DTYPE)\n"
+       "    out = pooled(v.shape, v.dtype)",
+       "    S = np.zeros((P, K, e), dtype=v.dtype)\n    z = np.zeros((P, K), dtype=ACCUM_DTYPE)\n"
+       "    out = pooled(v.shape, v.dtype)",
        "precision: float32 accumulator",
-       "the state in the input dtype: 9e-7 at N = 301, growing with N",
+       "the state in the input dtype (the rows kernel, K <= 32, writes it in place): 9e-7 at "
+       "N = 301, growing with N",
        ["tests/test_reach.py", "tests/test_dtypes.py"]),
-    _m("scan-backward-first-token", "gma_np/memory/scan.py",
-       "        for t in range(N - 1, -1, -1):\n",
-       "        for t in range(N - 1, 0, -1):\n",
+    _m("scan-columns-state-float32", "gma_np/memory/scan.py",
+       "        ST = np.zeros((ep, K))                  # (e', K) S^T, a zero column if e is odd\n",
+       "        ST = np.zeros((ep, K), dtype=np.float32)  # (e', K) S^T, a zero column if e is odd\n",
+       "precision: float32 accumulator",
+       "the column kernel's (K > 32) copy of the state in float32",
+       ["tests/test_reach.py", "tests/test_dtypes.py", "tests/test_scan_blocked.py"]),
+    _m("scan-backward-first-block", "gma_np/memory/scan.py",
+       "            for b in range((c1 - c0 + T - 1) // T - 1, -1, -1):\n",
+       "            for b in range((c1 - c0 + T - 1) // T - 1, 0, -1):\n",
        "off by one",
-       "the reverse scan stops before token 0",
-       ["tests/test_memory.py", "tests/test_chunked.py"]),
+       "the reverse scan of a chunk stops before its first block of tokens",
+       ["tests/test_scan_blocked.py", "tests/test_memory.py"]),
     _m("scan-slot-eps", "gma_np/memory/scan.py",
-       "                a[k] = qk / (zk + eps) if slot else qk\n",
-       "                a[k] = qk / zk if slot else qk\n",
+       "            A[u, k] = qk / (zk + eps) if slot else qk\n",
+       "            A[u, k] = qk / zk if slot else qk\n",
        "eps",
        "eps dropped from the slot read-out: 0 / 0 where a slot is still empty",
        ["tests/test_memory.py", "tests/test_mixing.py"]),
+    _m("scan-chunk-normaliser-reset", "gma_np/memory/scan.py",
+       "                zp[:] = ckz[p, ch - 1]\n",
+       "                zp[:] = 0.0\n",
+       "carry between chunks",
+       "pass 1 of a chunk restarts the normaliser instead of taking the kept one (N > 256 only)",
+       ["tests/test_scan_blocked.py", "tests/test_reach.py"]),
+    _m("scan-chunk-length-without-checkpoints", "gma_np/memory/scan.py",
+       "    C = chunk if nchunks > 1 else N               # tokens per chunk\n",
+       "    C = chunk                                     # tokens per chunk\n",
+       "rare path (no checkpoints)",
+       "without kept states (memory_backward) the one chunk is cut at `chunk` tokens: the "
+       "gradients past them are never written (N > 256 only)",
+       ["tests/test_scan_blocked.py", "tests/test_memory.py"]),
     # ---- the memory: chunked causal form ------------------------------------------------------
     _m("chunked-backward-group-carry", "gma_np/memory/chunked.py",
        "            carry[...] = Gx[:, 0]\n",
